@@ -1,0 +1,3 @@
+from janus_pretrain.cli import main
+
+main()

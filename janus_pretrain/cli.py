@@ -1,0 +1,95 @@
+"""`janus-pretrain`: a thin command line over the package.
+
+    janus-pretrain tokenizer train --input corpus.txt --vocab-size 32000 --output tok.model
+    janus-pretrain data prepare --input corpus.txt --tokenizer tok.model --output shards/
+    janus-pretrain train --config configs/pretrain/demo.yaml [--resume] [key=value ...]
+
+`train` runs as one process or under `torchrun` / `deepspeed --no_local_rank --module
+janus_pretrain.cli train ...`. User errors print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from janus_pretrain.errors import JanusError
+
+
+def _tokenizer_train(args) -> None:
+    from janus_pretrain.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.input, args.output, args.vocab_size, args.model_type,
+                          args.max_sentences)
+    print(f"tokenizer: {tok.vocab_size} pieces -> {tok.path}")
+
+
+def _data_prepare(args) -> None:
+    from janus_pretrain.data.prepare import prepare
+
+    meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field, args.max_docs)
+    print(f"data: {meta['documents']} documents, {meta['tokens']} tokens in "
+          f"{len(meta['shards'])} shards -> {args.output}")
+
+
+def _train(args) -> None:
+    from janus_pretrain.config import load_config
+    from janus_pretrain.parallel import state
+    from janus_pretrain.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = train(cfg, resume=args.resume)
+        if summary["rank"] == 0:
+            print(f"checkpoint: {summary.get('checkpoint')}")
+            print(f"wandb run (offline unless WANDB_MODE/WANDB_API_KEY): {summary['wandb_dir']}")
+            print(f"metrics: {cfg.train.output_dir}/metrics.jsonl")
+    finally:
+        state.shutdown()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="janus-pretrain", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer")
+    tok_sub = tok.add_subparsers(dest="action", required=True)
+    t = tok_sub.add_parser("train", help="train on text files (one sentence/paragraph a line)")
+    t.add_argument("--input", nargs="+", required=True)
+    t.add_argument("--output", required=True, help="the .model file to write")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    t.add_argument("--max-sentences", type=int, default=1_000_000,
+                   help="sample at most this many lines for training")
+    t.set_defaults(run=_tokenizer_train)
+
+    data = sub.add_parser("data", help="prepare token shards")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    d = data_sub.add_parser("prepare", help="tokenize a corpus into memory-mapped shards")
+    d.add_argument("--input", nargs="+", required=True,
+                   help="local .txt/.jsonl/.parquet files, or one HF hub dataset name")
+    d.add_argument("--tokenizer", required=True)
+    d.add_argument("--output", required=True, help="directory for the shards and meta.json")
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--field", default="text", help="text column of jsonl/parquet/hub data")
+    d.add_argument("--max-docs", type=int, default=None)
+    d.set_defaults(run=_data_prepare)
+
+    tr = sub.add_parser("train", help="pretrain (or fine-tune) with DeepSpeed")
+    tr.add_argument("--config", required=True, help="run YAML, e.g. configs/pretrain/demo.yaml")
+    tr.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    tr.set_defaults(run=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except JanusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

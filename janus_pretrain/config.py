@@ -1,0 +1,258 @@
+"""Typed run configuration: YAML files under configs/ plus `key=value` overrides.
+
+OmegaConf structured configs give us type checking and unknown-key detection; the dataclasses'
+`__post_init__` checks the values that must agree with each other. Every problem surfaces as one
+`JanusError` line that names the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from janus_pretrain.errors import JanusError
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise JanusError(f"config: {key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """Encoder-decoder shape (DESIGN.md section 2); the vocabulary size comes from the tokenizer."""
+
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    hidden_size: int = 768
+    ffn_hidden_size: int = 3072
+    num_heads: int = 12
+    max_positions: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    length_classes: int = 256
+    # Megatron pads the vocabulary so every tensor-parallel shard has the same size.
+    vocab_divisible_by: int = 128
+
+    def __post_init__(self):
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
+               f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        for name in ("encoder_layers", "decoder_layers", "hidden_size", "ffn_hidden_size",
+                     "num_heads", "max_positions", "length_classes", "vocab_divisible_by"):
+            _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        for name in ("dropout", "attention_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
+
+
+@dataclass
+class LossWeights:
+    """Weights of the JANUS loss terms (DESIGN.md section 1); 0 switches a term off."""
+
+    ce_ar: float = 0.5
+    ce_nar: float = 0.5
+    ce_aux: float = 0.5
+    kl_ar_nar: float = 0.0
+    kl_ar_aux: float = 0.5
+    kl_nar_aux: float = 0.5
+    length: float = 0.0
+
+
+@dataclass
+class ObjectiveConfig:
+    """How a batch is masked and which loss terms apply.
+
+    `denoise` is BART text infilling on the encoder with the union mask on the decoder
+    (pretraining); `span` and `uniform` mask only the target (fine-tuning).
+    """
+
+    masking: str = "denoise"
+    weights: LossWeights = field(default_factory=LossWeights)
+    label_smoothing: float = 0.0
+    # Decoder NAR/AUX masking for `span` / `uniform`: ceil(ratio * n) target tokens.
+    target_mask_ratio: float = 0.7
+    target_span_lambda: float = 2.0
+    # Encoder text infilling for `denoise`.
+    source_mask_ratio: float = 0.3
+    source_span_lambda: float = 3.0
+    # Share of the decoder mask that the encoder does see (the rest is the encoder-masked spans).
+    extra_mask_share: float = 0.5
+
+    def __post_init__(self):
+        _check(self.masking in ("denoise", "span", "uniform"), "objective.masking",
+               f"'{self.masking}' is not one of denoise, span, uniform")
+        _check(0.0 <= self.label_smoothing < 1.0, "objective.label_smoothing", "must be in [0, 1)")
+        for name in ("target_mask_ratio", "source_mask_ratio"):
+            _check(0.0 < getattr(self, name) <= 1.0, f"objective.{name}", "must be in (0, 1]")
+        _check(0.0 <= self.extra_mask_share < 1.0, "objective.extra_mask_share", "must be in [0, 1)")
+        for name in ("target_span_lambda", "source_span_lambda"):
+            _check(getattr(self, name) > 0, f"objective.{name}", "must be positive")
+        for w in dataclasses.fields(LossWeights):
+            _check(getattr(self.weights, w.name) >= 0, f"objective.weights.{w.name}",
+                   "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards and tokenizer are, and how samples are cut."""
+
+    train: str = "???"  # shard prefix written by `janus-pretrain data prepare`
+    tokenizer: str = "???"  # sentencepiece .model file
+    max_source_len: int = 512
+    max_target_len: int = 512
+    micro_batch_size: int = 8
+    seed: int = 1234
+
+    def __post_init__(self):
+        _check(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+        _check(self.max_source_len >= 8, "data.max_source_len", "must be at least 8")
+        _check(self.max_target_len >= 8, "data.max_target_len", "must be at least 8")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup, then cosine / linear decay to min_lr or constant."""
+
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    clip_grad: float = 1.0
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
+        _check(self.decay in ("cosine", "linear", "constant"), "optim.decay",
+               f"'{self.decay}' is not one of cosine, linear, constant")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout: TP through megatron-core, data parallel + ZeRO through DeepSpeed."""
+
+    tensor_parallel: int = 1
+    deepspeed_config: str = "configs/deepspeed/zero0.json"
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        _check(self.tensor_parallel >= 1, "parallel.tensor_parallel", "must be >= 1")
+        _check(self.precision in ("fp32", "bf16", "fp16"), "parallel.precision",
+               f"'{self.precision}' is not one of fp32, bf16, fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, accumulation, logging and checkpoint cadence."""
+
+    steps: int = 1000  # optimizer steps
+    grad_accum: int = 1
+    log_interval: int = 10
+    save_interval: int = 500
+    output_dir: str = "runs/pretrain"
+    seed: int = 1234
+    wandb_project: str = "janus-pretrain"
+    wandb_name: Optional[str] = None
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "log_interval", "save_interval"):
+            _check(getattr(self, name) > 0, f"train.{name}", "must be positive")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _check(self.model.num_heads % self.parallel.tensor_parallel == 0, "parallel.tensor_parallel",
+               f"{self.parallel.tensor_parallel} does not divide model.num_heads={self.model.num_heads}")
+        longest = max(self.data.max_source_len, self.data.max_target_len)
+        _check(longest <= self.model.max_positions, "data.max_target_len",
+               f"{longest} exceeds model.max_positions={self.model.max_positions}")
+        _check(self.data.max_target_len <= self.model.length_classes or
+               self.objective.weights.length == 0, "model.length_classes",
+               f"{self.model.length_classes} cannot classify targets of data.max_target_len="
+               f"{self.data.max_target_len}")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise JanusError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise JanusError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise JanusError(f"config: {path} must hold a mapping at the top level")
+    return data
+
+
+def _model_preset(name: str) -> dict:
+    path = CONFIG_ROOT / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
+        raise JanusError(f"config: model: unknown preset '{name}' (known: {', '.join(known)})")
+    return _read_yaml(path)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+    """Load a run config from YAML and `key=value` overrides into a validated `RunConfig`.
+
+    `model: tiny` (in the file or as an override) names a preset under configs/model/; keys given
+    next to it or as `model.x=...` overrides take precedence.
+    """
+    raw = _read_yaml(Path(path)) if path else {}
+    dotlist = []
+    for item in overrides:
+        if "=" not in item:
+            raise JanusError(f"config: override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key == "model":
+            raw["model"] = value
+        else:
+            dotlist.append(item)
+    model = raw.get("model")
+    if isinstance(model, str):
+        raw["model"] = _model_preset(model)
+    elif isinstance(model, dict) and "preset" in model:
+        model = dict(model)
+        raw["model"] = {**_model_preset(model.pop("preset")), **model}
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, OmegaConf.create(raw), OmegaConf.from_dotlist(dotlist))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise JanusError(f"config: {missing[0]}: required value is missing")
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0].strip()
+        raise JanusError(f"config: {key}: {msg}") from None
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict (for checkpoints and the W&B run config)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> RunConfig:
+    """Inverse of `to_dict`, validated again."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
+    except OmegaConfBaseException as e:
+        raise JanusError(f"config: {getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None

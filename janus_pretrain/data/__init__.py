@@ -1,0 +1,1 @@
+"""Corpora -> memory-mapped token shards -> deterministic, resumable batches."""

@@ -1,0 +1,90 @@
+"""`janus-pretrain data prepare`: corpus -> tokenized, memory-mapped shards.
+
+Corpora come through HF `datasets`: local text (one document a line), jsonl or parquet files, or a
+hub dataset name where the cluster has network. Tokenization runs in `num_workers` processes
+(`datasets.map(num_proc=...)`); the shards are then written one per worker-sized slice, with a
+meta.json that records the tokenizer they were made with.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import datasets
+
+from janus_pretrain.data.shards import token_dtype, write_shard
+from janus_pretrain.errors import JanusError
+from janus_pretrain.tokenizer import load_tokenizer
+
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+_worker_tokenizer = {}
+
+
+def _tokenize(batch: dict, tokenizer_path: str, field: str) -> dict:
+    tok = _worker_tokenizer.get(tokenizer_path)
+    if tok is None:
+        tok = _worker_tokenizer[tokenizer_path] = load_tokenizer(tokenizer_path)
+    return {"ids": tok.encode([t.strip() for t in batch[field]])}
+
+
+def load_corpus(inputs: Sequence[str], field: str, cache_dir: str) -> datasets.Dataset:
+    """Local files (all of one format) or a single hub dataset name -> a `datasets.Dataset`."""
+    local = [Path(p) for p in inputs if Path(p).exists()]
+    if local and len(local) != len(inputs):
+        missing = next(p for p in inputs if not Path(p).exists())
+        raise JanusError(f"data: input file not found: {missing}")
+    if local:
+        kinds = {FORMATS.get(p.suffix) for p in local}
+        if None in kinds or len(kinds) != 1:
+            raise JanusError(f"data: inputs must all be one of {', '.join(sorted(FORMATS))}: "
+                             f"got {', '.join(p.name for p in local)}")
+        builder = kinds.pop()
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train",
+                                   cache_dir=cache_dir)
+    else:
+        if len(inputs) != 1:
+            raise JanusError(f"data: input file not found: {inputs[0]}")
+        try:
+            ds = datasets.load_dataset(inputs[0], split="train", cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001 - hub errors come in many types
+            raise JanusError(f"data: input file not found and not loadable as a hub dataset: "
+                             f"{inputs[0]} ({type(e).__name__})") from None
+    if field not in ds.column_names:
+        raise JanusError(f"data: field '{field}' not in corpus columns {ds.column_names}")
+    return ds
+
+
+def prepare(inputs: Sequence[str], tokenizer: str, output: str | Path, num_workers: int = 2,
+            field: str = "text", max_docs: int | None = None) -> dict:
+    """Tokenize `inputs` into shards under `output`; returns the written meta.json contents."""
+    tok = load_tokenizer(tokenizer)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    with tempfile.TemporaryDirectory(dir=output, prefix=".hf-cache-") as cache:
+        ds = load_corpus(inputs, field, cache)
+        ds = ds.filter(lambda b: [bool(t.strip()) for t in b[field]], batched=True,
+                       num_proc=num_workers)
+        if max_docs is not None:
+            ds = ds.select(range(min(max_docs, len(ds))))
+        ds = ds.map(_tokenize, batched=True, num_proc=num_workers, remove_columns=ds.column_names,
+                    fn_kwargs={"tokenizer_path": str(tok.path), "field": field})
+        num_shards = max(1, min(num_workers, len(ds)))
+        names, docs, tokens = [], 0, 0
+        for i in range(num_shards):
+            part = ds.shard(num_shards, i, contiguous=True)
+            name = f"shard_{i:05d}"
+            d, t = write_shard(output / name, (row["ids"] for row in part), dtype)
+            names.append(name)
+            docs, tokens = docs + d, tokens + t
+    shutil.copyfile(tok.path, output / "tokenizer.model")
+    meta = {"shards": names, "documents": docs, "tokens": tokens, "vocab_size": tok.vocab_size,
+            "tokenizer_sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest(),
+            "inputs": [str(p) for p in inputs]}
+    (output / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,207 @@
+"""The JANUS encoder-decoder: a pre-LN transformer built from megatron-core tensor-parallel layers.
+
+The model is plain PyTorch apart from the parallel linear layers; it knows nothing of DeepSpeed or
+of the JANUS objective. The decoder takes an arbitrary boolean self-attention mask (True = may
+attend) and explicit positions, which is all the two-stream NAR/AUX pass needs
+(janus_pretrain.objectives.streams builds both). Shapes are batch-first: `[batch, seq, hidden]`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel as mtp
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+from janus_pretrain.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+def _init_normal(weight: torch.Tensor) -> torch.Tensor:
+    return nn.init.normal_(weight, mean=0.0, std=INIT_STD)
+
+
+def megatron_config(tensor_parallel: int) -> ModelParallelConfig:
+    # CPU initialisation builds the full master weight and then slices it, so a TP = 2 model
+    # holds exactly the shards of the TP = 1 model with the same seed, on CPU and GPU alike.
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tensor_parallel,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head attention with heads split across the tensor-parallel group.
+
+    Projections keep a per-head interleaved layout ([head, q|k|v, head_dim]) so a column split
+    of the fused projection hands each TP rank whole heads.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, cross: bool):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        self.cross = cross
+        self.heads = cfg.num_heads // tp
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.dropout = cfg.attention_dropout
+        h = cfg.hidden_size
+        column = dict(config=mp, init_method=_init_normal, bias=True, gather_output=False)
+        if cross:
+            self.q = mtp.ColumnParallelLinear(h, h, **column)
+            self.kv = mtp.ColumnParallelLinear(h, 2 * h, **column)
+        else:
+            self.qkv = mtp.ColumnParallelLinear(h, 3 * h, **column)
+        self.out = mtp.RowParallelLinear(h, h, config=mp, init_method=_init_normal, bias=True,
+                                         input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False,
+                memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [B, T, H]; mask: bool, broadcastable to [B, heads, T, S]; memory: [B, S, H] (cross)."""
+        b, t, _ = x.shape
+        if self.cross:
+            q = self.q(x)[0].view(b, t, self.heads, self.head_dim)
+            k, v = self.kv(memory)[0].view(b, memory.shape[1], self.heads, 2, self.head_dim).unbind(3)
+        else:
+            q, k, v = self.qkv(x)[0].view(b, t, self.heads, 3, self.head_dim).unbind(3)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        return self.out(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))[0]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.up = mtp.ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, config=mp,
+                                           init_method=_init_normal, bias=True, gather_output=False)
+        self.down = mtp.RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, config=mp,
+                                          init_method=_init_normal, bias=True,
+                                          input_is_parallel=True, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)[0]))[0]
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(cfg.hidden_size)
+        self.attn = Attention(cfg, mp, cross=False)
+        self.norm_ffn = nn.LayerNorm(cfg.hidden_size)
+        self.ffn = FeedForward(cfg, mp)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm_attn(x), mask=mask))
+        return x + self.drop(self.ffn(self.norm_ffn(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(cfg.hidden_size)
+        self.self_attn = Attention(cfg, mp, cross=False)
+        self.norm_cross = nn.LayerNorm(cfg.hidden_size)
+        self.cross_attn = Attention(cfg, mp, cross=True)
+        self.norm_ffn = nn.LayerNorm(cfg.hidden_size)
+        self.ffn = FeedForward(cfg, mp)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, self_mask, causal, memory, memory_mask):
+        x = x + self.drop(self.self_attn(self.norm_self(x), mask=self_mask, causal=causal))
+        x = x + self.drop(self.cross_attn(self.norm_cross(x), mask=memory_mask, memory=memory))
+        return x + self.drop(self.ffn(self.norm_ffn(x)))
+
+
+class JanusModel(nn.Module):
+    """Shared-embedding encoder-decoder with a target-length classifier.
+
+    `forward` runs the encoder once and whichever decoder streams the batch asks for:
+    - `ar_tokens` [B, T]: causal pass, logits for every row;
+    - `nar_tokens`/`nar_positions`/`nar_mask` [B, L'] / [B, L'] / [B, L', L']: the two-stream
+      pass, logits only for the rows in `nar_rows` and `aux_rows` ([B, K] each);
+    - `length`: logits of the target-length classifier.
+    Logits are vocab-parallel: `[..., padded_vocab / tp]` on each TP rank.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int):
+        super().__init__()
+        tp = ps.get_tensor_model_parallel_world_size()
+        mp = megatron_config(tp)
+        multiple = cfg.vocab_divisible_by * tp
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = (vocab_size + multiple - 1) // multiple * multiple
+        self.pad_id = pad_id
+        self.cfg = cfg
+        self.embed = mtp.VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size,
+                                                init_method=_init_normal, config=mp)
+        self.enc_pos = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.dec_pos = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        for emb in (self.enc_pos, self.dec_pos):
+            _init_normal(emb.weight)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg, mp) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg, mp) for _ in range(cfg.decoder_layers))
+        self.enc_norm = nn.LayerNorm(cfg.hidden_size)
+        self.dec_norm = nn.LayerNorm(cfg.hidden_size)
+        self.length_head = nn.Linear(cfg.hidden_size, cfg.length_classes)
+        _init_normal(self.length_head.weight)
+        nn.init.zeros_(self.length_head.bias)
+
+    def encode(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src_tokens [B, S] -> (memory [B, S, H], memory_mask [B, 1, 1, S], True = real token)."""
+        key_mask = (src_tokens != self.pad_id)[:, None, None, :]
+        pos = torch.arange(src_tokens.shape[1], device=src_tokens.device)
+        x = self.drop(self.embed(src_tokens) + self.enc_pos(pos))
+        for layer in self.encoder:
+            x = layer(x, key_mask)
+        return self.enc_norm(x), key_mask
+
+    def decode(self, tokens: torch.Tensor, positions: Optional[torch.Tensor],
+               memory: torch.Tensor, memory_mask: torch.Tensor,
+               self_mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
+        """tokens [B, T]; positions [B, T] or None for 0..T-1; self_mask [B, T, T] -> [B, T, H]."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        mask = self_mask[:, None] if self_mask is not None else None
+        x = self.drop(self.embed(tokens) + self.dec_pos(positions))
+        for layer in self.decoder:
+            x = layer(x, mask, causal, memory, memory_mask)
+        return self.dec_norm(x)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding)."""
+        return F.linear(mtp.copy_to_tensor_model_parallel_region(hidden), self.embed.weight)
+
+    def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled encoder output -> [B, length_classes]."""
+        keep = memory_mask[:, 0, 0, :, None].to(memory.dtype)
+        pooled = (memory * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.length_head(pooled)
+
+    def forward(self, src_tokens: torch.Tensor, ar_tokens: Optional[torch.Tensor] = None,
+                nar_tokens: Optional[torch.Tensor] = None,
+                nar_positions: Optional[torch.Tensor] = None,
+                nar_mask: Optional[torch.Tensor] = None,
+                nar_rows: Optional[torch.Tensor] = None,
+                aux_rows: Optional[torch.Tensor] = None,
+                length: bool = False) -> dict[str, torch.Tensor]:
+        memory, memory_mask = self.encode(src_tokens)
+        out = {}
+        if ar_tokens is not None:
+            h = self.decode(ar_tokens, None, memory, memory_mask, causal=True)
+            out["ar"] = self.output_logits(h)
+        if nar_tokens is not None:
+            h = self.decode(nar_tokens, nar_positions, memory, memory_mask, self_mask=nar_mask)
+            rows = torch.cat([nar_rows, aux_rows], dim=1)
+            picked = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
+            nar, aux = self.output_logits(picked).split(nar_rows.shape[1], dim=1)
+            out["nar"], out["aux"] = nar, aux
+        if length:
+            out["length"] = self.length_logits(memory, memory_mask)
+        return out

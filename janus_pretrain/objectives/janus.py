@@ -1,0 +1,139 @@
+"""The JANUS objective: how a batch is built and which loss terms it pays for.
+
+The training loop only calls `collate` (host, in the loader), `prepare` (device, once per batch),
+the model, and `loss`; it never branches on the objective. Pretraining and fine-tuning differ
+only in the config: `masking=denoise` builds the source by text infilling of the target,
+`span` / `uniform` take the source as given and mask the target only.
+
+Loss (weights from `ObjectiveConfig.weights`, a zero weight skips the term and, where no term
+needs it, the whole stream):
+    w.ce_ar*CE_AR + w.ce_nar*CE_NAR + w.ce_aux*CE_AUX + w.length*L_length
+    + w.kl_ar_nar*symKL(AR, NAR) + w.kl_ar_aux*symKL(AR, AUX) + w.kl_nar_aux*symKL(NAR, AUX)
+with the KL terms over the masked target positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from janus_pretrain.config import ObjectiveConfig
+from janus_pretrain.objectives import losses, noise
+from janus_pretrain.objectives.streams import TwoStream, ar_inputs, two_stream
+from janus_pretrain.tokenizer import BOS, EOS, MASK, PAD
+
+TERMS = ("ce_ar", "ce_nar", "ce_aux", "kl_ar_nar", "kl_ar_aux", "kl_nar_aux", "length")
+
+
+def pad_batch(rows: Sequence[np.ndarray]) -> torch.Tensor:
+    """Right-pad 1-D id arrays with [PAD] -> [B, max_len] long."""
+    out = np.full((len(rows), max(len(r) for r in rows)), PAD, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return torch.from_numpy(out)
+
+
+def with_bos_eos(ids: np.ndarray) -> np.ndarray:
+    return np.concatenate([[BOS], ids, [EOS]]).astype(np.int64)
+
+
+@dataclass
+class Prepared:
+    """Device-side inputs of one micro-batch: model keyword arguments plus what the loss needs."""
+
+    model_inputs: dict
+    ar_labels: Optional[torch.Tensor]
+    ar_valid: Optional[torch.Tensor]
+    streams: Optional[TwoStream]
+    length_target: Optional[torch.Tensor]
+
+
+class JanusObjective:
+    def __init__(self, cfg: ObjectiveConfig, max_source_len: int, max_target_len: int,
+                 length_classes: int):
+        self.cfg = cfg
+        self.max_source_len = max_source_len
+        self.max_target_len = max_target_len
+        self.length_classes = length_classes
+        w = cfg.weights
+        self.needs_ar = w.ce_ar > 0 or w.kl_ar_nar > 0 or w.kl_ar_aux > 0
+        self.needs_nar = any(x > 0 for x in (w.ce_nar, w.ce_aux, w.kl_ar_nar, w.kl_ar_aux,
+                                             w.kl_nar_aux))
+        self.needs_length = w.length > 0
+
+    def collate(self, examples: Sequence[tuple[Optional[np.ndarray], np.ndarray]],
+                rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """(source ids or None, target ids) pairs, bare ids -> host tensors
+        src [B, S], tgt [B, L] (with BOS/EOS), masked [B, L] bool (NAR/AUX positions)."""
+        cfg = self.cfg
+        sources, targets, masks = [], [], []
+        for src, tgt in examples:
+            tgt = np.asarray(tgt)[: self.max_target_len - 2]
+            n = len(tgt)
+            if cfg.masking == "denoise":
+                src, hidden = noise.text_infilling(rng, tgt, cfg.source_mask_ratio,
+                                                   cfg.source_span_lambda, MASK)
+                m = noise.denoising_target_mask(rng, hidden, cfg.extra_mask_share,
+                                                cfg.source_span_lambda)
+            elif cfg.masking == "span":
+                m = noise.target_span_mask(rng, n, cfg.target_mask_ratio, cfg.target_span_lambda)
+            else:
+                m = noise.target_uniform_mask(rng, n)
+            sources.append(with_bos_eos(np.asarray(src)[: self.max_source_len - 2]))
+            targets.append(with_bos_eos(tgt))
+            masks.append(np.concatenate([[False], m, [False]]))
+        tgt = pad_batch(targets)
+        return {"src": pad_batch(sources), "tgt": tgt,
+                "masked": pad_batch([m.astype(np.int64) for m in masks]).bool()}
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> Prepared:
+        """Device tensors from `collate` -> model inputs and loss targets, built once per batch."""
+        tgt = batch["tgt"]
+        inputs = {"src_tokens": batch["src"]}
+        ar_labels = ar_valid = streams = length_target = None
+        if self.needs_ar:
+            inputs["ar_tokens"], ar_labels, ar_valid = ar_inputs(tgt, PAD)
+        if self.needs_nar:
+            streams = two_stream(tgt, batch["masked"], PAD, MASK)
+            inputs.update(nar_tokens=streams.tokens, nar_positions=streams.positions,
+                          nar_mask=streams.mask, nar_rows=streams.nar_rows,
+                          aux_rows=streams.aux_rows)
+        if self.needs_length:
+            inputs["length"] = True
+            length_target = ((tgt != PAD).sum(1) - 2).clamp(max=self.length_classes - 1)
+        return Prepared(inputs, ar_labels, ar_valid, streams, length_target)
+
+    def loss(self, outputs: dict[str, torch.Tensor], prep: Prepared
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (weighted total, {term: detached value}) for the terms with non-zero weight."""
+        w = self.cfg.weights
+        smooth = self.cfg.label_smoothing
+        terms: dict[str, torch.Tensor] = {}
+        lp_ar = losses.log_softmax(outputs["ar"]) if "ar" in outputs else None
+        if self.needs_nar:
+            s = prep.streams
+            lp_nar = losses.log_softmax(outputs["nar"])
+            lp_aux = losses.log_softmax(outputs["aux"])
+            if w.ce_nar > 0:
+                terms["ce_nar"] = losses.cross_entropy(lp_nar, s.labels, s.valid, smooth)
+            if w.ce_aux > 0:
+                terms["ce_aux"] = losses.cross_entropy(lp_aux, s.labels, s.valid, smooth)
+            if w.kl_nar_aux > 0:
+                terms["kl_nar_aux"] = losses.sym_kl(lp_nar, lp_aux, s.valid)
+            if lp_ar is not None and (w.kl_ar_nar > 0 or w.kl_ar_aux > 0):
+                # AR row t predicts target position t + 1; masked positions are never BOS.
+                rows = (s.masked_pos - 1).clamp(min=0)
+                lp_ar_m = lp_ar.gather(1, rows[..., None].expand(-1, -1, lp_ar.shape[-1]))
+                if w.kl_ar_nar > 0:
+                    terms["kl_ar_nar"] = losses.sym_kl(lp_ar_m, lp_nar, s.valid)
+                if w.kl_ar_aux > 0:
+                    terms["kl_ar_aux"] = losses.sym_kl(lp_ar_m, lp_aux, s.valid)
+        if w.ce_ar > 0:
+            terms["ce_ar"] = losses.cross_entropy(lp_ar, prep.ar_labels, prep.ar_valid, smooth)
+        if self.needs_length:
+            lp_len = torch.log_softmax(outputs["length"].float(), dim=-1)
+            terms["length"] = -lp_len.gather(1, prep.length_target[:, None]).mean()
+        total = sum(getattr(w, name) * value for name, value in terms.items())
+        return total, {name: value.detach() for name, value in terms.items()}

@@ -1,0 +1,1 @@
+"""The one training loop (pretraining and fine-tuning) and its small parts."""

@@ -1,0 +1,92 @@
+"""Wrap the model in a DeepSpeed engine: ZeRO stage and communication knobs from the JSON under
+configs/deepspeed/, batch sizes, precision and clipping from the run config (one source of truth
+each), a torch AdamW and our LR schedule, and megatron-core's groups through the `mpu` adapter.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.runtime.utils import clip_grad_norm_
+
+from janus_pretrain.config import CONFIG_ROOT, RunConfig
+from janus_pretrain.errors import JanusError
+from janus_pretrain.parallel.state import DeepSpeedMPU, data_parallel_size
+from janus_pretrain.train.schedule import WarmupDecay
+
+# Keys the run config owns; a DeepSpeed JSON that sets them too would be a second source of truth.
+OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+              "gradient_clipping", "optimizer", "scheduler")
+
+
+def resolve_path(path: str) -> Path:
+    """A config-relative path: as given if it exists, else under the repository's configs/."""
+    p = Path(path)
+    if p.exists():
+        return p
+    candidate = CONFIG_ROOT.parent / path
+    return candidate if candidate.exists() else p
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    path = resolve_path(cfg.parallel.deepspeed_config)
+    if not path.is_file():
+        raise JanusError(f"config: parallel.deepspeed_config: file not found: {path}")
+    try:
+        base = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise JanusError(f"config: parallel.deepspeed_config: {path} is not valid JSON: {e}") from None
+    for key in OWNED_KEYS:
+        if key in base:
+            raise JanusError(f"config: parallel.deepspeed_config: {path} sets '{key}', which the run "
+                             f"config owns (data.micro_batch_size, train.grad_accum, optim.*)")
+    precision = cfg.parallel.precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise JanusError("config: parallel.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    dp = data_parallel_size()
+    return {
+        **base,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.micro_batch_size * cfg.train.grad_accum * dp,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "bf16": {**base.get("bf16", {}), "enabled": precision == "bf16"},
+        "fp16": {**base.get("fp16", {}), "enabled": precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; biases, norms and position tables are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name or "_pos" in name else decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig):
+    """-> DeepSpeed engine (owns the optimizer and LR scheduler; steps both on engine.step())."""
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(cfg.optim, cfg.train.steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg), mpu=DeepSpeedMPU())
+    _keep_fp32_grad_norm(engine)
+    return engine
+
+
+def _keep_fp32_grad_norm(engine) -> None:
+    """DeepSpeed's fp32 path without ZeRO clips but drops the norm it computed, so
+    `get_global_grad_norm()` would stay None; keep it (ZeRO and bf16 optimizers report theirs)."""
+
+    def clip_and_keep():
+        engine._global_grad_norm = float(clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu))
+
+    engine.clip_fp32_gradients = clip_and_keep

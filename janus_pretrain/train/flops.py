@@ -1,0 +1,44 @@
+"""Analytic model FLOPs of a training step, for tokens/s -> MFU.
+
+Counted from shapes, matmuls only (2 FLOPs per multiply-add), forward x 3 for forward + backward.
+Attention scores and values are counted densely over the keys (masked entries are computed
+too). A micro-batch of source length S and decoder passes of lengths T_p, each projecting R_p rows
+to the vocabulary, costs per layer and sequence:
+    encoder:  S * (8h^2 + 4hf) + 4 S^2 h
+    decoder:  T * (8h^2 + 4hf + 4h^2) + 4 T^2 h + 4 T S h + 4 S h^2 (cross keys/values)
+    output:   2 R h V
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from janus_pretrain.config import ModelConfig
+
+
+def step_flops(cfg: ModelConfig, vocab: int, batch: int, src_len: int,
+               decoder_passes: list[tuple[int, int]]) -> float:
+    """Training FLOPs of one micro-batch; decoder_passes = [(length, rows projected), ...]."""
+    h, f, s = cfg.hidden_size, cfg.ffn_hidden_size, src_len
+    fwd = cfg.encoder_layers * (s * (8 * h * h + 4 * h * f) + 4 * s * s * h)
+    for t, rows in decoder_passes:
+        fwd += cfg.decoder_layers * (t * (12 * h * h + 4 * h * f) + 4 * t * t * h
+                                     + 4 * t * s * h + 4 * s * h * h)
+        fwd += 2 * rows * h * vocab
+    return 3.0 * batch * fwd
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5
+                ) -> float:
+    """Measured FLOP/s of a square matmul on this device (the denominator of MFU)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * n / (time.perf_counter() - start)

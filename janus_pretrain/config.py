@@ -155,7 +155,9 @@ class ParallelConfig:
 class TrainConfig:
     """Loop length, accumulation, logging and checkpoint cadence."""
 
-    steps: int = 1000  # optimizer steps
+    steps: int = 1000  # optimizer steps of the whole run (the LR schedule spans these)
+    # Stop this invocation (with a checkpoint) after reaching this step; `--resume` continues.
+    exit_after: Optional[int] = None
     grad_accum: int = 1
     log_interval: int = 10
     save_interval: int = 500

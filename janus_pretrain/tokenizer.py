@@ -48,7 +48,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise JanusError(f"tokenizer: file not found: {path} (train one with "
                          f"`janus-pretrain tokenizer train`)")
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise JanusError(f"tokenizer: {path} is not a sentencepiece model "
+                         f"({str(e).splitlines()[0]})") from None
     pieces = [sp.id_to_piece(i) for i in range(MASK + 1)]
     if pieces != ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]"]:
         raise JanusError(f"tokenizer: {path} lacks the JANUS special tokens at ids 0-4 "

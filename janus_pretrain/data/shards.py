@@ -52,6 +52,10 @@ class Shard:
         if len(header) != 1 or header[0]["magic"] != MAGIC or header[0]["itemsize"] not in DTYPES:
             raise JanusError(f"data: {idx_path} is not a janus-pretrain shard index")
         self.dtype = DTYPES[int(header[0]["itemsize"])]
+        if ((idx_path.stat().st_size - HEADER.itemsize) % np.dtype(np.int64).itemsize
+                or bin_path.stat().st_size % np.dtype(self.dtype).itemsize):
+            raise JanusError(f"data: {idx_path} or {bin_path} is truncated; re-run "
+                             f"`janus-pretrain data prepare`")
         self.offsets = np.memmap(idx_path, dtype=np.int64, mode="r", offset=HEADER.itemsize)
         n_tokens = bin_path.stat().st_size // np.dtype(self.dtype).itemsize
         if len(self.offsets) < 1 or self.offsets[-1] != n_tokens:
@@ -77,10 +81,14 @@ class ShardedCorpus:
         if not meta_path.is_file():
             raise JanusError(f"data: {meta_path} not found: prepare the corpus with "
                              f"`janus-pretrain data prepare`")
-        self.meta = json.loads(meta_path.read_text())
-        self.shards = [Shard(directory / name) for name in self.meta["shards"]]
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            names, self.vocab_size = self.meta["shards"], int(self.meta["vocab_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise JanusError(f"data: {meta_path} is not a valid corpus description "
+                             f"({type(e).__name__}: {e}); re-run `janus-pretrain data prepare`") from None
+        self.shards = [Shard(directory / name) for name in names]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
-        self.vocab_size = int(self.meta["vocab_size"])
 
     def __len__(self) -> int:
         return int(self.starts[-1])

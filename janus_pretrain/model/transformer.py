@@ -50,14 +50,16 @@ class Attention(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.dropout = cfg.attention_dropout
         h = cfg.hidden_size
-        column = dict(config=mp, init_method=_init_normal, bias=True, gather_output=False)
+        column = dict(config=mp, init_method=_init_normal, bias=True, gather_output=False,
+                      tp_group=ps.get_tensor_model_parallel_group())
         if cross:
             self.q = mtp.ColumnParallelLinear(h, h, **column)
             self.kv = mtp.ColumnParallelLinear(h, 2 * h, **column)
         else:
             self.qkv = mtp.ColumnParallelLinear(h, 3 * h, **column)
         self.out = mtp.RowParallelLinear(h, h, config=mp, init_method=_init_normal, bias=True,
-                                         input_is_parallel=True, skip_bias_add=False)
+                                         input_is_parallel=True, skip_bias_add=False,
+                                         tp_group=ps.get_tensor_model_parallel_group())
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False,
                 memory: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -77,11 +79,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
+        group = ps.get_tensor_model_parallel_group()
         self.up = mtp.ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, config=mp,
-                                           init_method=_init_normal, bias=True, gather_output=False)
+                                           init_method=_init_normal, bias=True, gather_output=False,
+                                           tp_group=group)
         self.down = mtp.RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, config=mp,
                                           init_method=_init_normal, bias=True,
-                                          input_is_parallel=True, skip_bias_add=False)
+                                          input_is_parallel=True, skip_bias_add=False,
+                                          tp_group=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)[0]))[0]
@@ -139,7 +144,8 @@ class JanusModel(nn.Module):
         self.pad_id = pad_id
         self.cfg = cfg
         self.embed = mtp.VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size,
-                                                init_method=_init_normal, config=mp)
+                                                init_method=_init_normal, config=mp,
+                                                tp_group=ps.get_tensor_model_parallel_group())
         self.enc_pos = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         self.dec_pos = nn.Embedding(cfg.max_positions, cfg.hidden_size)
         for emb in (self.enc_pos, self.dec_pos):
@@ -176,7 +182,9 @@ class JanusModel(nn.Module):
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding)."""
-        return F.linear(mtp.copy_to_tensor_model_parallel_region(hidden), self.embed.weight)
+        hidden = mtp.copy_to_tensor_model_parallel_region(
+            hidden, group=ps.get_tensor_model_parallel_group())
+        return F.linear(hidden, self.embed.weight)
 
     def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder output -> [B, length_classes]."""

@@ -13,6 +13,11 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
 
+def _tp_sum(x: torch.Tensor) -> torch.Tensor:
+    """All-reduce over the TP group in the forward pass, identity in the backward pass."""
+    return reduce_from_tensor_model_parallel_region(x, group=ps.get_tensor_model_parallel_group())
+
+
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Vocab-parallel log-softmax: [..., V_local] -> fp32 log-probs [..., V_local]."""
     logits = logits.float()
@@ -20,13 +25,13 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     if ps.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
     shifted = logits - peak
-    total = reduce_from_tensor_model_parallel_region(shifted.exp().sum(-1, keepdim=True))
+    total = _tp_sum(shifted.exp().sum(-1, keepdim=True))
     return shifted - total.log()
 
 
 def _vocab_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the (split) last dimension: [..., V_local] -> [...]."""
-    return reduce_from_tensor_model_parallel_region(x.sum(-1))
+    return _tp_sum(x.sum(-1))
 
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -41,7 +46,7 @@ def label_log_prob(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     local = labels - start
     here = (local >= 0) & (local < v_local)
     picked = logp.gather(-1, local.clamp(0, v_local - 1)[..., None])[..., 0]
-    return reduce_from_tensor_model_parallel_region(picked * here)
+    return _tp_sum(picked * here)
 
 
 def cross_entropy(logp: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,

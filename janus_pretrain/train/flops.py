@@ -32,8 +32,10 @@ def step_flops(cfg: ModelConfig, vocab: int, batch: int, src_len: int,
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5
                 ) -> float:
     """Measured FLOP/s of a square matmul on this device (the denominator of MFU)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # A private generator: measuring must not move the training RNG streams.
+    gen = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     a @ b
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

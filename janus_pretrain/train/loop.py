@@ -124,7 +124,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     vocab = model.padded_vocab_size
     engine.train()
     steps_since_log = 0
-    for step in range(start_step + 1, cfg.train.steps + 1):
+    last_step = min(cfg.train.steps, cfg.train.exit_after or cfg.train.steps)
+    for step in range(start_step + 1, last_step + 1):
         for _ in range(cfg.train.grad_accum):
             host = next(loader)
             tokens = int((host["src"] != PAD).sum() + (host["tgt"] != PAD).sum())
@@ -144,7 +145,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             engine.step()
             stats.add(loss, terms, tokens, step_flops(cfg.model, vocab, b, s, passes))
         steps_since_log += 1
-        if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+        if step % cfg.train.log_interval == 0 or step == last_step:
             metrics = stats.reduce(present)
             metrics["train/lr"] = engine.get_lr()[0]
             norm = engine.get_global_grad_norm()
@@ -159,11 +160,11 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             logger.log(step, metrics, steps_since_log)
             steps_since_log = 0
             stats.reset()
-        if step % cfg.train.save_interval == 0 or step == cfg.train.steps:
+        if step % cfg.train.save_interval == 0 or step == last_step:
             path = checkpoint.save(engine, ckpt_root, step,
                                    {"loader": loader.state_dict(), "config": to_dict(cfg)},
                                    tokenizer)
             summary["checkpoint"] = str(path)
     summary["wandb_dir"] = logger.close()
-    summary["step"] = cfg.train.steps
+    summary["step"] = last_step
     return summary

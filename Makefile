@@ -1,0 +1,40 @@
+# Two commands for a fresh CPU machine: `make demo` and `make test` (see README.md).
+# Both create .venv if needed and install the project into it. On CPU, torch is pinned to the
+# 2.13.0 CPU wheel; on a GPU cluster install your CUDA torch first (README, "Installing").
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+DATA ?= ../shared/data
+DEMO := runs/demo
+STAMP := $(VENV)/.installed
+
+export OMP_NUM_THREADS ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install test demo clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/janus-pretrain tokenizer train --input $(DATA)/pretrain/enwiki/train.txt \
+		--max-sentences 20000 --vocab-size 8000 --output $(DEMO)/tokenizer.model
+	$(BIN)/janus-pretrain data prepare --input $(DATA)/pretrain/enwiki/train.txt \
+		--tokenizer $(DEMO)/tokenizer.model --output $(DEMO)/data --workers 2
+	rm -rf $(DEMO)/train
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed --num_gpus 2 --no_local_rank \
+		--master_port $$($(BIN)/python -c 'from janus_pretrain.parallel.state import free_port; print(free_port())') \
+		--module janus_pretrain.cli train --config configs/pretrain/demo.yaml
+
+clean:
+	rm -rf runs

@@ -1,0 +1,111 @@
+"""Shared fixtures: a small real corpus (enwiki lines from ../shared/data), a tokenizer trained
+on it, and shards prepared from it, built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+ENWIKI = SHARED_DATA / "pretrain" / "enwiki" / "train.txt"
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """The first 3000 non-empty paragraphs of the enwiki training text."""
+    if not ENWIKI.is_file():
+        pytest.fail(f"test data missing: {ENWIKI} (see ../shared/data/README.md)")
+    lines = []
+    with open(ENWIKI, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+            if len(lines) == 3000:
+                break
+    path = tmp_path_factory.mktemp("corpus") / "enwiki_3k.txt"
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(corpus_file, tmp_path_factory) -> Path:
+    from janus_pretrain.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tok.model"
+    train_tokenizer([corpus_file], out, vocab_size=1000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_dir(corpus_file, tokenizer_path, tmp_path_factory) -> Path:
+    from janus_pretrain.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare([str(corpus_file)], str(tokenizer_path), out, num_workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def single_process():
+    """torch.distributed (gloo, world of one) and megatron-core's groups for in-process model tests."""
+    from janus_pretrain.parallel import state
+
+    topo = state.initialize(1)
+    yield topo
+    state.shutdown()
+
+
+def _train_overrides(shards_dir: Path, tokenizer_path: Path, output: Path) -> list[str]:
+    return [
+        "model=tiny", f"data.train={shards_dir}", f"data.tokenizer={tokenizer_path}",
+        "data.max_source_len=64", "data.max_target_len=64", "data.micro_batch_size=4",
+        "optim.lr=1e-3", "optim.warmup_steps=2", "train.log_interval=1",
+        "train.save_interval=1000", f"train.output_dir={output}",
+    ]
+
+
+@pytest.fixture
+def launch_training(shards_dir, tokenizer_path):
+    """Run `janus-pretrain train` as one process, or `nproc` under torchrun (gloo, a free port).
+
+    Returns the CompletedProcess; every process started is killed on timeout."""
+    import signal
+    import subprocess
+    import sys
+
+    from janus_pretrain.parallel.state import free_port
+
+    def run(output: Path, nproc: int = 1, extra: tuple[str, ...] = (), resume: bool = False,
+            timeout: int = 300, base: bool = True) -> subprocess.CompletedProcess:
+        args = _train_overrides(shards_dir, tokenizer_path, output) if base else []
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                         f"--master_port={free_port()}"]
+        cmd = [*launcher, "-m", "janus_pretrain.cli", "train",
+               "--config", str(REPO / "configs" / "pretrain" / "demo.yaml"),
+               *(["--resume"] if resume else []), *args, *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"training timed out after {timeout}s:\n{err[-3000:]}")
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return run
+
+
+def read_metrics(output: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

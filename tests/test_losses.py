@@ -1,0 +1,107 @@
+"""Loss terms against hand computations with torch's own functions."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
+from janus_pretrain.model import JanusModel
+from janus_pretrain.objectives import losses
+from janus_pretrain.objectives.janus import JanusObjective
+from janus_pretrain.tokenizer import PAD
+
+
+def test_cross_entropy_matches_torch_with_smoothing(single_process):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11)
+    labels = torch.randint(0, 11, (3, 5))
+    valid = torch.rand(3, 5) > 0.3
+    for eps in (0.0, 0.1):
+        ours = losses.cross_entropy(losses.log_softmax(logits), labels, valid, eps)
+        ref = F.cross_entropy(logits[valid], labels[valid], label_smoothing=eps)
+        torch.testing.assert_close(ours, ref)
+
+
+def test_sym_kl_by_hand_symmetric_zero_and_two_sided_gradients(single_process):
+    torch.manual_seed(1)
+    a = torch.randn(2, 4, 7, requires_grad=True)
+    b = torch.randn(2, 4, 7, requires_grad=True)
+    valid = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    lp, lq = losses.log_softmax(a), losses.log_softmax(b)
+    ours = losses.sym_kl(lp, lq, valid)
+    p, q = lp.exp(), lq.exp()
+    kl_pq = (p * (lp - lq)).sum(-1)
+    kl_qp = (q * (lq - lp)).sum(-1)
+    ref = ((kl_pq + kl_qp) / 2)[valid].mean()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(losses.sym_kl(lq, lp, valid), ours)
+    assert float(losses.sym_kl(lp, lp, valid)) == pytest.approx(0.0, abs=1e-7)
+    ours.backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+    # Invalid rows take no part.
+    assert a.grad[1, 1:].abs().sum() == 0
+
+
+def test_janus_loss_terms_by_hand(single_process):
+    torch.manual_seed(2)
+    weights = LossWeights(ce_ar=1.0, ce_nar=0.5, ce_aux=0.5, kl_ar_nar=1.0, kl_ar_aux=3.0,
+                          kl_nar_aux=1.0, length=0.1)
+    obj = JanusObjective(ObjectiveConfig(masking="span", weights=weights, label_smoothing=0.1),
+                         32, 32, 64)
+    cfg = ModelConfig(encoder_layers=1, decoder_layers=1, hidden_size=16, ffn_hidden_size=32,
+                      num_heads=2, max_positions=64, length_classes=64, dropout=0.0,
+                      attention_dropout=0.0)
+    model = JanusModel(cfg, 40, PAD)
+    rng = np.random.default_rng(0)
+    batch = obj.collate([(rng.integers(5, 40, 6), rng.integers(5, 40, n)) for n in (4, 9)], rng)
+    prep = obj.prepare(batch)
+    out = model(**prep.model_inputs)
+    total, terms = obj.loss(out, prep)
+    assert set(terms) == {"ce_ar", "ce_nar", "ce_aux", "kl_ar_nar", "kl_ar_aux", "kl_nar_aux",
+                          "length"}
+
+    tgt, masked = batch["tgt"], batch["masked"]
+    eps = 0.1
+    ar_valid = tgt[:, 1:] != PAD
+    ce_ar = F.cross_entropy(out["ar"][ar_valid], tgt[:, 1:][ar_valid], label_smoothing=eps)
+    # NAR/AUX slots hold the masked positions in ascending order.
+    nar_rows, aux_rows, ar_rows, labels = [], [], [], []
+    for b in range(tgt.shape[0]):
+        for k, pos in enumerate(torch.nonzero(masked[b]).flatten().tolist()):
+            nar_rows.append(out["nar"][b, k])
+            aux_rows.append(out["aux"][b, k])
+            ar_rows.append(out["ar"][b, pos - 1])  # AR row pos-1 predicts position pos
+            labels.append(int(tgt[b, pos]))
+    nar, aux, ar = torch.stack(nar_rows), torch.stack(aux_rows), torch.stack(ar_rows)
+    labels = torch.tensor(labels)
+
+    def skl(x, y):
+        lx, ly = x.log_softmax(-1), y.log_softmax(-1)
+        return (0.5 * ((lx.exp() * (lx - ly)).sum(-1) + (ly.exp() * (ly - lx)).sum(-1))).mean()
+
+    n_tokens = (tgt != PAD).sum(1) - 2
+    expected = {
+        "ce_ar": ce_ar,
+        "ce_nar": F.cross_entropy(nar, labels, label_smoothing=eps),
+        "ce_aux": F.cross_entropy(aux, labels, label_smoothing=eps),
+        "kl_ar_nar": skl(ar, nar),
+        "kl_ar_aux": skl(ar, aux),
+        "kl_nar_aux": skl(nar, aux),
+        "length": F.cross_entropy(out["length"], n_tokens),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value.detach(), msg=name)
+    weighted = sum(getattr(weights, n) * v for n, v in expected.items())
+    torch.testing.assert_close(total, weighted)
+    assert math.isfinite(float(total))
+
+
+def test_zero_weights_skip_streams(single_process):
+    ar_only = JanusObjective(ObjectiveConfig(masking="span", weights=LossWeights(
+        ce_ar=1, ce_nar=0, ce_aux=0, kl_ar_aux=0, kl_nar_aux=0)), 16, 16, 32)
+    assert ar_only.needs_ar and not ar_only.needs_nar
+    rng = np.random.default_rng(0)
+    prep = ar_only.prepare(ar_only.collate([(np.arange(5, 9), np.arange(5, 12))], rng))
+    assert "nar_tokens" not in prep.model_inputs and "ar_tokens" in prep.model_inputs

@@ -1,0 +1,324 @@
+"""Token shards, the prepared corpus, and the deterministic, resumable batch loader."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from janus_pretrain.data.loader import BatchLoader
+from janus_pretrain.data.shards import Shard, ShardedCorpus, token_dtype, write_shard
+from janus_pretrain.errors import JanusError
+from janus_pretrain.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def collate(examples, rng):
+    return {"ids": [tuple(int(x) for x in t) for _, t in examples], "noise": int(rng.integers(1 << 30))}
+
+
+def _random_docs(rng, n, vocab, max_len=50):
+    docs = [rng.integers(0, vocab, size=int(rng.integers(1, max_len))).tolist() for _ in range(n)]
+    docs.insert(n // 2, [])  # an empty document in the middle
+    docs.append([])  # and one at the end
+    return docs
+
+
+def _write_corpus(directory: Path, shards: list[list[list[int]]], vocab: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, docs in enumerate(shards):
+        names.append(f"shard_{i:05d}")
+        write_shard(directory / names[-1], docs, token_dtype(vocab))
+    meta = {"shards": names, "documents": sum(map(len, shards)),
+            "tokens": sum(len(d) for s in shards for d in s), "vocab_size": vocab}
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+# --- shards -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vocab", [1000, 70000])
+def test_shard_round_trip(tmp_path, vocab):
+    rng = np.random.default_rng(0)
+    docs = _random_docs(rng, 40, vocab)
+    dtype = token_dtype(vocab)
+    assert dtype == (np.uint16 if vocab <= 65536 else np.uint32)
+    n_docs, n_tokens = write_shard(tmp_path / "s", docs, dtype)
+    assert (n_docs, n_tokens) == (len(docs), sum(map(len, docs)))
+    assert (tmp_path / "s.bin").stat().st_size == n_tokens * np.dtype(dtype).itemsize
+    shard = Shard(tmp_path / "s")
+    assert shard.dtype == dtype
+    assert len(shard) == len(docs)
+    for i, doc in enumerate(docs):
+        got = shard[i]
+        assert got.dtype == np.int64
+        assert got.tolist() == doc
+
+
+def test_sharded_corpus_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    parts = [_random_docs(rng, 7, 500), [], _random_docs(rng, 3, 500), [[]], _random_docs(rng, 5, 500)]
+    _write_corpus(tmp_path / "c", parts, 500)
+    corpus = ShardedCorpus(tmp_path / "c")
+    flat = [d for p in parts for d in p]
+    assert len(corpus) == len(flat)
+    assert corpus.vocab_size == 500
+    assert [corpus[i].tolist() for i in range(len(corpus))] == flat
+    with pytest.raises(IndexError):
+        corpus[len(flat)]
+
+
+def test_prepared_shards_match_tokenizer(corpus_file, tokenizer_path, shards_dir):
+    tok = load_tokenizer(tokenizer_path)
+    lines = [l for l in corpus_file.read_text(encoding="utf-8").split("\n") if l.strip()]
+    expected = tok.encode([l.strip() for l in lines])
+    corpus = ShardedCorpus(shards_dir)
+    meta = json.loads((shards_dir / "meta.json").read_text())
+    assert len(corpus.shards) == len(meta["shards"]) == 2
+    assert all(len(s) > 0 for s in corpus.shards)
+    assert len(corpus) == len(expected) == meta["documents"] == 3000
+    assert meta["tokens"] == sum(map(len, expected))
+    assert corpus.vocab_size == tok.vocab_size
+    for i, ids in enumerate(expected):
+        assert corpus[i].tolist() == ids, f"document {i} differs"
+    # The tokenizer travels with the shards.
+    assert (shards_dir / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_corpus_is_memory_mapped(shards_dir):
+    corpus = ShardedCorpus(shards_dir)
+    for shard in corpus.shards:
+        assert isinstance(shard.tokens, np.memmap)
+        assert isinstance(shard.offsets, np.memmap)
+
+
+def test_opening_big_shard_does_not_load_it(tmp_path):
+    n_tokens, doc_len, chunk = 60_000_000, 1000, 6_000_000
+    rng = np.random.default_rng(2)
+
+    def docs():
+        for _ in range(n_tokens // chunk):
+            block = rng.integers(5, 60000, size=chunk, dtype=np.uint16)
+            for start in range(0, chunk, doc_len):
+                yield block[start:start + doc_len]
+
+    out = tmp_path / "big"
+    out.mkdir()
+    try:
+        _check_big_shard(out, docs(), n_tokens, doc_len)
+    finally:  # do not leave 120 MB behind in pytest's kept temp dirs
+        shutil.rmtree(out)
+
+
+def _check_big_shard(out, docs, n_tokens, doc_len):
+    n_docs, written = write_shard(out / "shard_00000", docs, np.uint16)
+    assert written == n_tokens and n_docs == n_tokens // doc_len
+    (out / "meta.json").write_text(json.dumps({"shards": ["shard_00000"], "vocab_size": 60000}))
+    size = (out / "shard_00000.bin").stat().st_size
+    assert size == 2 * n_tokens
+    gc.collect()
+
+    before = _rss()
+    corpus = ShardedCorpus(out)
+    picks = np.random.default_rng(3).choice(len(corpus), size=50, replace=False)
+    total = 0
+    for i in picks:
+        doc = corpus[int(i)]
+        assert len(doc) == doc_len and doc.min() >= 5
+        total += int(doc.sum())
+    growth = _rss() - before
+    assert total > 0
+    assert growth < 30 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB shard"
+
+
+# --- loader -----------------------------------------------------------------------------------
+
+class Indexed:
+    """A corpus whose documents start with their own index, so batches reveal which docs they hold."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return np.concatenate([[i], self.base[i]])
+
+
+def _take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_loader_deterministic(shards_dir):
+    corpus = ShardedCorpus(shards_dir)
+    a = BatchLoader(corpus, collate, micro_batch_size=4, seed=11, dp_rank=1, dp_size=2)
+    b = BatchLoader(corpus, collate, micro_batch_size=4, seed=11, dp_rank=1, dp_size=2)
+    first = _take(a, 5)
+    assert first == _take(b, 5)
+    assert all(len(batch["ids"]) == 4 for batch in first)
+    # Not the same batch over and over.
+    assert len({batch["ids"][0] for batch in first}) == 5
+    assert len({batch["noise"] for batch in first}) == 5
+
+    other_seed = BatchLoader(corpus, collate, micro_batch_size=4, seed=12, dp_rank=1, dp_size=2)
+    different = _take(other_seed, 5)
+    assert [x["ids"] for x in different] != [x["ids"] for x in first]
+    assert [x["noise"] for x in different] != [x["noise"] for x in first]
+
+
+@pytest.mark.parametrize("dp_size", [2, 3])
+def test_loader_ranks_partition_epoch(shards_dir, dp_size):
+    corpus = Indexed(ShardedCorpus(shards_dir))
+    micro = 16
+    loaders = [BatchLoader(corpus, collate, micro, seed=5, dp_rank=r, dp_size=dp_size)
+               for r in range(dp_size)]
+    per_epoch = loaders[0].batches_per_epoch
+    assert per_epoch == len(corpus) // (micro * dp_size)
+    seen = []
+    noises = set()
+    for loader in loaders:
+        ids = []
+        for batch in _take(loader, per_epoch):
+            ids += [doc[0] for doc in batch["ids"]]
+            noises.add(batch["noise"])
+        seen.append(ids)
+    for r, ids in enumerate(seen):
+        assert len(ids) == len(set(ids)) == micro * per_epoch, f"rank {r} repeats a document"
+    union = set().union(*map(set, seen))
+    assert len(union) == micro * dp_size * per_epoch
+    assert all(0 <= i < len(corpus) for i in union)
+    # Each global micro-batch has its own noise stream.
+    assert len(noises) == dp_size * per_epoch
+    # The first batch after the epoch differs from the first of the epoch (new permutation).
+    fresh = BatchLoader(corpus, collate, micro, seed=5, dp_rank=0, dp_size=dp_size)
+    assert next(loaders[0]) != next(fresh)
+    assert loaders[0].epoch == 1 and loaders[0].index == 1
+
+
+def _small_corpus(n=26):
+    rng = np.random.default_rng(4)
+    return [np.concatenate([[i], rng.integers(5, 100, size=int(rng.integers(1, 8)))]) for i in range(n)]
+
+
+@pytest.mark.parametrize("dp_rank,dp_size", [(0, 1), (1, 2)])
+@pytest.mark.parametrize("k", [0, 2, 5, 6, 7])
+def test_loader_resume(k, dp_rank, dp_size):
+    corpus = _small_corpus()
+    micro = 4 if dp_size == 1 else 2
+    make = lambda: BatchLoader(corpus, collate, micro, seed=9, dp_rank=dp_rank, dp_size=dp_size)  # noqa: E731
+    original = make()
+    assert original.batches_per_epoch == 6
+    _take(original, k)
+    state = original.state_dict()
+    state = json.loads(json.dumps(state))  # survives a checkpoint's serialisation
+    resumed = make()
+    resumed.load_state_dict(state)
+    # 14 more batches cross at least two epoch boundaries.
+    cont = _take(original, 14)
+    assert _take(resumed, 14) == cont
+    assert resumed.state_dict() == original.state_dict()
+    assert original.epoch == (k + 14 - 1) // 6
+    # A loader that did not resume gives different batches at this point (unless k == 0).
+    if k:
+        assert _take(make(), 14) != cont
+
+
+def test_loader_epochs_cover_everything_and_reshuffle():
+    corpus = _small_corpus(24)
+    loader = BatchLoader(corpus, collate, 4, seed=3)
+    epochs = []
+    for _ in range(3):
+        epochs.append([doc[0] for b in _take(loader, 6) for doc in b["ids"]])
+    for order in epochs:
+        assert sorted(order) == list(range(24))
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_loader_errors():
+    corpus = _small_corpus(10)
+    with pytest.raises(JanusError, match="fewer than one micro-batch"):
+        BatchLoader(corpus, collate, 6, seed=0, dp_rank=0, dp_size=2)
+    loader = BatchLoader(corpus, collate, 2, seed=1)
+    with pytest.raises(JanusError, match="data.seed"):
+        loader.load_state_dict({"epoch": 0, "index": 1, "seed": 2})
+
+
+# --- corrupt input ----------------------------------------------------------------------------
+
+def test_index_disagrees_with_data(tmp_path):
+    docs = [[5, 6, 7], [8, 9], [10]]
+    _write_corpus(tmp_path / "c", [docs], 100)
+    bin_path = tmp_path / "c" / "shard_00000.bin"
+    bin_path.write_bytes(bin_path.read_bytes()[:-2])  # drop the last token
+    with pytest.raises(JanusError) as info:
+        ShardedCorpus(tmp_path / "c")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "shard_00000.idx" in msg and str(tmp_path) in msg
+    assert "disagree" in msg
+
+
+def test_truncated_index(tmp_path):
+    write_shard(tmp_path / "s", [[5, 6, 7], [8, 9]], np.uint16)
+    idx = tmp_path / "s.idx"
+    idx.write_bytes(idx.read_bytes()[:-3])
+    with pytest.raises(JanusError) as info:
+        Shard(tmp_path / "s")
+    assert str(idx) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_not_an_index(tmp_path):
+    write_shard(tmp_path / "s", [[5, 6, 7]], np.uint16)
+    (tmp_path / "s.idx").write_bytes(b"NOTJANUS" + bytes(40))
+    with pytest.raises(JanusError, match="not a janus-pretrain shard index"):
+        Shard(tmp_path / "s")
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(JanusError, match="meta.json") as info:
+        ShardedCorpus(tmp_path)
+    assert str(tmp_path / "meta.json") in str(info.value)
+    _write_corpus(tmp_path / "c", [[[5, 6]]], 100)
+    (tmp_path / "c" / "shard_00000.bin").unlink()
+    with pytest.raises(JanusError, match="shard_00000.bin"):
+        ShardedCorpus(tmp_path / "c")
+
+
+def test_invalid_meta(tmp_path):
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(JanusError, match="meta.json"):
+        ShardedCorpus(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"shards": []}))
+    with pytest.raises(JanusError, match="meta.json"):
+        ShardedCorpus(tmp_path)
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def test_prepare_cli_missing_input(tmp_path, tokenizer_path):
+    missing = tmp_path / "missing.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "janus_pretrain", "data", "prepare", "--input", str(missing),
+         "--tokenizer", str(tokenizer_path), "--output", str(tmp_path / "out"), "--workers", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:")
+    assert str(missing) in lines[0]
+    assert "Traceback" not in proc.stderr

@@ -62,17 +62,32 @@ class Attention(nn.Module):
                                          tp_group=ps.get_tensor_model_parallel_group())
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False,
-                memory: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: [B, T, H]; mask: bool, broadcastable to [B, heads, T, S]; memory: [B, S, H] (cross)."""
+                memory: Optional[torch.Tensor] = None, cache: Optional[dict] = None) -> torch.Tensor:
+        """x: [B, T, H]; mask: bool, broadcastable to [B, heads, T, S]; memory: [B, S, H] (cross).
+
+        `cache` (incremental decoding): self-attention appends this call's keys/values to
+        cache["k"], cache["v"] and attends over all of them; cross-attention computes the memory's
+        keys/values on the first call and reuses them after.
+        """
         b, t, _ = x.shape
         if self.cross:
-            q = self.q(x)[0].view(b, t, self.heads, self.head_dim)
-            k, v = self.kv(memory)[0].view(b, memory.shape[1], self.heads, 2, self.head_dim).unbind(3)
+            q = self.q(x)[0].view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                kv = self.kv(memory)[0].view(b, memory.shape[1], self.heads, 2, self.head_dim)
+                k, v = (z.transpose(1, 2) for z in kv.unbind(3))
         else:
-            q, k, v = self.qkv(x)[0].view(b, t, self.heads, 3, self.head_dim).unbind(3)
+            qkv = self.qkv(x)[0].view(b, t, self.heads, 3, self.head_dim)
+            q, k, v = (z.transpose(1, 2) for z in qkv.unbind(3))
+            if cache is not None and "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal)
         return self.out(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))[0]
 
 
@@ -117,9 +132,12 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(cfg, mp)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, self_mask, causal, memory, memory_mask):
-        x = x + self.drop(self.self_attn(self.norm_self(x), mask=self_mask, causal=causal))
-        x = x + self.drop(self.cross_attn(self.norm_cross(x), mask=memory_mask, memory=memory))
+    def forward(self, x, self_mask, causal, memory, memory_mask, cache=None):
+        self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
+        x = x + self.drop(self.self_attn(self.norm_self(x), mask=self_mask, causal=causal,
+                                         cache=self_cache))
+        x = x + self.drop(self.cross_attn(self.norm_cross(x), mask=memory_mask, memory=memory,
+                                          cache=cross_cache))
         return x + self.drop(self.ffn(self.norm_ffn(x)))
 
 
@@ -170,15 +188,31 @@ class JanusModel(nn.Module):
 
     def decode(self, tokens: torch.Tensor, positions: Optional[torch.Tensor],
                memory: torch.Tensor, memory_mask: torch.Tensor,
-               self_mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-        """tokens [B, T]; positions [B, T] or None for 0..T-1; self_mask [B, T, T] -> [B, T, H]."""
+               self_mask: Optional[torch.Tensor] = None, causal: bool = False,
+               cache: Optional[list[dict]] = None) -> torch.Tensor:
+        """tokens [B, T]; positions [B, T] or None for 0..T-1; self_mask [B, T, T] (or [B, 1, T]
+        key mask) -> [B, T, H]. With `cache` (from `new_cache`), tokens are the next step only and
+        positions default to the number of steps already cached."""
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            start = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         mask = self_mask[:, None] if self_mask is not None else None
         x = self.drop(self.embed(tokens) + self.dec_pos(positions))
-        for layer in self.decoder:
-            x = layer(x, mask, causal, memory, memory_mask)
+        for i, layer in enumerate(self.decoder):
+            x = layer(x, mask, causal, memory, memory_mask, cache[i] if cache is not None else None)
         return self.dec_norm(x)
+
+    def new_cache(self) -> list[dict]:
+        """Empty per-layer key/value cache for incremental decoding."""
+        return [{"self": {}, "cross": {}} for _ in self.decoder]
+
+    @staticmethod
+    def reorder_cache(cache: list[dict], index: torch.Tensor) -> None:
+        """Select batch rows of every cached key/value (beam search), in place. index: [B']."""
+        for layer in cache:
+            for part in layer.values():
+                for key in list(part):
+                    part[key] = part[key].index_select(0, index)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding)."""

@@ -1,0 +1,141 @@
+"""Load a JANUS checkpoint once, then decode batches of source strings AR or NAR.
+
+    gen = Generator.from_checkpoint("runs/demo/train")        # a run dir or a step_* dir
+    gen.generate(["a source sentence"], mode="ar", beam=5)
+    gen.generate(["a source sentence"], mode="nar", iterations=4)
+
+Sources are sorted by length and decoded in batches of `batch_size`, then returned in input
+order. Under tensor parallelism every rank calls `generate` with the same inputs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from megatron.core import parallel_state as ps
+
+from janus_pretrain.config import RunConfig, from_dict
+from janus_pretrain.errors import JanusError
+from janus_pretrain.generate.ar import Hypothesis, beam_search, greedy
+from janus_pretrain.generate.nar import mask_predict
+from janus_pretrain.model import JanusModel
+from janus_pretrain.objectives.janus import pad_batch, with_bos_eos
+from janus_pretrain.parallel import state
+from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
+from janus_pretrain.train import checkpoint
+
+
+@dataclass
+class DecodeOptions:
+    """Search settings; `beam=1` with mode ar is greedy search."""
+
+    mode: str = "ar"
+    beam: int = 5
+    length_penalty: float = 1.0
+    max_len: int = 200
+    no_repeat_ngram: int = 0
+    iterations: int = 10
+    length_beam: int = 3
+    dedup: bool = False
+    rerank: bool = False
+    batch_size: int = 32
+    force_lengths: Optional[Sequence[int]] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.mode not in ("ar", "nar"):
+            raise JanusError(f"generate: mode '{self.mode}' is not one of ar, nar")
+        for name in ("beam", "max_len", "iterations", "length_beam", "batch_size"):
+            if getattr(self, name) < 1:
+                raise JanusError(f"generate: {name} must be at least 1")
+
+
+def model_state(path: Path) -> dict:
+    """The model weights of a checkpoint written by the training loop, for this TP rank."""
+    rank = ps.get_tensor_model_parallel_rank()
+    states = path / f"mp_rank_{rank:02d}_model_states.pt"
+    if not states.is_file():
+        raise JanusError(f"checkpoint: {states} not found (was it written with another "
+                         f"tensor-parallel size?)")
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    if saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return saved["module"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, a checkpoints/ directory or a run directory -> the step directory."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            found = checkpoint.latest(root)
+            if found is not None:
+                return found
+    if (path / checkpoint.MARKER).is_file():
+        return path
+    raise JanusError(f"checkpoint: no complete checkpoint at {path}")
+
+
+class Generator:
+    def __init__(self, model: JanusModel, tokenizer: Tokenizer, cfg: RunConfig,
+                 device: torch.device):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = device
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, tensor_parallel: int = 1) -> "Generator":
+        ckpt = resolve_checkpoint(path)
+        cfg = from_dict(json.loads((ckpt / "janus.json").read_text())["config"])
+        tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+        topo = state.initialize(tensor_parallel)
+        model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
+        model.load_state_dict(model_state(ckpt))
+        return cls(model.to(topo.device), tokenizer, cfg, topo.device)
+
+    def encode(self, sources: Sequence[str]) -> list[np.ndarray]:
+        keep = self.cfg.data.max_source_len - 2
+        return [with_bos_eos(np.asarray(ids[:keep], dtype=np.int64))
+                for ids in self.tokenizer.encode(sources)]
+
+    def decode_ids(self, src: list[np.ndarray], opts: DecodeOptions) -> list[Hypothesis]:
+        """Source id arrays (with BOS/EOS) -> the best hypothesis each, in input order."""
+        order = sorted(range(len(src)), key=lambda i: len(src[i]))
+        out: list[Optional[Hypothesis]] = [None] * len(src)
+        for start in range(0, len(order), opts.batch_size):
+            idx = order[start:start + opts.batch_size]
+            batch = pad_batch([src[i] for i in idx]).to(self.device)
+            forced = None if opts.force_lengths is None else [opts.force_lengths[i] for i in idx]
+            for i, hyp in zip(idx, self._search(batch, opts, forced)):
+                out[i] = hyp
+        return out
+
+    @torch.no_grad()
+    def _search(self, src: torch.Tensor, opts: DecodeOptions, forced: Optional[list[int]]
+                ) -> list[Hypothesis]:
+        memory, memory_mask = self.model.encode(src)
+        if opts.mode == "nar":
+            lengths = None if forced is None else torch.tensor(forced, device=self.device)
+            return mask_predict(self.model, memory, memory_mask, opts.iterations,
+                                opts.length_beam, lengths, opts.max_len, opts.dedup, opts.rerank)
+        if forced is not None and len(set(forced)) > 1:
+            # A forced length is one number per AR batch: decode such sources one by one.
+            return [h for i in range(src.shape[0])
+                    for h in self._search(src[i:i + 1], opts, forced[i:i + 1])]
+        force_len = forced[0] if forced is not None else None
+        if opts.beam == 1:
+            return greedy(self.model, memory, memory_mask, opts.max_len, force_len)
+        beams = beam_search(self.model, memory, memory_mask, opts.beam, opts.max_len,
+                            opts.length_penalty, opts.no_repeat_ngram, force_len)
+        return [b[0] for b in beams]
+
+    def generate(self, sources: Sequence[str], **options) -> list[str]:
+        """Source strings -> hypothesis strings (see DecodeOptions for the options)."""
+        opts = DecodeOptions(**options)
+        return [self.tokenizer.decode(h.tokens) for h in self.decode_ids(self.encode(sources), opts)]

@@ -1,0 +1,23 @@
+"""Full-vocabulary log-probabilities for search, with the tokens a hypothesis may never contain.
+
+The model's logits are split over the tensor-parallel group; search needs argmax / top-k over the
+whole vocabulary, so every TP rank gathers the (already normalised) shards and then runs the same
+search in lockstep. At TP = 1 the gather is a no-op.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from janus_pretrain.objectives.losses import log_softmax
+from janus_pretrain.tokenizer import BOS, EOS, MASK, PAD
+
+
+def full_log_probs(logits: torch.Tensor, vocab_size: int, allow_eos: bool) -> torch.Tensor:
+    """Vocab-parallel logits [..., V/tp] -> fp32 log-probs [..., V] over the real vocabulary, with
+    [PAD], [BOS], [MASK] (and [EOS] unless allowed) and the padding rows of the table at -inf."""
+    lp = gather_from_tensor_model_parallel_region(
+        log_softmax(logits), group=ps.get_tensor_model_parallel_group())[..., :vocab_size]
+    banned = [PAD, BOS, MASK] + ([] if allow_eos else [EOS])
+    return lp.index_fill(-1, torch.tensor(banned, device=lp.device), float("-inf"))

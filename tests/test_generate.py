@@ -1,0 +1,180 @@
+"""AR and NAR decoding: the search is exact where it must be, and it works on a trained model."""
+import numpy as np
+import pytest
+import torch
+
+from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
+from janus_pretrain.generate.ar import beam_search, greedy
+from janus_pretrain.generate.nar import initial_candidates, mask_predict, remask_count
+from janus_pretrain.generate.vocab import full_log_probs
+from janus_pretrain.model import JanusModel
+from janus_pretrain.objectives.janus import JanusObjective, pad_batch, with_bos_eos
+from janus_pretrain.tokenizer import EOS, MASK, PAD
+
+VOCAB = 30
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder_layers=2, decoder_layers=2, hidden_size=64, ffn_hidden_size=128,
+                      num_heads=4, max_positions=64, length_classes=32, dropout=0.0,
+                      attention_dropout=0.0, **kw)
+    return JanusModel(cfg, VOCAB, PAD)
+
+
+def sources(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return pad_batch([with_bos_eos(rng.integers(5, VOCAB, size=n)) for n in lengths])
+
+
+@pytest.fixture(scope="module")
+def random_model(single_process):
+    # Sharpen the output layer so that random weights give peaked, varied distributions.
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(20)
+    return model
+
+
+def test_incremental_decoding_equals_full_recompute(random_model):
+    memory, mask = random_model.encode(sources(0, (5, 9, 3)))
+    cached = greedy(random_model, memory, mask, max_len=12)
+    full = greedy(random_model, memory, mask, max_len=12, incremental=False)
+    assert [h.tokens for h in cached] == [h.tokens for h in full]
+    assert [h.score for h in cached] == pytest.approx([h.score for h in full], abs=1e-4)
+    cached = beam_search(random_model, memory, mask, beam=4, max_len=12)
+    full = beam_search(random_model, memory, mask, beam=4, max_len=12, incremental=False)
+    for a, b in zip(cached, full):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+def test_beam_one_is_greedy_and_beams_are_sorted_and_bounded(random_model):
+    memory, mask = random_model.encode(sources(1, (4, 7, 6, 2)))
+    g = greedy(random_model, memory, mask, max_len=10)
+    b1 = beam_search(random_model, memory, mask, beam=1, max_len=10, length_penalty=0.0)
+    assert [h.tokens for h in g] == [h[0].tokens for h in b1]
+    assert [h.log_prob for h in g] == pytest.approx([h[0].log_prob for h in b1], abs=1e-4)
+    for max_len in (3, 10):
+        beams = beam_search(random_model, memory, mask, beam=5, max_len=max_len)
+        for hyps in beams:
+            assert len(hyps) == 5
+            scores = [h.score for h in hyps]
+            assert scores == sorted(scores, reverse=True)
+            assert all(len(h.tokens) <= max_len for h in hyps)
+            assert all(EOS not in h.tokens and PAD not in h.tokens for h in hyps)
+
+
+def test_batch_decoding_equals_one_by_one(random_model):
+    src = sources(2, (3, 8, 5))
+    memory, mask = random_model.encode(src)
+    batched_beam = beam_search(random_model, memory, mask, beam=3, max_len=9)
+    batched_nar = mask_predict(random_model, memory, mask, iterations=3, length_beam=2)
+    for i in range(src.shape[0]):
+        one = src[i:i + 1, : int((src[i] != PAD).sum())]
+        m1, k1 = random_model.encode(one)
+        single = beam_search(random_model, m1, k1, beam=3, max_len=9)[0]
+        assert [h.tokens for h in single] == [h.tokens for h in batched_beam[i]]
+        assert mask_predict(random_model, m1, k1, 3, 2)[0].tokens == batched_nar[i].tokens
+
+
+class CountingDecoder:
+    """Wraps model.decode to record every decoder input (a pass counter and a re-mask probe)."""
+
+    def __init__(self, model):
+        self.model, self.inputs = model, []
+        self.original = model.decode
+
+    def __enter__(self):
+        def decode(tokens, *args, **kwargs):
+            self.inputs.append(tokens.clone())
+            return self.original(tokens, *args, **kwargs)
+        self.model.decode = decode
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.decode
+
+
+@pytest.mark.parametrize("iterations", [1, 4, 10])
+def test_mask_predict_passes_and_remask_schedule(random_model, iterations):
+    memory, mask = random_model.encode(sources(3, (6, 4)))
+    lengths = torch.tensor([7, 12])
+    with CountingDecoder(random_model) as probe:
+        hyps = mask_predict(random_model, memory, mask, iterations=iterations, lengths=lengths)
+    assert len(probe.inputs) == iterations
+    for t, tokens in enumerate(probe.inputs):
+        expected = lengths if t == 0 else remask_count(lengths, t, iterations)
+        assert (tokens == MASK).sum(1).tolist() == expected.tolist()
+    assert [len(h.tokens) for h in hyps] == lengths.tolist()
+
+
+def test_mask_predict_length_beam_passes(random_model):
+    memory, mask = random_model.encode(sources(4, (6, 4, 5)))
+    with CountingDecoder(random_model) as probe:
+        mask_predict(random_model, memory, mask, iterations=4, length_beam=3)
+    # T passes in all, each over every source x length candidate.
+    assert len(probe.inputs) == 4 and all(x.shape[0] == 9 for x in probe.inputs)
+
+
+def test_single_pass_nar_is_argmax(random_model):
+    memory, mask = random_model.encode(sources(5, (6, 4)))
+    lengths = torch.tensor([5, 9])
+    hyps = mask_predict(random_model, memory, mask, iterations=1, lengths=lengths)
+    cand = initial_candidates(lengths)
+    h = random_model.decode(cand.tokens, None, memory, mask,
+                            self_mask=(cand.tokens != PAD)[:, None, :])
+    best = full_log_probs(random_model.output_logits(h), VOCAB, allow_eos=False).argmax(-1)
+    for i, n in enumerate(lengths.tolist()):
+        assert hyps[i].tokens == best[i, 1:1 + n].tolist()
+
+
+def copy_batch(rng, size):
+    lengths = rng.integers(3, 9, size=size)
+    src = [rng.integers(5, VOCAB, size=n) for n in lengths]
+    return src
+
+
+@pytest.fixture(scope="module")
+def copy_model(single_process):
+    """A tiny model trained in the test to copy its input (~25 s on one CPU thread).
+
+    Only the two cross-entropy terms and the length loss: this checks decoding, and the KL terms
+    only slow a model trained from scratch down (they are tested in test_losses.py)."""
+    model = tiny_model(seed=1)
+    weights = LossWeights(ce_ar=1.0, ce_nar=1.0, ce_aux=0.0, kl_ar_nar=0.0, kl_ar_aux=0.0,
+                          kl_nar_aux=0.0, length=0.5)
+    obj = JanusObjective(ObjectiveConfig(masking="uniform", weights=weights), 16, 16, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
+    rng = np.random.default_rng(0)
+    model.train()
+    for _ in range(400):
+        src = copy_batch(rng, 64)
+        prep = obj.prepare(obj.collate([(s, s) for s in src], rng))
+        loss, _ = obj.loss(model(**prep.model_inputs), prep)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        warmup.step()
+    return model.eval()
+
+
+def exact_match(hyps, src):
+    return np.mean([h.tokens == s.tolist() for h, s in zip(hyps, src)])
+
+
+def test_trained_model_copies_with_ar_and_nar(copy_model):
+    rng = np.random.default_rng(123)
+    src = copy_batch(rng, 64)
+    memory, mask = copy_model.encode(pad_batch([with_bos_eos(s) for s in src]))
+    ar = [b[0] for b in beam_search(copy_model, memory, mask, beam=4, max_len=16)]
+    assert exact_match(ar, src) >= 0.9
+    assert exact_match(greedy(copy_model, memory, mask, max_len=16), src) >= 0.9
+    for iterations in (1, 4):
+        nar = mask_predict(copy_model, memory, mask, iterations=iterations, length_beam=1)
+        assert exact_match(nar, src) >= 0.9, iterations
+    # Several length candidates, the AR stream of the same model choosing among them.
+    reranked = mask_predict(copy_model, memory, mask, iterations=4, length_beam=3, rerank=True)
+    assert exact_match(reranked, src) >= 0.9

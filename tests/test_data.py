@@ -33,11 +33,9 @@ def _random_docs(rng, n, vocab, max_len=50):
 
 def _write_corpus(directory: Path, shards: list[list[list[int]]], vocab: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, docs in enumerate(shards):
-        names.append(f"shard_{i:05d}")
-        write_shard(directory / names[-1], docs, token_dtype(vocab))
-    meta = {"shards": names, "documents": sum(map(len, shards)),
+    entries = [write_shard(directory / f"shard_{i:05d}", docs, token_dtype(vocab))
+               for i, docs in enumerate(shards)]
+    meta = {"shards": entries, "documents": sum(map(len, shards)),
             "tokens": sum(len(d) for s in shards for d in s), "vocab_size": vocab}
     (directory / "meta.json").write_text(json.dumps(meta))
 
@@ -50,8 +48,10 @@ def test_shard_round_trip(tmp_path, vocab):
     docs = _random_docs(rng, 40, vocab)
     dtype = token_dtype(vocab)
     assert dtype == (np.uint16 if vocab <= 65536 else np.uint32)
-    n_docs, n_tokens = write_shard(tmp_path / "s", docs, dtype)
-    assert (n_docs, n_tokens) == (len(docs), sum(map(len, docs)))
+    entry = write_shard(tmp_path / "s", docs, dtype)
+    n_tokens = sum(map(len, docs))
+    assert entry == {"name": "s", "documents": len(docs), "tokens": n_tokens,
+                     "max_id": max(max(d) for d in docs if d)}
     assert (tmp_path / "s.bin").stat().st_size == n_tokens * np.dtype(dtype).itemsize
     shard = Shard(tmp_path / "s")
     assert shard.dtype == dtype
@@ -125,9 +125,9 @@ def test_opening_big_shard_does_not_load_it(tmp_path):
 
 
 def _check_big_shard(out, docs, n_tokens, doc_len):
-    n_docs, written = write_shard(out / "shard_00000", docs, np.uint16)
-    assert written == n_tokens and n_docs == n_tokens // doc_len
-    (out / "meta.json").write_text(json.dumps({"shards": ["shard_00000"], "vocab_size": 60000}))
+    entry = write_shard(out / "shard_00000", docs, np.uint16)
+    assert entry["tokens"] == n_tokens and entry["documents"] == n_tokens // doc_len
+    (out / "meta.json").write_text(json.dumps({"shards": [entry], "vocab_size": 60000}))
     size = (out / "shard_00000.bin").stat().st_size
     assert size == 2 * n_tokens
     gc.collect()

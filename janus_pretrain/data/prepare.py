@@ -3,7 +3,11 @@
 Corpora come through HF `datasets`: local text (one document a line), jsonl or parquet files, or a
 hub dataset name where the cluster has network. Tokenization runs in `num_workers` processes
 (`datasets.map(num_proc=...)`); the shards are then written one per worker-sized slice, with a
-meta.json that records the tokenizer they were made with.
+meta.json that records the tokenizer they were made with and each shard's size and largest id.
+
+Raw text is decoded with invalid UTF-8 replaced by U+FFFD, so a bad byte never stops a long
+prepare; documents that are empty or hold U+FFFD (a line that was not UTF-8) are skipped and
+counted in meta.json's `skipped`.
 """
 from __future__ import annotations
 
@@ -32,6 +36,14 @@ def _tokenize(batch: dict, tokenizer_path: str, field: str) -> dict:
     return {"ids": tok.encode([t.strip() for t in batch[field]])}
 
 
+def _not_empty(text) -> bool:
+    return bool(text and text.strip())
+
+
+def _valid_text(text: str) -> bool:
+    return "\ufffd" not in text
+
+
 def load_corpus(inputs: Sequence[str], field: str, cache_dir: str) -> datasets.Dataset:
     """Local files (all of one format) or a single hub dataset name -> a `datasets.Dataset`."""
     local = [Path(p) for p in inputs if Path(p).exists()]
@@ -44,8 +56,15 @@ def load_corpus(inputs: Sequence[str], field: str, cache_dir: str) -> datasets.D
             raise JanusError(f"data: inputs must all be one of {', '.join(sorted(FORMATS))}: "
                              f"got {', '.join(p.name for p in local)}")
         builder = kinds.pop()
-        ds = datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train",
-                                   cache_dir=cache_dir)
+        options = {"encoding_errors": "replace"} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train",
+                                       cache_dir=cache_dir, **options)
+        except Exception as e:  # noqa: BLE001 - arrow and json readers raise many types
+            root = e.__cause__ or e  # datasets wraps the reader's error
+            detail = (str(root).splitlines() or [""])[0]
+            raise JanusError(f"data: cannot read {', '.join(map(str, local))} as {builder} "
+                             f"({type(root).__name__}: {detail})") from None
     else:
         if len(inputs) != 1:
             raise JanusError(f"data: input file not found: {inputs[0]}")
@@ -68,23 +87,24 @@ def prepare(inputs: Sequence[str], tokenizer: str, output: str | Path, num_worke
     dtype = token_dtype(tok.vocab_size)
     with tempfile.TemporaryDirectory(dir=output, prefix=".hf-cache-") as cache:
         ds = load_corpus(inputs, field, cache)
-        ds = ds.filter(lambda b: [bool(t.strip()) for t in b[field]], batched=True,
-                       num_proc=num_workers)
+        skipped = {}
+        for reason, keep in (("empty", _not_empty), ("invalid_utf8", _valid_text)):
+            before = len(ds)
+            ds = ds.filter(lambda b, keep=keep: [keep(t) for t in b[field]], batched=True,
+                           num_proc=num_workers)
+            skipped[reason] = before - len(ds)
         if max_docs is not None:
             ds = ds.select(range(min(max_docs, len(ds))))
         ds = ds.map(_tokenize, batched=True, num_proc=num_workers, remove_columns=ds.column_names,
                     fn_kwargs={"tokenizer_path": str(tok.path), "field": field})
         num_shards = max(1, min(num_workers, len(ds)))
-        names, docs, tokens = [], 0, 0
-        for i in range(num_shards):
-            part = ds.shard(num_shards, i, contiguous=True)
-            name = f"shard_{i:05d}"
-            d, t = write_shard(output / name, (row["ids"] for row in part), dtype)
-            names.append(name)
-            docs, tokens = docs + d, tokens + t
+        shards = [write_shard(output / f"shard_{i:05d}",
+                              (row["ids"] for row in ds.shard(num_shards, i, contiguous=True)), dtype)
+                  for i in range(num_shards)]
     shutil.copyfile(tok.path, output / "tokenizer.model")
-    meta = {"shards": names, "documents": docs, "tokens": tokens, "vocab_size": tok.vocab_size,
+    meta = {"shards": shards, "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards), "vocab_size": tok.vocab_size,
             "tokenizer_sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest(),
-            "inputs": [str(p) for p in inputs]}
+            "skipped": skipped, "inputs": [str(p) for p in inputs]}
     (output / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta

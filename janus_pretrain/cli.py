@@ -28,23 +28,32 @@ def _data_prepare(args) -> None:
 
     meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field, args.max_docs)
     print(f"data: {meta['documents']} documents, {meta['tokens']} tokens in "
-          f"{len(meta['shards'])} shards -> {args.output}")
+          f"{len(meta['shards'])} shards -> {args.output}; skipped {meta['skipped']['empty']} "
+          f"empty and {meta['skipped']['invalid_utf8']} non-UTF-8 documents")
 
 
 def _train(args) -> None:
     from janus_pretrain.config import load_config
     from janus_pretrain.parallel import state
+    from janus_pretrain.train.engine import read_deepspeed_json
     from janus_pretrain.train.loop import train
+    from janus_pretrain.train.signals import REQUEUE_EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
+    read_deepspeed_json(cfg)  # before any process group starts
     try:
         summary = train(cfg, resume=args.resume)
         if summary["rank"] == 0:
             print(f"checkpoint: {summary.get('checkpoint')}")
             print(f"wandb run (offline unless WANDB_MODE/WANDB_API_KEY): {summary['wandb_dir']}")
             print(f"metrics: {cfg.train.output_dir}/metrics.jsonl")
+            if "stopped_by" in summary:
+                print(f"train: stopped by {summary['stopped_by']} after step {summary['step']}; "
+                      f"exit status {REQUEUE_EXIT_CODE} asks for a requeue (then --resume)")
     finally:
         state.shutdown()
+    if "stopped_by" in summary:
+        sys.exit(REQUEUE_EXIT_CODE)
 
 
 def parser() -> argparse.ArgumentParser:

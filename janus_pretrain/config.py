@@ -161,13 +161,20 @@ class TrainConfig:
     grad_accum: int = 1
     log_interval: int = 10
     save_interval: int = 500
+    keep_checkpoints: int = 3  # the newest k complete checkpoints stay on disk
+    # On --resume, a checkpoint whose files fail their checksums is an error; true falls back to
+    # the previous complete one instead.
+    resume_fallback: bool = False
+    # Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
+    max_bad_steps: int = 10
     output_dir: str = "runs/pretrain"
     seed: int = 1234
     wandb_project: str = "janus-pretrain"
     wandb_name: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "log_interval", "save_interval"):
+        for name in ("steps", "grad_accum", "log_interval", "save_interval", "keep_checkpoints",
+                     "max_bad_steps"):
             _check(getattr(self, name) > 0, f"train.{name}", "must be positive")
 
 

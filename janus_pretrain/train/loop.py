@@ -3,8 +3,10 @@
 Data, objective and model come from the config; the loop only moves batches, steps the
 DeepSpeed engine, logs and checkpoints. One iteration of the outer loop is one optimizer step of
 `train.grad_accum` micro-batches. Loss terms stay on the device between log intervals, so the
-step has no host sync; at a log interval they are averaged over the data-parallel group and
-written to the console, W&B and `<output_dir>/metrics.jsonl` (rank 0).
+step's only host sync is one all-reduce of two flags at its last micro-batch: whether any rank
+saw a non-finite loss or gradient (the update is then skipped, see nonfinite.py) and whether any
+rank was asked to stop (see signals.py). At a log interval the loss terms are averaged over the
+data-parallel group and written to the console, W&B and `<output_dir>/metrics.jsonl` (rank 0).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from janus_pretrain.train import checkpoint
 from janus_pretrain.train.engine import build_engine
 from janus_pretrain.train.flops import matmul_peak, step_flops
 from janus_pretrain.train.metrics import RunLogger
+from janus_pretrain.train.nonfinite import NonFiniteGuard
+from janus_pretrain.train.signals import StopRequest
 
 
 def seed_everything(seed: int) -> None:
@@ -49,6 +53,14 @@ def open_corpus(cfg: RunConfig, tokenizer: Tokenizer) -> ShardedCorpus:
     return corpus
 
 
+def agree_at_boundary(local_bad: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """The step's one collective: (any rank saw a non-finite value, any rank must stop)."""
+    flags = torch.stack([local_bad, torch.tensor(float(stop_requested), device=local_bad.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop = flags.tolist()
+    return bad > 0, stop > 0
+
+
 class StepStats:
     """Loss terms and token counts accumulated on the device between log intervals."""
 
@@ -58,6 +70,8 @@ class StepStats:
 
     def reset(self) -> None:
         self.sums = torch.zeros(len(TERMS) + 1, device=self.device, dtype=torch.float64)
+        self.step_sums = torch.zeros_like(self.sums)
+        self.step_micro_batches = 0
         self.micro_batches = 0
         self.tokens = 0
         self.flops = 0.0
@@ -65,10 +79,18 @@ class StepStats:
 
     def add(self, total: torch.Tensor, terms: dict[str, torch.Tensor], tokens: int, flops: float):
         values = [terms[t] if t in terms else torch.zeros((), device=self.device) for t in TERMS]
-        self.sums += torch.stack([total.detach(), *values]).double()
-        self.micro_batches += 1
+        self.step_sums += torch.stack([total.detach(), *values]).double()
+        self.step_micro_batches += 1
         self.tokens += tokens
         self.flops += flops
+
+    def end_step(self, skipped: bool) -> None:
+        """A skipped step's (non-finite) losses stay out of the averages."""
+        if not skipped:
+            self.sums += self.step_sums
+            self.micro_batches += self.step_micro_batches
+        self.step_sums.zero_()
+        self.step_micro_batches = 0
 
     def reduce(self, present: set[str]) -> dict[str, float]:
         """Average over micro-batches and data-parallel ranks (a collective)."""
@@ -102,15 +124,15 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
     output = Path(cfg.train.output_dir)
     ckpt_root = output / "checkpoints"
-    start_step = 0
-    found = checkpoint.latest(ckpt_root)
-    if found is not None and not resume:
+    if not resume and checkpoint.complete(ckpt_root):
         raise JanusError(f"train: {output} already holds checkpoints: pass --resume to continue, "
                          f"or choose another train.output_dir")
+    start_step, bad_in_a_row = 0, 0
+    found = checkpoint.find_resumable(ckpt_root, cfg.train.resume_fallback) if resume else None
     if found is not None:
         meta = checkpoint.load(engine, found, tokenizer)
         loader.load_state_dict(meta["loader"])
-        start_step = meta["step"]
+        start_step, bad_in_a_row = meta["step"], meta["bad_steps_in_a_row"]
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.parallel.precision, torch.float32)
     peak = matmul_peak(topo.device, dtype)
@@ -119,52 +141,76 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                        cfg.train.wandb_project, cfg.train.wandb_name, to_dict(cfg))
     metrics_file = output / "metrics.jsonl"
     stats = StepStats(topo.device)
+    guard = NonFiniteGuard(engine)
     present = {t for t in TERMS if getattr(cfg.objective.weights, t) > 0}
     summary = {"start_step": start_step, "rank": topo.rank}
     vocab = model.padded_vocab_size
     engine.train()
     steps_since_log = 0
     last_step = min(cfg.train.steps, cfg.train.exit_after or cfg.train.steps)
-    for step in range(start_step + 1, last_step + 1):
-        for _ in range(cfg.train.grad_accum):
-            host = next(loader)
-            tokens = int((host["src"] != PAD).sum() + (host["tgt"] != PAD).sum())
-            b, s = host["src"].shape
-            length = host["tgt"].shape[1]
-            k = int(host["masked"].sum(1).max())
-            passes = []
-            if objective.needs_ar:
-                passes.append((length - 1, length - 1))
-            if objective.needs_nar:
-                passes.append((length + 2 * k, 2 * k))
-            batch = {key: v.to(topo.device, non_blocking=True) for key, v in host.items()}
-            prep = objective.prepare(batch)
-            outputs = engine(**prep.model_inputs)
-            loss, terms = objective.loss(outputs, prep)
-            engine.backward(loss)
-            engine.step()
-            stats.add(loss, terms, tokens, step_flops(cfg.model, vocab, b, s, passes))
-        steps_since_log += 1
-        if step % cfg.train.log_interval == 0 or step == last_step:
-            metrics = stats.reduce(present)
-            metrics["train/lr"] = engine.get_lr()[0]
-            norm = engine.get_global_grad_norm()
-            if norm is not None:
-                metrics["train/grad_norm"] = float(norm)
-            metrics["perf/mfu"] = metrics.pop("perf/flops_per_s") / (peak * world)
-            if topo.is_main:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
-                summary.setdefault("first", metrics)
-                summary["last"] = metrics
-            logger.log(step, metrics, steps_since_log)
-            steps_since_log = 0
-            stats.reset()
-        if step % cfg.train.save_interval == 0 or step == last_step:
-            path = checkpoint.save(engine, ckpt_root, step,
-                                   {"loader": loader.state_dict(), "config": to_dict(cfg)},
-                                   tokenizer)
-            summary["checkpoint"] = str(path)
+    step, stopping, diverged = start_step, False, False
+    with StopRequest() as stop_request:
+        while step < last_step:
+            step += 1
+            for micro in range(cfg.train.grad_accum):
+                host = next(loader)
+                tokens = int((host["src"] != PAD).sum() + (host["tgt"] != PAD).sum())
+                b, s = host["src"].shape
+                length = host["tgt"].shape[1]
+                k = int(host["masked"].sum(1).max())
+                passes = []
+                if objective.needs_ar:
+                    passes.append((length - 1, length - 1))
+                if objective.needs_nar:
+                    passes.append((length + 2 * k, 2 * k))
+                batch = {key: v.to(topo.device, non_blocking=True) for key, v in host.items()}
+                prep = objective.prepare(batch)
+                outputs = engine(**prep.model_inputs)
+                loss, terms = objective.loss(outputs, prep)
+                guard.add_loss(loss)
+                engine.backward(loss)
+                if micro == cfg.train.grad_accum - 1:
+                    guard.skip, stopping = agree_at_boundary(guard.local_flag(),
+                                                             stop_request.requested)
+                engine.step()
+                stats.add(loss, terms, tokens, step_flops(cfg.model, vocab, b, s, passes))
+            stats.end_step(guard.skip)
+            guard.reset()
+            bad_in_a_row = bad_in_a_row + 1 if guard.skip else 0
+            diverged = bad_in_a_row >= cfg.train.max_bad_steps
+            done = step == last_step or stopping or diverged
+            steps_since_log += 1
+            if step % cfg.train.log_interval == 0 or done:
+                metrics = stats.reduce(present)
+                metrics["train/lr"] = engine.get_lr()[0]
+                norm = engine.get_global_grad_norm()
+                if norm is not None:
+                    metrics["train/grad_norm"] = float(norm)
+                metrics["train/skipped_steps"] = engine.skipped_steps
+                metrics["perf/mfu"] = metrics.pop("perf/flops_per_s") / (peak * world)
+                if topo.is_main:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps({"step": step, **metrics}) + "\n")
+                    summary.setdefault("first", metrics)
+                    summary["last"] = metrics
+                logger.log(step, metrics, steps_since_log)
+                steps_since_log = 0
+                stats.reset()
+            if step % cfg.train.save_interval == 0 or done:
+                path = checkpoint.save(engine, ckpt_root, step,
+                                       {"loader": loader.state_dict(), "config": to_dict(cfg),
+                                        "bad_steps_in_a_row": bad_in_a_row},
+                                       tokenizer, cfg.train.keep_checkpoints)
+                summary["checkpoint"] = str(path)
+            if stopping or diverged:
+                break
     summary["wandb_dir"] = logger.close()
-    summary["step"] = last_step
+    summary["step"] = step
+    if stopping:
+        summary["stopped_by"] = stop_request.received.name if stop_request.requested else "another rank"
+    if diverged:
+        raise JanusError(f"train: {bad_in_a_row} steps in a row (up to step {step}) had a non-finite "
+                         f"loss or gradient and were skipped (train.max_bad_steps="
+                         f"{cfg.train.max_bad_steps}); {summary['checkpoint']} holds the last good "
+                         f"weights. Lower optim.lr or check the data before resuming")
     return summary

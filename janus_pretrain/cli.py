@@ -3,6 +3,7 @@
     janus-pretrain tokenizer train --input corpus.txt --vocab-size 32000 --output tok.model
     janus-pretrain data prepare --input corpus.txt --tokenizer tok.model --output shards/
     janus-pretrain train --config configs/pretrain/demo.yaml [--resume] [key=value ...]
+    janus-pretrain generate --checkpoint runs/demo/train --mode ar|nar < sources.txt
 
 `train` runs as one process or under `torchrun` / `deepspeed --no_local_rank --module
 janus_pretrain.cli train ...`. User errors print one line and exit with status 2.
@@ -13,6 +14,7 @@ import argparse
 import sys
 
 from janus_pretrain.errors import JanusError
+from janus_pretrain.generate import cli as generate_cli
 
 
 def _tokenizer_train(args) -> None:
@@ -88,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     tr.set_defaults(run=_train)
+
+    generate_cli.add_parser(sub)
     return p
 
 

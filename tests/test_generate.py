@@ -178,3 +178,30 @@ def test_trained_model_copies_with_ar_and_nar(copy_model):
     # Several length candidates, the AR stream of the same model choosing among them.
     reranked = mask_predict(copy_model, memory, mask, iterations=4, length_beam=3, rerank=True)
     assert exact_match(reranked, src) >= 0.9
+
+
+def test_generate_cli_both_modes(launch_training, tmp_path, corpus_file):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    result = launch_training(run, nproc=1, extra=("train.steps=2",
+                                                  "parallel.deepspeed_config=configs/deepspeed/zero0.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = corpus_file.read_text().splitlines()[:3]
+    src = tmp_path / "src.txt"
+    src.write_text("\n".join(lines) + "\n")
+    for mode in ("ar", "nar"):
+        out = subprocess.run([sys.executable, "-m", "janus_pretrain.cli", "generate", "--checkpoint",
+                              str(run), "--mode", mode, "--input", str(src), "--max-len", "8",
+                              "--beam", "2", "--iterations", "2"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert len(out.stdout.splitlines()) == 3, out.stdout
+    missing = subprocess.run([sys.executable, "-m", "janus_pretrain.cli", "generate", "--checkpoint",
+                              str(tmp_path / "nowhere"), "--input", str(src)],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert [line for line in missing.stderr.splitlines() if line.strip()][-1].startswith("error:")

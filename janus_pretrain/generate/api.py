@@ -69,15 +69,15 @@ def model_state(path: Path) -> dict:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, a checkpoints/ directory or a run directory -> the step directory."""
+    """A step directory, a checkpoints/ directory or a run directory -> the newest complete
+    step directory."""
     path = Path(path)
-    for root in (path, path / "checkpoints"):
-        if (root / "latest").is_file():
-            found = checkpoint.latest(root)
-            if found is not None:
-                return found
     if (path / checkpoint.MARKER).is_file():
         return path
+    for root in (path / "checkpoints", path):
+        found = checkpoint.complete(root)
+        if found:
+            return found[0]
     raise JanusError(f"checkpoint: no complete checkpoint at {path}")
 
 

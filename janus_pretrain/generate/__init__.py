@@ -1,0 +1,1 @@
+"""AR (beam search) and NAR (mask-predict) decoding from one JANUS checkpoint."""

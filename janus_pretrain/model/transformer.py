@@ -156,7 +156,10 @@ class JanusModel(nn.Module):
         super().__init__()
         tp = ps.get_tensor_model_parallel_world_size()
         mp = megatron_config(tp)
-        multiple = cfg.vocab_divisible_by * tp
+        # Padded independently of the TP size (which must divide the multiple), so that one
+        # checkpoint reshards between layouts without touching the vocabulary.
+        multiple = cfg.vocab_divisible_by
+        assert multiple % tp == 0, "config check: vocab_divisible_by % tensor_parallel"
         self.vocab_size = vocab_size
         self.padded_vocab_size = (vocab_size + multiple - 1) // multiple * multiple
         self.pad_id = pad_id

@@ -1,9 +1,11 @@
 """The JANUS loss terms on vocab-parallel logits (DESIGN.md section 1, "Loss").
 
-Logits arrive split over the tensor-parallel group along the vocabulary; every reduction over the
-vocabulary is a local sum followed by `reduce_from_tensor_model_parallel_region` (all-reduce
-forward, identity backward), which is exact and a no-op at TP = 1. All terms are means over the
-valid token rows of the micro-batch and are computed in fp32.
+Logits arrive split over the tensor-parallel group along the vocabulary and are never gathered.
+A reduction over the vocabulary is a local sum followed by an all-reduce whose backward is the
+identity (`_tp_sum`), which is exact because every rank consumes the result the same way; the
+log-softmax normaliser, which each rank applies to its own shard, has a written-out backward.
+All of it is a no-op at TP = 1. Terms are means over the valid token rows of the micro-batch,
+in fp32.
 """
 from __future__ import annotations
 
@@ -18,15 +20,42 @@ def _tp_sum(x: torch.Tensor) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(x, group=ps.get_tensor_model_parallel_group())
 
 
+class _VocabParallelLogSoftmax(torch.autograd.Function):
+    """log_softmax over a vocabulary split across the TP group.
+
+    The normaliser is global but each rank uses it on its own shard only, so a plain
+    "all-reduce forward, identity backward" would drop the other shards' share of its gradient.
+    The backward is therefore written out: grad_x = grad_y - softmax(x) * sum_v(grad_y), with the
+    sum all-reduced over the group.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        group = ps.get_tensor_model_parallel_group()
+        tp = ps.get_tensor_model_parallel_world_size()
+        peak = logits.amax(-1, keepdim=True)
+        if tp > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - peak
+        total = shifted.exp().sum(-1, keepdim=True)
+        if tp > 1:
+            dist.all_reduce(total, group=group)
+        out = shifted - total.log()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        total = grad.sum(-1, keepdim=True)
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
+        return grad - out.exp() * total
+
+
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Vocab-parallel log-softmax: [..., V_local] -> fp32 log-probs [..., V_local]."""
-    logits = logits.float()
-    peak = logits.detach().amax(-1, keepdim=True)
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
-    shifted = logits - peak
-    total = _tp_sum(shifted.exp().sum(-1, keepdim=True))
-    return shifted - total.log()
+    return _VocabParallelLogSoftmax.apply(logits.float())
 
 
 def _vocab_sum(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,53 @@
+"""Helper of test_tensor_parallel.py, run under torchrun: one JANUS forward + backward (all three
+streams, every loss term) at the launched TP size; rank 0 saves the loss terms and the full
+gradients (TP shards gathered along their partition dimension) to argv[2]."""
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
+from janus_pretrain.model import JanusModel
+from janus_pretrain.objectives.janus import JanusObjective
+from janus_pretrain.parallel import state
+from janus_pretrain.tokenizer import PAD
+
+VOCAB = 300
+
+
+def full_grad(param: torch.Tensor) -> torch.Tensor:
+    grad = param.grad.detach()
+    if not getattr(param, "tensor_model_parallel", False):
+        return grad
+    parts = [torch.empty_like(grad) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=param.partition_dim)
+
+
+def main(tp: int, out: str) -> None:
+    topo = state.initialize(tp)
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder_layers=2, decoder_layers=2, hidden_size=32, ffn_hidden_size=64,
+                      num_heads=4, max_positions=64, length_classes=32, dropout=0.0,
+                      attention_dropout=0.0)
+    model = JanusModel(cfg, VOCAB, PAD)
+    weights = LossWeights(ce_ar=1.0, ce_nar=0.5, ce_aux=0.5, kl_ar_nar=1.0, kl_ar_aux=3.0,
+                          kl_nar_aux=1.0, length=0.1)
+    obj = JanusObjective(ObjectiveConfig(masking="span", weights=weights, label_smoothing=0.1),
+                         32, 32, 32)
+    rng = np.random.default_rng(0)
+    batch = obj.collate([(rng.integers(5, VOCAB, n), rng.integers(5, VOCAB, n + 3))
+                         for n in (6, 11, 9)], rng)
+    prep = obj.prepare(batch)
+    loss, terms = obj.loss(model(**prep.model_inputs), prep)
+    loss.backward()
+    grads = {name: full_grad(p) for name, p in model.named_parameters()}
+    if topo.rank == 0:
+        torch.save({"loss": loss.detach(), "terms": terms, "grads": grads}, out)
+    state.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])

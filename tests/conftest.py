@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 ENWIKI = SHARED_DATA / "pretrain" / "enwiki" / "train.txt"
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +71,7 @@ def _train_overrides(shards_dir: Path, tokenizer_path: Path, output: Path) -> li
     ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def launch_training(shards_dir, tokenizer_path):
     """Run `janus-pretrain train` as one process, or `nproc` under torchrun (gloo, a free port).
 
@@ -91,7 +92,9 @@ def launch_training(shards_dir, tokenizer_path):
         cmd = [*launcher, "-m", "janus_pretrain.cli", "train",
                "--config", str(REPO / "configs" / "pretrain" / "demo.yaml"),
                *(["--resume"] if resume else []), *args, *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+        # Not this process's rendezvous: `single_process` exports RANK, MASTER_PORT, ...
+        env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+        env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline")
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:

@@ -203,8 +203,8 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise JanusError(f"config: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise JanusError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise JanusError(f"config: {path} must hold a mapping at the top level")
@@ -217,6 +217,16 @@ def _model_preset(name: str) -> dict:
         known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
         raise JanusError(f"config: model: unknown preset '{name}' (known: {', '.join(known)})")
     return _read_yaml(path)
+
+
+def _parse_override(item: str):
+    """One `key=value` override; its value is YAML, and a value YAML rejects names its key."""
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        key, value = item.split("=", 1)
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise JanusError(f"config: {key}: {value!r} is not a valid value ({problem})") from None
 
 
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
@@ -243,7 +253,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         raw["model"] = {**_model_preset(model.pop("preset")), **model}
     try:
         schema = OmegaConf.structured(RunConfig)
-        merged = OmegaConf.merge(schema, OmegaConf.create(raw), OmegaConf.from_dotlist(dotlist))
+        merged = OmegaConf.merge(schema, OmegaConf.create(raw), *map(_parse_override, dotlist))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise JanusError(f"config: {missing[0]}: required value is missing")

@@ -2,6 +2,7 @@
 on it, and shards prepared from it, built once per test session."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -57,9 +58,25 @@ def single_process():
     """torch.distributed (gloo, world of one) and megatron-core's groups for in-process model tests."""
     from janus_pretrain.parallel import state
 
-    topo = state.initialize(1)
+    with rendezvous_env_restored():
+        topo = state.initialize(1)
     yield topo
     state.shutdown()
+
+
+@contextlib.contextmanager
+def rendezvous_env_restored():
+    """state.initialize exports RANK, MASTER_PORT, ...: keep them from leaking into the
+    environment of processes that later tests start (they would bind the same port)."""
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _train_overrides(shards_dir: Path, tokenizer_path: Path, output: Path) -> list[str]:

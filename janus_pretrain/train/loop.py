@@ -53,6 +53,21 @@ def open_corpus(cfg: RunConfig, tokenizer: Tokenizer) -> ShardedCorpus:
     return corpus
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Steps past the checkpoint we resume from (logged before a crash) will be logged again;
+    so will a line that a crash cut short."""
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return float("inf")
+
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and logged_step(line) <= step]
+    path.write_text("".join(kept))
+
+
 def agree_at_boundary(local_bad: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
     """The step's one collective: (any rank saw a non-finite value, any rank must stop)."""
     flags = torch.stack([local_bad, torch.tensor(float(stop_requested), device=local_bad.device)])
@@ -140,6 +155,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     logger = RunLogger(topo.is_main, cfg.train.steps, start_step, output,
                        cfg.train.wandb_project, cfg.train.wandb_name, to_dict(cfg))
     metrics_file = output / "metrics.jsonl"
+    if topo.is_main and metrics_file.is_file():
+        drop_metrics_after(metrics_file, start_step)
     stats = StepStats(topo.device)
     guard = NonFiniteGuard(engine)
     present = {t for t in TERMS if getattr(cfg.objective.weights, t) > 0}

@@ -4,6 +4,7 @@
     janus-pretrain data prepare --input corpus.txt --tokenizer tok.model --output shards/
     janus-pretrain train --config configs/pretrain/demo.yaml [--resume] [key=value ...]
     janus-pretrain generate --checkpoint runs/demo/train --mode ar|nar < sources.txt
+    janus-pretrain checkpoint consolidate --checkpoint runs/demo/train --output model.pt
 
 `train` runs as one process or under `torchrun` / `deepspeed --no_local_rank --module
 janus_pretrain.cli train ...`. User errors print one line and exit with status 2.
@@ -58,6 +59,12 @@ def _train(args) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
 
 
+def _checkpoint_consolidate(args) -> None:
+    from janus_pretrain.train.consolidate import consolidate
+
+    print(f"consolidated: {consolidate(args.checkpoint, args.output)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="janus-pretrain", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +97,13 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     tr.set_defaults(run=_train)
+
+    ck = sub.add_parser("checkpoint", help="work with training checkpoints")
+    ck_sub = ck.add_subparsers(dest="action", required=True)
+    c = ck_sub.add_parser("consolidate", help="any TP x DP x ZeRO checkpoint -> one fp32 file")
+    c.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ dir or step_* dir")
+    c.add_argument("--output", required=True, help="the file to write (loads at any TP size)")
+    c.set_defaults(run=_checkpoint_consolidate)
 
     generate_cli.add_parser(sub)
     return p

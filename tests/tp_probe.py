@@ -1,6 +1,10 @@
-"""Helper of test_tensor_parallel.py, run under torchrun: one JANUS forward + backward (all three
+"""Helper of the tensor-parallel tests, run under torchrun: one JANUS forward + backward (all three
 streams, every loss term) at the launched TP size; rank 0 saves the loss terms and the full
-gradients (TP shards gathered along their partition dimension) to argv[2]."""
+gradients (TP shards gathered along their partition dimension) to argv[2].
+
+argv[3], optional, says where the weights come from: `step:<dir>` a training checkpoint written
+at this TP size, `file:<path>` a consolidated file (resharded to this TP size); default: the
+seeded initialisation."""
 import sys
 
 import numpy as np
@@ -26,19 +30,32 @@ def full_grad(param: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def main(tp: int, out: str) -> None:
-    topo = state.initialize(tp)
+def build_model(weights: str) -> JanusModel:
+    if weights.startswith("step:"):
+        from janus_pretrain.generate.api import Generator
+
+        return Generator.from_checkpoint(weights[5:], ps.get_tensor_model_parallel_world_size()).model
+    if weights.startswith("file:"):
+        from janus_pretrain.generate.api import Generator
+
+        return Generator.from_consolidated(weights[5:], ps.get_tensor_model_parallel_world_size()).model
     torch.manual_seed(0)
     cfg = ModelConfig(encoder_layers=2, decoder_layers=2, hidden_size=32, ffn_hidden_size=64,
                       num_heads=4, max_positions=64, length_classes=32, dropout=0.0,
                       attention_dropout=0.0)
-    model = JanusModel(cfg, VOCAB, PAD)
+    return JanusModel(cfg, VOCAB, PAD)
+
+
+def main(tp: int, out: str, weights: str = "init") -> None:
+    topo = state.initialize(tp)
+    model = build_model(weights)
+    vocab = model.vocab_size
     weights = LossWeights(ce_ar=1.0, ce_nar=0.5, ce_aux=0.5, kl_ar_nar=1.0, kl_ar_aux=3.0,
                           kl_nar_aux=1.0, length=0.1)
     obj = JanusObjective(ObjectiveConfig(masking="span", weights=weights, label_smoothing=0.1),
                          32, 32, 32)
     rng = np.random.default_rng(0)
-    batch = obj.collate([(rng.integers(5, VOCAB, n), rng.integers(5, VOCAB, n + 3))
+    batch = obj.collate([(rng.integers(5, vocab, n), rng.integers(5, vocab, n + 3))
                          for n in (6, 11, 9)], rng)
     prep = obj.prepare(batch)
     loss, terms = obj.loss(model(**prep.model_inputs), prep)
@@ -50,4 +67,4 @@ def main(tp: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]), sys.argv[2], *sys.argv[3:])

@@ -1,6 +1,7 @@
 """Load a JANUS checkpoint once, then decode batches of source strings AR or NAR.
 
     gen = Generator.from_checkpoint("runs/demo/train")        # a run dir or a step_* dir
+    gen = Generator.from_consolidated("model.pt")             # `checkpoint consolidate` output
     gen.generate(["a source sentence"], mode="ar", beam=5)
     gen.generate(["a source sentence"], mode="nar", iterations=4)
 
@@ -10,6 +11,7 @@ order. Under tensor parallelism every rank calls `generate` with the same inputs
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,9 +26,10 @@ from janus_pretrain.generate.ar import Hypothesis, beam_search, greedy
 from janus_pretrain.generate.nar import mask_predict
 from janus_pretrain.model import JanusModel
 from janus_pretrain.objectives.janus import pad_batch, with_bos_eos
-from janus_pretrain.parallel import state
+from janus_pretrain.parallel import reshard, state
 from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
 from janus_pretrain.train import checkpoint
+from janus_pretrain.train.consolidate import load_consolidated, resolve_checkpoint
 
 
 @dataclass
@@ -68,19 +71,6 @@ def model_state(path: Path) -> dict:
     return saved["module"]
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, a checkpoints/ directory or a run directory -> the newest complete
-    step directory."""
-    path = Path(path)
-    if (path / checkpoint.MARKER).is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        found = checkpoint.complete(root)
-        if found:
-            return found[0]
-    raise JanusError(f"checkpoint: no complete checkpoint at {path}")
-
-
 class Generator:
     def __init__(self, model: JanusModel, tokenizer: Tokenizer, cfg: RunConfig,
                  device: torch.device):
@@ -97,6 +87,19 @@ class Generator:
         topo = state.initialize(tensor_parallel)
         model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
         model.load_state_dict(model_state(ckpt))
+        return cls(model.to(topo.device), tokenizer, cfg, topo.device)
+
+    @classmethod
+    def from_consolidated(cls, path: str | Path, tensor_parallel: int = 1) -> "Generator":
+        """Load a file written by `janus-pretrain checkpoint consolidate`, at any TP size."""
+        saved = load_consolidated(path)
+        cfg = from_dict(saved["config"])
+        tok_file = Path(tempfile.mkdtemp(prefix="janus-tok-")) / "tokenizer.model"
+        tok_file.write_bytes(saved["tokenizer"])
+        tokenizer = load_tokenizer(tok_file)
+        topo = state.initialize(tensor_parallel)
+        model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
+        model.load_state_dict(reshard.shard_for_this_rank(saved["model"], model))
         return cls(model.to(topo.device), tokenizer, cfg, topo.device)
 
     def encode(self, sources: Sequence[str]) -> list[np.ndarray]:

@@ -190,6 +190,9 @@ class RunConfig:
     def __post_init__(self):
         _check(self.model.num_heads % self.parallel.tensor_parallel == 0, "parallel.tensor_parallel",
                f"{self.parallel.tensor_parallel} does not divide model.num_heads={self.model.num_heads}")
+        _check(self.model.vocab_divisible_by % self.parallel.tensor_parallel == 0,
+               "parallel.tensor_parallel", f"{self.parallel.tensor_parallel} does not divide "
+               f"model.vocab_divisible_by={self.model.vocab_divisible_by}")
         longest = max(self.data.max_source_len, self.data.max_target_len)
         _check(longest <= self.model.max_positions, "data.max_target_len",
                f"{longest} exceeds model.max_positions={self.model.max_positions}")

@@ -104,6 +104,9 @@ class DataConfig:
 
     train: str = "???"  # shard prefix written by `janus-pretrain data prepare`
     tokenizer: str = "???"  # sentencepiece .model file
+    # Fine-tuning pairs: shards whose document i is the source of document i of `train` (see
+    # `janus-finetune prepare`); unset, the objective derives sources (pretraining, `denoise`).
+    source: Optional[str] = None
     max_source_len: int = 512
     max_target_len: int = 512
     micro_batch_size: int = 8
@@ -168,6 +171,9 @@ class TrainConfig:
     # Steps with a non-finite loss or gradient are skipped; this many in a row stop the run.
     max_bad_steps: int = 10
     output_dir: str = "runs/pretrain"
+    # A fresh run starts from this checkpoint's model weights (fine-tuning a pretrained model);
+    # optimizer, schedule and data position start anew, and the tokenizer must be the same.
+    init_from: Optional[str] = None
     seed: int = 1234
     wandb_project: str = "janus-pretrain"
     wandb_name: Optional[str] = None
@@ -196,6 +202,9 @@ class RunConfig:
         longest = max(self.data.max_source_len, self.data.max_target_len)
         _check(longest <= self.model.max_positions, "data.max_target_len",
                f"{longest} exceeds model.max_positions={self.model.max_positions}")
+        _check((self.data.source is None) == (self.objective.masking == "denoise"), "data.source",
+               "is needed by objective.masking=span|uniform (fine-tuning pairs) and unused by "
+               "denoise (pretraining derives the sources)")
         _check(self.data.max_target_len <= self.model.length_classes or
                self.objective.weights.length == 0, "model.length_classes",
                f"{self.model.length_classes} cannot classify targets of data.max_target_len="

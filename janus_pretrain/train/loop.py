@@ -45,12 +45,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def open_corpus(cfg: RunConfig, tokenizer: Tokenizer) -> ShardedCorpus:
-    corpus = ShardedCorpus(cfg.data.train)
+def open_corpus(path: str, tokenizer: Tokenizer) -> ShardedCorpus:
+    corpus = ShardedCorpus(path)
     if corpus.vocab_size != tokenizer.vocab_size:
-        raise JanusError(f"data: {cfg.data.train} was tokenized with a vocabulary of "
+        raise JanusError(f"data: {path} was tokenized with a vocabulary of "
                          f"{corpus.vocab_size}, data.tokenizer has {tokenizer.vocab_size}")
     return corpus
+
+
+def open_sources(cfg: RunConfig, tokenizer: Tokenizer, targets: ShardedCorpus
+                 ) -> Optional[ShardedCorpus]:
+    """Fine-tuning: the source shards aligned with data.train; None when pretraining."""
+    if cfg.data.source is None:
+        return None
+    sources = open_corpus(cfg.data.source, tokenizer)
+    if len(sources) != len(targets):
+        raise JanusError(f"data: data.source ({cfg.data.source}) holds {len(sources)} documents, "
+                         f"data.train ({cfg.data.train}) {len(targets)}: they must be aligned pairs")
+    return sources
+
+
+def init_weights(model: JanusModel, path: str, tokenizer: Tokenizer) -> None:
+    """Model weights only, from a (pretrained) checkpoint trained with the same tokenizer."""
+    from janus_pretrain.generate.api import model_state, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    checkpoint.check_tokenizer(ckpt, tokenizer)
+    try:
+        model.load_state_dict(model_state(ckpt))
+    except RuntimeError as e:
+        raise JanusError(f"train.init_from: {ckpt} does not fit this model "
+                         f"({str(e).splitlines()[0]}); set model= to the checkpoint's shape") from None
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -128,14 +153,18 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Run (or resume) a training job; returns a summary for the CLI and tests."""
     topo = state.initialize(cfg.parallel.tensor_parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    corpus = open_corpus(cfg, tokenizer)
+    corpus = open_corpus(cfg.data.train, tokenizer)
+    sources = open_sources(cfg, tokenizer, corpus)
     objective = JanusObjective(cfg.objective, cfg.data.max_source_len, cfg.data.max_target_len,
                                cfg.model.length_classes)
     seed_everything(cfg.train.seed)
     model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
+    if cfg.train.init_from and not resume:
+        init_weights(model, cfg.train.init_from, tokenizer)
     engine = build_engine(model, cfg)
     loader = BatchLoader(corpus, objective.collate, cfg.data.micro_batch_size, cfg.data.seed,
-                         dp_rank=state.data_parallel_rank(), dp_size=state.data_parallel_size())
+                         dp_rank=state.data_parallel_rank(), dp_size=state.data_parallel_size(),
+                         sources=sources)
 
     output = Path(cfg.train.output_dir)
     ckpt_root = output / "checkpoints"

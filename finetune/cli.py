@@ -1,0 +1,181 @@
+"""`janus-finetune`: prepare a task, fine-tune, evaluate AR and NAR, compare.
+
+    janus-finetune tasks
+    janus-finetune prepare  --task multi30k_ende --output runs/m30k/data [--tokenizer pre.model]
+    janus-finetune train    --task multi30k_ende --data runs/m30k/data \
+                            --config configs/finetune/janus.yaml [--init-from ckpt] [key=value ...]
+    janus-finetune evaluate --task multi30k_ende --checkpoint runs/m30k/janus --output r.json
+    janus-finetune compare  --results a.json b.json --output-dir docs/results
+
+`train` is the pretraining loop (janus_pretrain.train.loop) given a pair corpus: on several
+ranks, launch `janus-pretrain train` with the same config and `data.train=<data>/target
+data.source=<data>/source data.tokenizer=<data>/tokenizer.model`, then `janus-finetune select`.
+User errors print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from janus_pretrain.errors import JanusError
+
+
+def _tasks(args) -> None:
+    from finetune.tasks import TASKS, data_root
+
+    root = data_root(args.data_root)
+    for t in TASKS.values():
+        here = all(p.is_file() for split in t.splits for p in t.files(split, root))
+        print(f"{t.name:<16} {'available' if here else 'missing  '}  {','.join(t.metrics):<32} "
+              f"{t.description}")
+
+
+def _prepare(args) -> None:
+    from finetune.pairs import prepare_pairs
+    from finetune.tasks import get_task
+
+    s = prepare_pairs(get_task(args.task), args.output, args.tokenizer, args.vocab_size,
+                      args.max_pairs, args.workers, args.data_root)
+    print(f"prepare: {s['pairs']} {args.task} training pairs (dropped {s['dropped_empty']} with an "
+          f"empty side), vocabulary {s['vocab_size']} -> {args.output}")
+
+
+def _select(task, run: Path, args) -> None:
+    from finetune.checkpoints import average_last, select_best
+
+    if args.average_last:
+        print(f"select: averaged -> {average_last(run, args.average_last)}")
+    best, scores = select_best(task, run, args.valid_size, args.data_root)
+    shown = ", ".join(f"{name} {v:.2f}" for name, v in scores.items())
+    print(f"select: validation {task.metrics[0]}: {shown}; best -> {best}")
+
+
+def _train(args) -> None:
+    from janus_pretrain.config import load_config
+    from janus_pretrain.parallel import state
+    from janus_pretrain.train.engine import read_deepspeed_json
+    from janus_pretrain.train.loop import train
+    from finetune.tasks import get_task
+
+    task = get_task(args.task)
+    data = Path(args.data)
+    defaults = [f"data.train={data / 'target'}", f"data.source={data / 'source'}",
+                f"data.tokenizer={data / 'tokenizer.model'}",
+                f"data.max_source_len={task.max_source_len}",
+                f"data.max_target_len={task.max_target_len}"]
+    if args.init_from:
+        defaults.append(f"train.init_from={args.init_from}")
+    cfg = load_config(args.config, [*defaults, *args.overrides])
+    read_deepspeed_json(cfg)
+    try:
+        summary = train(cfg, resume=args.resume)
+        print(f"train: step {summary['step']}, checkpoint {summary.get('checkpoint')}")
+        _select(task, Path(cfg.train.output_dir), args)
+    finally:
+        state.shutdown()
+
+
+def _select_cmd(args) -> None:
+    from janus_pretrain.parallel import state
+    from finetune.tasks import get_task
+
+    state.initialize(1)
+    try:
+        _select(get_task(args.task), Path(args.run), args)
+    finally:
+        state.shutdown()
+
+
+def _evaluate(args) -> None:
+    from janus_pretrain.parallel import state
+    from finetune.evaluate import evaluate, write
+    from finetune.tasks import get_task
+
+    try:
+        results = evaluate(get_task(args.task), args.checkpoint, args.split, args.limit,
+                           args.latency_sentences, args.batch_size, args.name, args.data_root)
+    finally:
+        state.shutdown()
+    print(f"evaluate: -> {write(results, args.output)}")
+    for note in results["notes"]:
+        print(f"evaluate: note: {note}")
+
+
+def _compare(args) -> None:
+    from finetune.compare import compare
+
+    paths = compare(args.results, args.output_dir, args.note)
+    print("compare: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _selection_args(p) -> None:
+    p.add_argument("--average-last", type=int, default=0,
+                   help="also average the newest k checkpoints and consider the average")
+    p.add_argument("--valid-size", type=int, default=200,
+                   help="validation pairs decoded to pick the best checkpoint")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="janus-finetune", description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=None,
+                   help="where task files live (default: $JANUS_DATA or ../shared/data)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("tasks", help="list the tasks and whether their files are here").set_defaults(handler=_tasks)
+
+    pr = sub.add_parser("prepare", help="tokenize a task's training pairs into aligned shards")
+    pr.add_argument("--task", required=True)
+    pr.add_argument("--output", required=True)
+    pr.add_argument("--tokenizer", help="reuse this tokenizer (that of a pretrained checkpoint)")
+    pr.add_argument("--vocab-size", type=int, default=8000, help="when training a tokenizer")
+    pr.add_argument("--max-pairs", type=int, default=None)
+    pr.add_argument("--workers", type=int, default=2)
+    pr.set_defaults(handler=_prepare)
+
+    tr = sub.add_parser("train", help="fine-tune through the training loop, then pick the best checkpoint")
+    tr.add_argument("--task", required=True)
+    tr.add_argument("--data", required=True, help="directory written by `janus-finetune prepare`")
+    tr.add_argument("--config", required=True, help="configs/finetune/{janus,ar,cmlm}.yaml")
+    tr.add_argument("--init-from", help="pretrained checkpoint (model weights only)")
+    tr.add_argument("--resume", action="store_true")
+    _selection_args(tr)
+    tr.add_argument("overrides", nargs="*", help="key=value config overrides")
+    tr.set_defaults(handler=_train)
+
+    se = sub.add_parser("select", help="pick the best (or averaged) checkpoint of a finished run")
+    se.add_argument("--task", required=True)
+    se.add_argument("--run", required=True, help="the run's train.output_dir")
+    _selection_args(se)
+    se.set_defaults(handler=_select_cmd)
+
+    ev = sub.add_parser("evaluate", help="decode the test split AR and NAR; metrics and latency")
+    ev.add_argument("--task", required=True)
+    ev.add_argument("--checkpoint", required=True, help="run dir, checkpoints/best or a step dir")
+    ev.add_argument("--output", required=True, help="results JSON")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--limit", type=int, default=None, help="first N examples only")
+    ev.add_argument("--name", help="system name in reports (default: the run directory's)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--latency-sentences", type=int, default=50)
+    ev.set_defaults(handler=_evaluate)
+
+    co = sub.add_parser("compare", help="markdown + JSON + PNG against published baselines")
+    co.add_argument("--results", nargs="+", required=True)
+    co.add_argument("--output-dir", required=True)
+    co.add_argument("--note", action="append", default=[], help="a line for the report header")
+    co.set_defaults(handler=_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except JanusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

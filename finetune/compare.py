@@ -1,0 +1,173 @@
+"""`janus-finetune compare`: our evaluation results beside published numbers, as markdown, JSON
+and a quality-vs-latency plot.
+
+Measured rows come from `janus-finetune evaluate` JSON files (ours, this hardware). Quoted rows
+are numbers from papers, each with its source, in a separate table: they were not measured here,
+have no latency on our hardware, and are only comparable when the task and split are the same.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from janus_pretrain.errors import JanusError
+
+GLGE_JANUS = ("GLGE easy, as reported in follow-up work by the JANUS authors "
+              "(Liang et al., EMNLP 2022; DESIGN.md section 6)")
+MASK_PREDICT = ("Ghazvininejad et al., Mask-Predict, EMNLP 2019, Table 1 (T = 10, length beam 5, "
+                "with distillation)")
+JANUS_CODE = "JANUS authors' code release (DESIGN.md section 6)"
+
+
+@dataclass(frozen=True)
+class Published:
+    task: str
+    system: str
+    manner: str  # AR or NAR
+    scores: dict
+    source: str
+
+
+PUBLISHED = [
+    Published("xsum", "ProphetNet-base", "AR", {"rouge1": 39.8, "rouge2": 17.1, "rougeL": 32.0}, GLGE_JANUS),
+    Published("xsum", "BART-base", "AR", {"rouge1": 41.4, "rouge2": 18.6, "rougeL": 33.4}, GLGE_JANUS),
+    Published("xsum", "BANG", "NAR", {"rouge1": 32.6, "rouge2": 9.0, "rougeL": 27.4}, GLGE_JANUS),
+    Published("squadqg", "ProphetNet-base", "AR", {"rougeL": 48.0, "bleu4": 19.5, "meteor": 23.9}, GLGE_JANUS),
+    Published("squadqg", "BART-base", "AR", {"rougeL": 49.2, "bleu4": 20.3, "meteor": 23.6}, GLGE_JANUS),
+    Published("squadqg", "BANG", "NAR", {"rougeL": 44.1, "bleu4": 12.8, "meteor": 19.0}, GLGE_JANUS),
+    Published("iwslt14_deen", "JANUS", "AR", {"bleu": 37.24}, JANUS_CODE),
+    Published("iwslt14_deen", "JANUS", "NAR", {"bleu": 34.21}, JANUS_CODE),
+    Published("wmt14_ende", "CMLM", "NAR", {"bleu": 27.03}, MASK_PREDICT),
+    Published("wmt16_enro", "CMLM", "NAR", {"bleu": 33.08}, MASK_PREDICT),
+]
+
+
+def load_results(paths: Sequence[str | Path]) -> list[dict]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise JanusError(f"compare: results file not found: {p} (write it with "
+                             f"`janus-finetune evaluate`)")
+        try:
+            data = json.loads(p.read_text())
+            data["settings"], data["task"], data["system"], data["metrics"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise JanusError(f"compare: {p} is not an evaluate result ({type(e).__name__}: {e})") from None
+        out.append(data)
+    tasks = {r["task"] for r in out}
+    if len(tasks) != 1:
+        raise JanusError(f"compare: results are for several tasks ({', '.join(sorted(tasks))}); "
+                         f"compare one task at a time")
+    return out
+
+
+def measured_rows(results: list[dict]) -> list[dict]:
+    """One row per (system, setting), with the speed-up over the AR beam of the same system, or
+    failing that the first AR beam row of the comparison."""
+    rows = [{"system": r["system"], "setting": s, **{m: v[m] for m in r["metrics"]},
+             "latency_ms": v["latency_ms"], "sentences_per_s": v["sentences_per_s"]}
+            for r in results for s, v in r["settings"].items()]
+    ar = {row["system"]: row["latency_ms"] for row in rows if row["setting"].startswith("ar_beam")}
+    fallback = next(iter(ar.values()), None)
+    for row in rows:
+        base = ar.get(row["system"], fallback)
+        row["speedup_vs_ar_beam"] = base / row["latency_ms"] if base else None
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequence[str],
+             hardware: dict, plot_name: str) -> str:
+    quoted_same = [p for p in PUBLISHED if p.task == task]
+    quoted_other = [p for p in PUBLISHED if p.task != task]
+    out = [f"# {task}: JANUS AR/NAR vs ablations and published baselines", ""]
+    out += [f"- {n}" for n in notes]
+    out += [f"- hardware: {hardware.get('device')} ({hardware.get('cpu')}, {hardware.get('cpus')} "
+            f"CPUs, torch {hardware.get('torch')}, {hardware.get('torch_threads')} threads)", ""]
+    out += ["## Measured here (our code, this hardware)", "",
+            "Latency: ms per sentence decoding one at a time; throughput: sentences/s decoding "
+            "the test split in batches. Speed-up: over the AR beam search of the same system.", ""]
+    out.append(_table(["system", "setting", *metric_names, "ms/sentence", "sentences/s",
+                       "speed-up"],
+                      [[r["system"], r["setting"], *[r[m] for m in metric_names], r["latency_ms"],
+                        r["sentences_per_s"], r["speedup_vs_ar_beam"]] for r in rows]))
+    out += ["", f"![quality vs latency]({plot_name})", ""]
+    out += ["## Published (quoted, not measured here)", ""]
+    if quoted_same:
+        out.append(_table(["system", "manner", *metric_names, "source"],
+                          [[f"{p.system} (published)", p.manner, *[p.scores.get(m) for m in metric_names],
+                            p.source] for p in quoted_same]))
+    else:
+        out.append(f"No published numbers on {task} are quoted in DESIGN.md; the rows below are "
+                   f"on other tasks and datasets, for context only, not comparable with the "
+                   f"measured table.")
+    if quoted_other:
+        names = sorted({m for p in quoted_other for m in p.scores},
+                       key=["rouge1", "rouge2", "rougeL", "bleu4", "meteor", "bleu"].index)
+        out += ["", "Other tasks:", "",
+                _table(["task", "system", "manner", *names, "source"],
+                       [[p.task, f"{p.system} (published)", p.manner, *[p.scores.get(m) for m in names], p.source]
+                        for p in quoted_other])]
+    return "\n".join(out) + "\n"
+
+
+def plot(task: str, metric: str, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = [r for r in rows if r["system"] == system and r[metric] is not None]
+        ax.plot([r["latency_ms"] for r in mine], [r[metric] for r in mine], "o-", label=system)
+        for r in mine:
+            ax.annotate(r["setting"], (r["latency_ms"], r[metric]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    for p in PUBLISHED:
+        if p.task == task and metric in p.scores:
+            ax.axhline(p.scores[metric], ls="--", lw=0.8, color="gray")
+            ax.annotate(f"{p.system} {p.manner} (published)", (0.01, p.scores[metric]),
+                        xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, ms per sentence (batch 1, this machine)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{task}: quality vs latency (measured)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(result_files: Sequence[str | Path], output_dir: str | Path,
+            notes: Sequence[str] = ()) -> dict[str, Path]:
+    """Write `<output_dir>/<task>.md`, `.json` and `.png`; returns their paths."""
+    results = load_results(result_files)
+    task, metric_names = results[0]["task"], results[0]["metrics"]
+    rows = measured_rows(results)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out / f"{task}.{kind}" for kind in ("md", "json", "png")}
+    plot(task, metric_names[0], rows, paths["png"])
+    all_notes = [*notes, *sorted({n for r in results for n in r.get("notes", [])})]
+    paths["md"].write_text(markdown(task, metric_names, rows, all_notes, results[0]["hardware"],
+                                    paths["png"].name))
+    paths["json"].write_text(json.dumps(
+        {"task": task, "notes": all_notes, "measured": rows,
+         "published": [asdict(p) for p in PUBLISHED if p.task == task],
+         "results": results}, indent=2, ensure_ascii=False))
+    return paths

@@ -1,0 +1,93 @@
+"""`janus-finetune evaluate`: decode a task's test split in every setting, score it, time it.
+
+Settings are AR beam search (the task's beam) and NAR mask-predict with T = 1, 4 and 10; a
+checkpoint is only decoded in the manners its objective trained (the `ar` ablation has no NAR
+stream worth decoding, `cmlm` no AR one). Two timings per setting, on this machine:
+`latency_ms` is wall time per sentence decoding one sentence at a time (the first
+`latency_sentences` of the split), `sentences_per_s` is the throughput of decoding the whole
+split in batches. Results go to one JSON file, with the hardware they were measured on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from janus_pretrain.generate.api import DecodeOptions, Generator, resolve_checkpoint
+from finetune import metrics
+from finetune.tasks import TaskSpec, read_split
+
+NAR_ITERATIONS = (1, 4, 10)
+
+
+def settings(task: TaskSpec, gen: Generator) -> dict[str, dict]:
+    """Setting name (the W&B mode names of DESIGN.md section 5) -> DecodeOptions keywords."""
+    d, w = task.decoding, gen.cfg.objective.weights
+    out = {}
+    if w.ce_ar > 0:
+        out[f"ar_beam{d.beam}"] = dict(mode="ar", beam=d.beam, length_penalty=d.length_penalty,
+                                       max_len=d.max_len)
+    if w.ce_nar > 0:
+        out.update({f"nar_T{t}": dict(mode="nar", iterations=t, max_len=d.max_len)
+                    for t in NAR_ITERATIONS})
+    return out
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "cpu": cpu, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "torch": torch.__version__}
+
+
+def evaluate(task: TaskSpec, checkpoint: str, split: str = "test", limit: Optional[int] = None,
+             latency_sentences: int = 50, batch_size: int = 32, name: Optional[str] = None,
+             root: Optional[str] = None) -> dict:
+    """-> {"task", "system", "checkpoint", "settings": {setting: {metric: value, latency_ms,
+    sentences_per_s}}, ...}; also keeps a few sample outputs per setting."""
+    sources, refs = read_split(task, split, root)
+    sources, refs = sources[:limit], refs[:limit]
+    ckpt = resolve_checkpoint(checkpoint)
+    gen = Generator.from_checkpoint(ckpt)
+    encoded = gen.encode(sources)
+    results = {}
+    for setting, options in settings(task, gen).items():
+        start = time.perf_counter()
+        hyps = gen.generate(sources, batch_size=batch_size, **options)
+        elapsed = time.perf_counter() - start
+        k = min(latency_sentences, len(sources))
+        start = time.perf_counter()
+        for ids in encoded[:k]:
+            gen.decode_ids([ids], DecodeOptions(**options, batch_size=1))
+        latency = (time.perf_counter() - start) / max(k, 1)
+        scores = metrics.score(task.metrics, hyps, refs)
+        results[setting] = {**scores, "latency_ms": 1000 * latency,
+                            "sentences_per_s": len(sources) / elapsed,
+                            "samples": [{"source": s, "reference": r, "output": h}
+                                        for s, r, h in list(zip(sources, refs, hyps))[:3]]}
+        shown = ", ".join(f"{m} {v:.2f}" if v is not None else f"{m} n/a"
+                          for m, v in scores.items())
+        print(f"evaluate: {task.name} {setting}: {shown}; {1000 * latency:.1f} ms/sentence, "
+              f"{len(sources) / elapsed:.1f} sentences/s", flush=True)
+    notes = sorted({n for r in results.values() for n in metrics.unavailable(r)})
+    return {"task": task.name, "split": split, "sentences": len(sources),
+            "system": name or ckpt.parent.parent.name, "checkpoint": str(ckpt),
+            "objective": gen.cfg.objective.masking, "weights": vars(gen.cfg.objective.weights),
+            "metrics": list(task.metrics), "settings": results, "notes": notes,
+            "hardware": hardware()}
+
+
+def write(results: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    return path

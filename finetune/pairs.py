@@ -1,0 +1,55 @@
+"""`janus-finetune prepare`: a task's training pairs -> two aligned token-shard corpora.
+
+Sources and targets go through `janus-pretrain data prepare` separately, into `<out>/source/` and
+`<out>/target/`; document i of one is the pair of document i of the other, which is what the
+training loop reads when `data.source` is set. `data prepare` drops empty and non-UTF-8 lines,
+so pairs with an empty side are dropped here first (and counted), and the two corpora are checked
+to hold the same number of documents. Without a given tokenizer, one is trained on both sides of
+the training pairs (a joint vocabulary, as the shared embeddings need).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from janus_pretrain.data.prepare import prepare
+from janus_pretrain.errors import JanusError
+from janus_pretrain.tokenizer import load_tokenizer, train_tokenizer
+from finetune.tasks import TaskSpec, read_split
+
+
+def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] = None,
+                  vocab_size: int = 8000, max_pairs: Optional[int] = None, workers: int = 2,
+                  root: Optional[str] = None) -> dict:
+    """Write `<output>/{source,target}/` shards and `<output>/tokenizer.model`; returns the
+    summary also written to `<output>/pairs.json`."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    sources, targets = read_split(task, "train", root)
+    kept = [(s, t) for s, t in zip(sources, targets) if s and t][:max_pairs]
+    if not kept:
+        raise JanusError(f"task {task.name}: no training pair with a non-empty source and target")
+    tok_path = output / "tokenizer.model"
+    with tempfile.TemporaryDirectory(dir=output, prefix=".pairs-") as tmp:
+        files = {}
+        for side, texts in (("source", [s for s, _ in kept]), ("target", [t for _, t in kept])):
+            files[side] = Path(tmp) / f"{side}.txt"
+            files[side].write_text("".join(x + "\n" for x in texts), encoding="utf-8")
+        if tokenizer:
+            shutil.copyfile(load_tokenizer(tokenizer).path, tok_path)
+        else:
+            train_tokenizer([files["source"], files["target"]], tok_path, vocab_size)
+        metas = {side: prepare([str(path)], str(tok_path), output / side, workers)
+                 for side, path in files.items()}
+    counts = {side: meta["documents"] for side, meta in metas.items()}
+    if counts["source"] != counts["target"]:
+        raise JanusError(f"task {task.name}: source and target shards disagree on the number of "
+                         f"pairs ({counts}); a line break or invalid UTF-8 inside an example?")
+    summary = {"task": task.name, "pairs": counts["source"],
+               "dropped_empty": len(sources) - len([1 for s, t in zip(sources, targets) if s and t]),
+               "tokenizer": str(tok_path), "vocab_size": load_tokenizer(tok_path).vocab_size}
+    (output / "pairs.json").write_text(json.dumps(summary, indent=2))
+    return summary

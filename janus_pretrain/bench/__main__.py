@@ -1,9 +1,9 @@
-"""python -m janus_pretrain.bench decode [...]"""
+"""python -m janus_pretrain.bench {decode,memory} [...]"""
 import sys
 
-from janus_pretrain.bench import decode
+from janus_pretrain.bench import decode, memory
 
-BENCHMARKS = {"decode": decode.main}
+BENCHMARKS = {"decode": decode.main, "memory": memory.main}
 
 if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
     sys.exit(f"usage: python -m janus_pretrain.bench {{{','.join(BENCHMARKS)}}} [options]")

@@ -42,11 +42,11 @@ class ModelConfig:
     vocab_divisible_by: int = 128
 
     def __post_init__(self):
-        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
-               f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         for name in ("encoder_layers", "decoder_layers", "hidden_size", "ffn_hidden_size",
                      "num_heads", "max_positions", "length_classes", "vocab_divisible_by"):
             _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
+               f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         for name in ("dropout", "attention_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, read_metrics, rendezvous_env_restored
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from janus_pretrain.config import load_config
@@ -298,6 +298,8 @@ VALUES = st.one_of(st.integers(-3, 5000).map(str), st.floats(allow_nan=True).map
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
+@example([("model.num_heads", "0")])  # found by hypothesis: a ZeroDivisionError
+@example([("model.hidden_size", "'")])  # found by hypothesis: YAML's traceback
 def test_config_overrides_load_or_fail_in_one_line(pairs):
     try:
         cfg = load_config(DEMO, [f"{k}={v}" for k, v in pairs])

@@ -252,7 +252,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 break
     summary["wandb_dir"] = logger.close()
     summary["step"] = step
-    if stopping:
+    if stopping and step < last_step:  # a signal during the last step changes nothing
         summary["stopped_by"] = stop_request.received.name if stop_request.requested else "another rank"
     if diverged:
         raise JanusError(f"train: {bad_in_a_row} steps in a row (up to step {step}) had a non-finite "

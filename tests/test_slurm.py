@@ -16,7 +16,8 @@ from janus_pretrain.parallel.state import free_port
 
 pytestmark = pytest.mark.distributed
 
-SCRIPTS = ("slurm/launch.sh", "slurm/pretrain.sbatch", "slurm/local/start.sh", "slurm/local/stop.sh")
+SCRIPTS = ("slurm/launch.sh", "slurm/pretrain.sbatch", "slurm/finetune.sbatch", "slurm/local/start.sh",
+           "slurm/local/stop.sh")
 CONFIG = "configs/pretrain/demo.yaml"
 ZERO2 = "parallel.deepspeed_config=configs/deepspeed/zero2.json"
 STEPS = 3
@@ -127,6 +128,18 @@ def dry_run(conf: str, **env) -> list[str]:
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()[1:]  # after the job banner
+
+
+def test_finetune_sbatch_defaults_to_the_janus_preset(slurm_conf):
+    result = subprocess.run(
+        ["bash", "slurm/finetune.sbatch"], cwd=REPO, capture_output=True, text=True, timeout=30,
+        env={**slurm_env(slurm_conf), "DRY_RUN": "1", "SLURM_JOB_ID": "7",
+             "SLURM_JOB_NODELIST": "node[1-2]"})
+    assert result.returncode == 0, result.stderr
+    nodes = result.stdout.splitlines()[1:]
+    assert len(nodes) == 2
+    assert all("-m janus_pretrain.cli train --config configs/finetune/janus.yaml --resume" in line
+               for line in nodes), nodes
 
 
 def test_dry_run_prints_each_nodes_launch_command(slurm_conf):

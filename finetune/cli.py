@@ -15,10 +15,9 @@ User errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from janus_pretrain.errors import JanusError
+from janus_pretrain.errors import run_cli
 
 
 def _tasks(args) -> None:
@@ -170,11 +169,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    try:
-        args.handler(args)
-    except JanusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(args.handler, args)
 
 
 if __name__ == "__main__":

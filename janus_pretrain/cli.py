@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from janus_pretrain.errors import JanusError
+from janus_pretrain.errors import run_cli
 from janus_pretrain.generate import cli as generate_cli
 
 
@@ -111,11 +111,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    try:
-        args.run(args)
-    except JanusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(args.run, args)
 
 
 if __name__ == "__main__":

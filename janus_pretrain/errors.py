@@ -1,9 +1,20 @@
 """The one exception type for mistakes a user can fix (bad config, missing file, mismatched data).
 
-The CLI prints these as a single line and exits with status 2; anything else is a bug and keeps
-its traceback.
+The CLIs print these as a single line and exit with status 2 (`run_cli`); anything else is a bug
+and keeps its traceback.
 """
+import sys
+from typing import Callable
 
 
 class JanusError(Exception):
     """A user-facing error: the message alone must say what is wrong and where."""
+
+
+def run_cli(handler: Callable, args) -> None:
+    """Run a command-line handler; a JanusError becomes one `error:` line and exit status 2."""
+    try:
+        handler(args)
+    except JanusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

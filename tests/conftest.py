@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,10 +96,6 @@ def launch_training(shards_dir, tokenizer_path):
     """Run `janus-pretrain train` as one process, or `nproc` under torchrun (gloo, a free port).
 
     Returns the CompletedProcess; every process started is killed on timeout."""
-    import signal
-    import subprocess
-    import sys
-
     from janus_pretrain.parallel.state import free_port
 
     def run(output: Path, nproc: int = 1, extra: tuple[str, ...] = (), resume: bool = False,
@@ -109,20 +108,31 @@ def launch_training(shards_dir, tokenizer_path):
         cmd = [*launcher, "-m", "janus_pretrain.cli", "train",
                "--config", str(REPO / "configs" / "pretrain" / "demo.yaml"),
                *(["--resume"] if resume else []), *args, *extra]
-        # Not this process's rendezvous: `single_process` exports RANK, MASTER_PORT, ...
-        env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-        env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"training timed out after {timeout}s:\n{err[-3000:]}")
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        return run_killable(cmd, timeout, "training")
 
     return run
+
+
+def child_env() -> dict:
+    """The environment for a child job: one thread, W&B offline, and not this process's
+    rendezvous (`single_process` exports RANK, MASTER_PORT, ...)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
+    return env
+
+
+def run_killable(cmd: list, timeout: int, what: str):
+    """Run `cmd` from the repository root in its own process group; on timeout kill the whole
+    group and fail the test."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{what} timed out after {timeout}s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def read_metrics(output: Path) -> list[dict]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from finetune.tasks import TASKS, data_root, get_task, read_split
 from janus_pretrain.errors import JanusError
-from conftest import DIST_VARS, REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, run_killable
 
 GLGE = {"cnndm", "gigaword", "xsum", "msnews", "squadqg", "msqg", "coqa", "personachat"}
 NMT = {"wmt14_ende", "wmt16_enro", "iwslt14_deen"}
@@ -70,26 +69,16 @@ def test_pairs_and_masking_must_agree():
 
 
 def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
-    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"janus-finetune {args[0]} timed out after {timeout}s:\n{err[-3000:]}")
-    assert proc.returncode == 0, f"janus-finetune {' '.join(args)}:\n{err[-3000:]}"
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    result = run_killable([sys.executable, "-m", "finetune.cli", *args], timeout,
+                          f"janus-finetune {args[0]}")
+    assert result.returncode == 0, f"janus-finetune {' '.join(args)}:\n{result.stderr[-3000:]}"
+    return result
 
 
 def test_cli_missing_task_file_exits_2(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    proc = subprocess.run([sys.executable, "-m", "finetune.cli", "--data-root", str(tmp_path),
-                           "prepare", "--task", "xsum", "--output", str(tmp_path / "out")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    proc = run_killable([sys.executable, "-m", "finetune.cli", "--data-root", str(tmp_path),
+                         "prepare", "--task", "xsum", "--output", str(tmp_path / "out")], 60,
+                        "janus-finetune prepare")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: task xsum: train file")
 

@@ -28,7 +28,6 @@ from janus_pretrain.model import JanusModel
 from janus_pretrain.objectives.janus import pad_batch, with_bos_eos
 from janus_pretrain.parallel import reshard, state
 from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
-from janus_pretrain.train import checkpoint
 from janus_pretrain.train.consolidate import load_consolidated, resolve_checkpoint
 
 

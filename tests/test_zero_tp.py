@@ -39,7 +39,28 @@ def test_zero_stage_equals_dense(dense, launch_training, tmp_path, stage):
     assert_same_trajectory(got, dense)
 
 
-def test_zero2_times_tp2_equals_dense(dense, launch_training, tmp_path):
-    got = train(launch_training, tmp_path, 4, "parallel.tensor_parallel=2",
-                "parallel.deepspeed_config=configs/deepspeed/zero2.json")
-    assert_same_trajectory(got, dense)
+TP2_DP2 = ("parallel.tensor_parallel=2", "parallel.deepspeed_config=configs/deepspeed/zero2.json")
+
+
+@pytest.fixture(scope="module")
+def tp2_dp2(launch_training, tmp_path_factory):
+    return train(launch_training, tmp_path_factory.mktemp("tp2dp2"), 4, *TP2_DP2)
+
+
+def test_zero2_times_tp2_equals_dense(dense, tp2_dp2):
+    assert_same_trajectory(tp2_dp2, dense)
+
+
+def test_tp2_dp2_checkpoint_round_trip(tp2_dp2, launch_training, tmp_path):
+    """Stop at step 2 with a TP x DP x ZeRO-2 checkpoint, resume: the same run, bit for bit."""
+    first = launch_training(tmp_path, nproc=4, extra=(*COMMON, *TP2_DP2, "train.exit_after=2"),
+                            timeout=400)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert len(list((tmp_path / "checkpoints" / "step_00000002").glob("*optim_states.pt"))) == 4
+    resumed = launch_training(tmp_path, nproc=4, extra=(*COMMON, *TP2_DP2), resume=True,
+                              timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    got = read_metrics(tmp_path)
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, tp2_dp2):
+        assert a["train/loss"] == b["train/loss"] and a["train/grad_norm"] == b["train/grad_norm"]

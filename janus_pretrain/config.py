@@ -175,6 +175,10 @@ class TrainConfig:
     # optimizer, schedule and data position start anew, and the tokenizer must be the same.
     init_from: Optional[str] = None
     seed: int = 1234
+    # torch.compile the model (in place: checkpoint names stay). Works on CPU (inductor, needs a
+    # C++ compiler) and GPU; the first steps compile for minutes, and every new target or
+    # masked length (K) can recompile, so it pays only on long runs.
+    compile: bool = False
     wandb_project: str = "janus-pretrain"
     wandb_name: Optional[str] = None
 

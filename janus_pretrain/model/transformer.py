@@ -35,6 +35,20 @@ def megatron_config(tensor_parallel: int) -> ModelParallelConfig:
     )
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a megatron-core Column/RowParallelLinear (bias added, output not gathered).
+
+    With one TP rank the layer is a plain linear, and F.linear on its own weight and bias is the
+    same function, but faster and autocast-aware: one addmm instead of a matmul and a separate bias
+    pass, and CPU autocast reaches it (megatron-core's autograd function adds the fp32 bias after
+    the autocast matmul, which promotes the output back to fp32, and its backward runs outside
+    autocast, all in fp32).
+    """
+    if layer.tp_group.size() == 1:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)[0]
+
+
 class Attention(nn.Module):
     """Multi-head attention with heads split across the tensor-parallel group.
 
@@ -71,14 +85,14 @@ class Attention(nn.Module):
         """
         b, t, _ = x.shape
         if self.cross:
-            q = self.q(x)[0].view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            q = linear(self.q, x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
             if cache is not None and "k" in cache:
                 k, v = cache["k"], cache["v"]
             else:
-                kv = self.kv(memory)[0].view(b, memory.shape[1], self.heads, 2, self.head_dim)
+                kv = linear(self.kv, memory).view(b, memory.shape[1], self.heads, 2, self.head_dim)
                 k, v = (z.transpose(1, 2) for z in kv.unbind(3))
         else:
-            qkv = self.qkv(x)[0].view(b, t, self.heads, 3, self.head_dim)
+            qkv = linear(self.qkv, x).view(b, t, self.heads, 3, self.head_dim)
             q, k, v = (z.transpose(1, 2) for z in qkv.unbind(3))
             if cache is not None and "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)
@@ -88,7 +102,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal)
-        return self.out(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))[0]
+        return linear(self.out, out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -104,7 +118,7 @@ class FeedForward(nn.Module):
                                           tp_group=group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)[0]))[0]
+        return linear(self.down, F.gelu(linear(self.up, x)))
 
 
 class EncoderLayer(nn.Module):

@@ -66,7 +66,9 @@ class JanusObjective:
     def collate(self, examples: Sequence[tuple[Optional[np.ndarray], np.ndarray]],
                 rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """(source ids or None, target ids) pairs, bare ids -> host tensors
-        src [B, S], tgt [B, L] (with BOS/EOS), masked [B, L] bool (NAR/AUX positions)."""
+        src [B, S], tgt [B, L] (with BOS/EOS), masked [B, L] bool (NAR/AUX positions) and
+        masked_pos [B, K] (those positions in order, -1 in unused slots; K = the most in a row),
+        so that the device never has to tell the host K."""
         cfg = self.cfg
         sources, targets, masks = [], [], []
         for src, tgt in examples:
@@ -84,9 +86,13 @@ class JanusObjective:
             sources.append(with_bos_eos(np.asarray(src)[: self.max_source_len - 2]))
             targets.append(with_bos_eos(tgt))
             masks.append(np.concatenate([[False], m, [False]]))
-        tgt = pad_batch(targets)
-        return {"src": pad_batch(sources), "tgt": tgt,
-                "masked": pad_batch([m.astype(np.int64) for m in masks]).bool()}
+        positions = [np.flatnonzero(m) for m in masks]
+        masked_pos = np.full((len(masks), max(len(q) for q in positions)), -1, dtype=np.int64)
+        for i, q in enumerate(positions):
+            masked_pos[i, :len(q)] = q
+        return {"src": pad_batch(sources), "tgt": pad_batch(targets),
+                "masked": pad_batch([m.astype(np.int64) for m in masks]).bool(),
+                "masked_pos": torch.from_numpy(masked_pos)}
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> Prepared:
         """Device tensors from `collate` -> model inputs and loss targets, built once per batch."""
@@ -96,7 +102,7 @@ class JanusObjective:
         if self.needs_ar:
             inputs["ar_tokens"], ar_labels, ar_valid = ar_inputs(tgt, PAD)
         if self.needs_nar:
-            streams = two_stream(tgt, batch["masked"], PAD, MASK)
+            streams = two_stream(tgt, batch["masked"], PAD, MASK, batch.get("masked_pos"))
             inputs.update(nar_tokens=streams.tokens, nar_positions=streams.positions,
                           nar_mask=streams.mask, nar_rows=streams.nar_rows,
                           aux_rows=streams.aux_rows)

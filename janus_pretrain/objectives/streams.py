@@ -19,6 +19,7 @@ No row ever sees a query row, so the query stream is XLNet's second stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -45,10 +46,19 @@ def masked_positions(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
-def two_stream(target: torch.Tensor, masked: torch.Tensor, pad_id: int, mask_id: int) -> TwoStream:
-    """Build the fused NAR/AUX decoder input. target [B, L] long; masked [B, L] bool."""
+def two_stream(target: torch.Tensor, masked: torch.Tensor, pad_id: int, mask_id: int,
+               masked_pos: Optional[torch.Tensor] = None) -> TwoStream:
+    """Build the fused NAR/AUX decoder input. target [B, L] long; masked [B, L] bool.
+
+    masked_pos [B, K] (ascending masked positions, -1 in unused slots), when the host collator
+    supplies it, spares the device->host sync that finding K from `masked` costs.
+    """
     b, length = target.shape
-    pos, valid = masked_positions(masked)
+    if masked_pos is None:
+        pos, valid = masked_positions(masked)
+    else:
+        valid = masked_pos >= 0
+        pos = masked_pos.clamp(min=0)
     k = pos.shape[1]
     arange_l = torch.arange(length, device=target.device)
     real = target != pad_id

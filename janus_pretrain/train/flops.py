@@ -29,6 +29,18 @@ def step_flops(cfg: ModelConfig, vocab: int, batch: int, src_len: int,
     return 3.0 * batch * fwd
 
 
+def decoder_passes(ar: bool, nar: bool, tgt_len: int, masked: int) -> list[tuple[int, int]]:
+    """The decoder passes of a micro-batch of padded target length `tgt_len` (with BOS/EOS) and
+    `masked` NAR/AUX slots (K): AR teacher forcing runs tgt_len - 1 rows and projects all of them;
+    the two-stream pass runs tgt_len + 2K rows and projects the 2K NAR and AUX rows."""
+    passes = []
+    if ar:
+        passes.append((tgt_len - 1, tgt_len - 1))
+    if nar:
+        passes.append((tgt_len + 2 * masked, 2 * masked))
+    return passes
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5
                 ) -> float:
     """Measured FLOP/s of a square matmul on this device (the denominator of MFU)."""

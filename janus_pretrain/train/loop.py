@@ -31,7 +31,7 @@ from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
 from janus_pretrain.train import checkpoint
 from janus_pretrain.train.engine import build_engine
-from janus_pretrain.train.flops import matmul_peak, step_flops
+from janus_pretrain.train.flops import decoder_passes, matmul_peak, step_flops
 from janus_pretrain.train.metrics import RunLogger
 from janus_pretrain.train.nonfinite import NonFiniteGuard
 from janus_pretrain.train.signals import StopRequest
@@ -161,6 +161,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
     if cfg.train.init_from and not resume:
         init_weights(model, cfg.train.init_from, tokenizer)
+    if cfg.train.compile:
+        model.compile()
     engine = build_engine(model, cfg)
     loader = BatchLoader(corpus, objective.collate, cfg.data.micro_batch_size, cfg.data.seed,
                          dp_rank=state.data_parallel_rank(), dp_size=state.data_parallel_size(),
@@ -203,12 +205,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 tokens = int((host["src"] != PAD).sum() + (host["tgt"] != PAD).sum())
                 b, s = host["src"].shape
                 length = host["tgt"].shape[1]
-                k = int(host["masked"].sum(1).max())
-                passes = []
-                if objective.needs_ar:
-                    passes.append((length - 1, length - 1))
-                if objective.needs_nar:
-                    passes.append((length + 2 * k, 2 * k))
+                passes = decoder_passes(objective.needs_ar, objective.needs_nar, length,
+                                        host["masked_pos"].shape[1])
                 batch = {key: v.to(topo.device, non_blocking=True) for key, v in host.items()}
                 prep = objective.prepare(batch)
                 outputs = engine(**prep.model_inputs)

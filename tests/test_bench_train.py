@@ -1,0 +1,70 @@
+"""The training benchmark's pieces: the analytic FLOP count against torch's own FLOP counter on a
+tiny model, the host-side masked positions against the device-side ones, and a one-step smoke run
+of `python -m janus_pretrain.bench train` that must print every row."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from janus_pretrain.config import ModelConfig, ObjectiveConfig
+from janus_pretrain.model import JanusModel
+from janus_pretrain.objectives.janus import JanusObjective
+from janus_pretrain.objectives.streams import two_stream
+from janus_pretrain.tokenizer import MASK, PAD
+from janus_pretrain.train.flops import decoder_passes, step_flops
+
+VOCAB = 256
+CFG = ModelConfig(encoder_layers=2, decoder_layers=3, hidden_size=32, ffn_hidden_size=48,
+                  num_heads=4, max_positions=64, dropout=0.0, attention_dropout=0.0)
+
+
+def batch(objective, b=3, src=11, tgt=9):
+    rng = np.random.default_rng(0)
+    return objective.collate([(rng.integers(5, VOCAB, src - 2), rng.integers(5, VOCAB, tgt - 2))
+                              for _ in range(b)], rng)
+
+
+@pytest.mark.parametrize("ar,nar", [(True, False), (False, True), (True, True)])
+def test_step_flops_match_torch_flop_counter(single_process, ar, nar):
+    objective = JanusObjective(ObjectiveConfig(masking="span"), 16, 16, CFG.length_classes)
+    objective.needs_ar, objective.needs_nar, objective.needs_length = ar, nar, False
+    host = batch(objective)
+    torch.manual_seed(0)
+    model = JanusModel(CFG, VOCAB, PAD)
+    prep = objective.prepare(host)
+    # The math backend: torch's counter does not count the CPU flash-attention kernel.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**prep.model_inputs)
+    b, s = host["src"].shape
+    passes = decoder_passes(ar, nar, host["tgt"].shape[1], host["masked_pos"].shape[1])
+    # step_flops counts forward + backward as 3 x forward.
+    assert step_flops(CFG, model.padded_vocab_size, b, s, passes) == 3 * counter.get_total_flops()
+
+
+def test_host_masked_positions_equal_device_ones():
+    objective = JanusObjective(ObjectiveConfig(masking="span"), 32, 32, 256)
+    rng = np.random.default_rng(1)
+    host = objective.collate([(rng.integers(5, 50, 4), rng.integers(5, 50, n)) for n in (3, 17, 9)],
+                             rng)
+    fast = two_stream(host["tgt"], host["masked"], PAD, MASK, host["masked_pos"])
+    slow = two_stream(host["tgt"], host["masked"], PAD, MASK)
+    for field in dataclasses.fields(slow):
+        assert torch.equal(getattr(fast, field.name), getattr(slow, field.name)), field.name
+
+
+def test_bench_train_smoke(single_process, capsys):
+    pytest.importorskip("transformers")
+    from janus_pretrain.bench import train
+
+    train.main(["--model", "tiny", "--batch", "2", "--src-len", "12", "--tgt-len", "12",
+                "--vocab", "512", "--warmup", "0", "--steps", "1"])
+    out = capsys.readouterr().out
+    for precision, rows in (("fp32", ("ar", "janus", "bart")), ("bf16", ("ar", "janus", "bart")),
+                            ("autocast", ("ar", "bart"))):
+        for row in rows:
+            assert any(line.split()[:2] == [precision, row] for line in out.splitlines()), (row, out)
+        assert any(line.split()[:2] == [precision, "ratios:"] for line in out.splitlines()), out
+    assert "janus/ar step time" in out and "bart/ar step time" in out

@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 def pick_device(local_rank: int) -> torch.device:
-    """cuda:<local_rank> when CUDA is present, else the CPU; never a bare `.cuda()`."""
+    """cuda:<local_rank> when CUDA is present, else the CPU: the one place a device is chosen."""
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

@@ -7,7 +7,7 @@
 #
 # Environment:
 #   LAUNCHER=torchrun|deepspeed   torchrun (default) or the deepspeed launcher with a hostfile
-#                                 (logs/hostfile-<job id>) written from SLURM_JOB_NODELIST
+#                                 (slurm/logs/hostfile-<job id>) written from SLURM_JOB_NODELIST
 #   NPROC_PER_NODE                processes per node when the allocation has no GPUs (default 1)
 #   MASTER_PORT                   rendezvous port on the first node (default: from the job id)
 #   DRY_RUN=1                     print every node's launch command, start nothing
@@ -24,7 +24,7 @@ mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 master_addr=${hosts[0]}
 # Distinct per job, so two jobs sharing a first node do not collide.
 master_port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-hostfile=logs/hostfile-$SLURM_JOB_ID
+hostfile=slurm/logs/hostfile-$SLURM_JOB_ID
 
 procs_per_node() {
     if ((${SLURM_GPUS_ON_NODE:-0} > 0)); then

@@ -149,13 +149,13 @@ def test_dry_run_prints_each_nodes_launch_command(slurm_conf):
         f"--master_addr=node1 --master_port=24321 {train}" for rank in (0, 1)]
     # GPUs in the allocation win over NPROC_PER_NODE; the deepspeed launcher gets a hostfile.
     lines = dry_run(slurm_conf, LAUNCHER="deepspeed", SLURM_GPUS_ON_NODE="4", NPROC_PER_NODE="3")
-    assert lines[:3] == ["hostfile logs/hostfile-4321:", "node1 slots=4", "node2 slots=4"]
+    assert lines[:3] == ["hostfile slurm/logs/hostfile-4321:", "node1 slots=4", "node2 slots=4"]
     assert lines[3:] == [
-        f"node {rank} (node{rank + 1}): deepspeed --hostfile=logs/hostfile-4321 --no_ssh "
+        f"node {rank} (node{rank + 1}): deepspeed --hostfile=slurm/logs/hostfile-4321 --no_ssh "
         f"--node_rank={rank} --master_addr=node1 --master_port=24321 --no_local_rank --module "
         f"janus_pretrain.cli train --config {CONFIG} --resume train.steps=100 data.train=a\\ b"
         for rank in (0, 1)]
-    assert not (REPO / "logs/hostfile-4321").exists(), "a dry run wrote the hostfile"
+    assert not (REPO / "slurm/logs/hostfile-4321").exists(), "a dry run wrote the hostfile"
 
 
 def test_sbatch_two_nodes_runs_to_completion(slurm_conf, shards_dir, tokenizer_path, tmp_path,

@@ -1,5 +1,5 @@
 """Tensor parallelism: a TP = 2 JANUS step (all streams, all loss terms, vocab-sharded KL)
-equals the TP = 1 step with the same full weights, and a TP x ZeRO checkpoint consolidates into
+equals the TP = 1 step with the same full weights and decodes the same hypotheses, and a TP x ZeRO checkpoint consolidates into
 one file that loads at TP = 1 and TP = 2 with identical outputs."""
 import os
 import subprocess
@@ -36,6 +36,9 @@ def test_tp2_step_equals_tp1(tmp_path):
     for name, grad in one["grads"].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(two["grads"][name], grad, rtol=0, atol=1e-5, msg=name)
+    # Decoding at TP = 2 (ranks in lockstep on gathered log-probs) finds the same hypotheses.
+    assert two["hyps"] == one["hyps"]
+    assert any(one["hyps"]["greedy"]) and any(one["hyps"]["nar"])
 
 
 @pytest.mark.parametrize("zero", [1, 3])

@@ -1,6 +1,7 @@
 """Helper of the tensor-parallel tests, run under torchrun: one JANUS forward + backward (all three
-streams, every loss term) at the launched TP size; rank 0 saves the loss terms and the full
-gradients (TP shards gathered along their partition dimension) to argv[2].
+streams, every loss term) at the launched TP size, then AR and NAR decoding; rank 0 saves the loss
+terms, the full gradients (TP shards gathered along their partition dimension) and the hypotheses
+to argv[2].
 
 argv[3], optional, says where the weights come from: `step:<dir>` a training checkpoint written
 at this TP size, `file:<path>` a consolidated file (resharded to this TP size); default: the
@@ -13,6 +14,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
+from janus_pretrain.generate.ar import beam_search, greedy
+from janus_pretrain.generate.nar import mask_predict
 from janus_pretrain.model import JanusModel
 from janus_pretrain.objectives.janus import JanusObjective
 from janus_pretrain.parallel import state
@@ -46,6 +49,17 @@ def build_model(weights: str) -> JanusModel:
     return JanusModel(cfg, VOCAB, PAD)
 
 
+def decode(model: JanusModel, src: torch.Tensor) -> dict:
+    """Every rank of the TP group runs the same searches; returns their token ids."""
+    model.eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(20)  # peaked distributions: no near-ties for rounding to flip
+        memory, mask = model.encode(src)
+        return {"greedy": [h.tokens for h in greedy(model, memory, mask, max_len=8)],
+                "beam": [[h.tokens for h in b] for b in beam_search(model, memory, mask, 3, 8)],
+                "nar": [h.tokens for h in mask_predict(model, memory, mask, 3, 2, max_len=8)]}
+
+
 def main(tp: int, out: str, weights: str = "init") -> None:
     topo = state.initialize(tp)
     model = build_model(weights)
@@ -61,8 +75,9 @@ def main(tp: int, out: str, weights: str = "init") -> None:
     loss, terms = obj.loss(model(**prep.model_inputs), prep)
     loss.backward()
     grads = {name: full_grad(p) for name, p in model.named_parameters()}
+    hyps = decode(model, batch["src"])
     if topo.rank == 0:
-        torch.save({"loss": loss.detach(), "terms": terms, "grads": grads}, out)
+        torch.save({"loss": loss.detach(), "terms": terms, "grads": grads, "hyps": hyps}, out)
     state.shutdown()
 
 

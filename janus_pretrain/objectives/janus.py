@@ -102,7 +102,7 @@ class JanusObjective:
         if self.needs_ar:
             inputs["ar_tokens"], ar_labels, ar_valid = ar_inputs(tgt, PAD)
         if self.needs_nar:
-            streams = two_stream(tgt, batch["masked"], PAD, MASK, batch.get("masked_pos"))
+            streams = two_stream(tgt, batch["masked"], batch["masked_pos"], PAD, MASK)
             inputs.update(nar_tokens=streams.tokens, nar_positions=streams.positions,
                           nar_mask=streams.mask, nar_rows=streams.nar_rows,
                           aux_rows=streams.aux_rows)

@@ -19,7 +19,6 @@ No row ever sees a query row, so the query stream is XLNet's second stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -36,29 +35,14 @@ class TwoStream:
     valid: torch.Tensor      # [B, K] bool, False for unused slots
 
 
-def masked_positions(masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """masked [B, L] bool -> (positions [B, K] in ascending order, valid [B, K]); K = max count."""
-    count = masked.sum(1)
-    k = int(count.max()) if masked.numel() else 0
-    # A stable sort on "not masked" puts each row's masked positions first, in order.
-    order = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :k]
-    valid = torch.arange(k, device=masked.device)[None, :] < count[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
-
-
-def two_stream(target: torch.Tensor, masked: torch.Tensor, pad_id: int, mask_id: int,
-               masked_pos: Optional[torch.Tensor] = None) -> TwoStream:
-    """Build the fused NAR/AUX decoder input. target [B, L] long; masked [B, L] bool.
-
-    masked_pos [B, K] (ascending masked positions, -1 in unused slots), when the host collator
-    supplies it, spares the device->host sync that finding K from `masked` costs.
-    """
+def two_stream(target: torch.Tensor, masked: torch.Tensor, masked_pos: torch.Tensor,
+               pad_id: int, mask_id: int) -> TwoStream:
+    """Build the fused NAR/AUX decoder input. target [B, L] long; masked [B, L] bool;
+    masked_pos [B, K] the same positions in ascending order, -1 in unused slots (the host
+    collator lists them, so the device never has to tell the host K)."""
     b, length = target.shape
-    if masked_pos is None:
-        pos, valid = masked_positions(masked)
-    else:
-        valid = masked_pos >= 0
-        pos = masked_pos.clamp(min=0)
+    valid = masked_pos >= 0
+    pos = masked_pos.clamp(min=0)
     k = pos.shape[1]
     arange_l = torch.arange(length, device=target.device)
     real = target != pad_id

@@ -53,7 +53,6 @@ def _select(task, run: Path, args) -> None:
 def _train(args) -> None:
     from janus_pretrain.config import load_config
     from janus_pretrain.parallel import state
-    from janus_pretrain.train.engine import read_deepspeed_json
     from janus_pretrain.train.loop import train
     from finetune.tasks import get_task
 
@@ -66,10 +65,9 @@ def _train(args) -> None:
     if args.init_from:
         defaults.append(f"train.init_from={args.init_from}")
     cfg = load_config(args.config, [*defaults, *args.overrides])
-    read_deepspeed_json(cfg)
     try:
-        summary = train(cfg, resume=args.resume)
-        print(f"train: step {summary['step']}, checkpoint {summary.get('checkpoint')}")
+        result = train(cfg, resume=args.resume)
+        print(f"train: step {result.step}, checkpoint {result.checkpoint}")
         _select(task, Path(cfg.train.output_dir), args)
     finally:
         state.shutdown()

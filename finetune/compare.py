@@ -15,10 +15,10 @@ from typing import Sequence
 from janus_pretrain.errors import JanusError
 
 GLGE_JANUS = ("GLGE easy, as reported in follow-up work by the JANUS authors "
-              "(Liang et al., EMNLP 2022; DESIGN.md section 6)")
+              "(Liang et al., EMNLP 2022)")
 MASK_PREDICT = ("Ghazvininejad et al., Mask-Predict, EMNLP 2019, Table 1 (T = 10, length beam 5, "
                 "with distillation)")
-JANUS_CODE = "JANUS authors' code release (DESIGN.md section 6)"
+JANUS_CODE = "JANUS authors' code release (github.com/dropreg/JANUS)"
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequen
                           [[f"{p.system} (published)", p.manner, *[p.scores.get(m) for m in metric_names],
                             p.source] for p in quoted_same]))
     else:
-        out.append(f"No published numbers on {task} are quoted in DESIGN.md; the rows below are "
+        out.append(f"No published numbers on {task} are quoted here; the rows below are "
                    f"on other tasks and datasets, for context only, not comparable with the "
                    f"measured table.")
     if quoted_other:

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from janus_pretrain.generate.api import DecodeOptions, Generator, resolve_checkpoint
+from janus_pretrain.checkpoint.weights import resolve
+from janus_pretrain.generate.api import DecodeOptions, Generator
 from finetune import metrics
 from finetune.tasks import TaskSpec, read_split
 
@@ -26,7 +27,7 @@ NAR_ITERATIONS = (1, 4, 10)
 
 
 def settings(task: TaskSpec, gen: Generator) -> dict[str, dict]:
-    """Setting name (the W&B mode names of DESIGN.md section 5) -> DecodeOptions keywords."""
+    """Setting name (the W&B mode names: README, Logging) -> DecodeOptions keywords."""
     d, w = task.decoding, gen.cfg.objective.weights
     out = {}
     if w.ce_ar > 0:
@@ -56,9 +57,9 @@ def evaluate(task: TaskSpec, checkpoint: str, split: str = "test", limit: Option
     sentences_per_s}}, ...}; also keeps a few sample outputs per setting."""
     sources, refs = read_split(task, split, root)
     sources, refs = sources[:limit], refs[:limit]
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve(checkpoint)
     gen = Generator.from_checkpoint(ckpt)
-    encoded = gen.encode(sources)
+    encoded = gen.source_ids(sources)
     results = {}
     for setting, options in settings(task, gen).items():
         start = time.perf_counter()

@@ -38,29 +38,27 @@ def _data_prepare(args) -> None:
 def _train(args) -> None:
     from janus_pretrain.config import load_config
     from janus_pretrain.parallel import state
-    from janus_pretrain.train.engine import read_deepspeed_json
     from janus_pretrain.train.loop import train
     from janus_pretrain.train.signals import REQUEUE_EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
-    read_deepspeed_json(cfg)  # before any process group starts
     try:
-        summary = train(cfg, resume=args.resume)
-        if summary["rank"] == 0:
-            print(f"checkpoint: {summary.get('checkpoint')}")
-            print(f"wandb run (offline unless WANDB_MODE/WANDB_API_KEY): {summary['wandb_dir']}")
+        result = train(cfg, resume=args.resume)
+        if result.rank == 0:
+            print(f"checkpoint: {result.checkpoint}")
+            print(f"wandb run (offline unless WANDB_MODE/WANDB_API_KEY): {result.wandb_dir}")
             print(f"metrics: {cfg.train.output_dir}/metrics.jsonl")
-            if "stopped_by" in summary:
-                print(f"train: stopped by {summary['stopped_by']} after step {summary['step']}; "
+            if result.stopped_by:
+                print(f"train: stopped by {result.stopped_by} after step {result.step}; "
                       f"exit status {REQUEUE_EXIT_CODE} asks for a requeue (then --resume)")
     finally:
         state.shutdown()
-    if "stopped_by" in summary:
+    if result.stopped_by:
         sys.exit(REQUEUE_EXIT_CODE)
 
 
 def _checkpoint_consolidate(args) -> None:
-    from janus_pretrain.train.consolidate import consolidate
+    from janus_pretrain.checkpoint.weights import consolidate
 
     print(f"consolidated: {consolidate(args.checkpoint, args.output)}")
 

@@ -27,7 +27,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Encoder-decoder shape (DESIGN.md section 2); the vocabulary size comes from the tokenizer."""
+    """Encoder-decoder shape (docs/method.md, section 7); the vocabulary size comes from the tokenizer."""
 
     encoder_layers: int = 6
     decoder_layers: int = 6
@@ -53,7 +53,7 @@ class ModelConfig:
 
 @dataclass
 class LossWeights:
-    """Weights of the JANUS loss terms (DESIGN.md section 1); 0 switches a term off."""
+    """Weights of the JANUS loss terms (docs/method.md, section 4); 0 switches a term off."""
 
     ce_ar: float = 0.5
     ce_nar: float = 0.5
@@ -102,8 +102,9 @@ class ObjectiveConfig:
 class DataConfig:
     """Where the token shards and tokenizer are, and how samples are cut."""
 
-    train: str = "???"  # shard prefix written by `janus-pretrain data prepare`
-    tokenizer: str = "???"  # sentencepiece .model file
+    # Required to train (RunConfig.check_data), not to describe a model or an objective.
+    train: Optional[str] = None  # shard directory written by `janus-pretrain data prepare`
+    tokenizer: Optional[str] = None  # sentencepiece .model file
     # Fine-tuning pairs: shards whose document i is the source of document i of `train` (see
     # `janus-finetune prepare`); unset, the objective derives sources (pretraining, `denoise`).
     source: Optional[str] = None
@@ -206,13 +207,18 @@ class RunConfig:
         longest = max(self.data.max_source_len, self.data.max_target_len)
         _check(longest <= self.model.max_positions, "data.max_target_len",
                f"{longest} exceeds model.max_positions={self.model.max_positions}")
-        _check((self.data.source is None) == (self.objective.masking == "denoise"), "data.source",
-               "is needed by objective.masking=span|uniform (fine-tuning pairs) and unused by "
-               "denoise (pretraining derives the sources)")
         _check(self.data.max_target_len <= self.model.length_classes or
                self.objective.weights.length == 0, "model.length_classes",
                f"{self.model.length_classes} cannot classify targets of data.max_target_len="
                f"{self.data.max_target_len}")
+
+    def check_data(self) -> None:
+        """What training needs beyond a valid config: the data, and data that fits the objective."""
+        for name in ("train", "tokenizer"):
+            _check(getattr(self.data, name) is not None, f"data.{name}", "required value is missing")
+        _check((self.data.source is None) == (self.objective.masking == "denoise"), "data.source",
+               "is needed by objective.masking=span|uniform (fine-tuning pairs) and unused by "
+               "denoise (pretraining derives the sources)")
 
 
 def _read_yaml(path: Path) -> dict:

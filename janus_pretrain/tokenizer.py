@@ -24,12 +24,6 @@ class Tokenizer:
     path: Path
     sp: spm.SentencePieceProcessor
 
-    pad_id = PAD
-    unk_id = UNK
-    bos_id = BOS
-    eos_id = EOS
-    mask_id = MASK
-
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
@@ -37,6 +31,10 @@ class Tokenizer:
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Texts -> token ids without BOS/EOS (the objectives add them)."""
         return self.sp.encode(list(texts))
+
+    def model_bytes(self) -> bytes:
+        """The serialized model: what checkpoints and consolidated files store."""
+        return self.sp.serialized_model_proto()
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [i for i in ids if i > MASK]
@@ -48,8 +46,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise JanusError(f"tokenizer: file not found: {path} (train one with "
                          f"`janus-pretrain tokenizer train`)")
+    return _checked(path, model_file=str(path))
+
+
+def tokenizer_from_bytes(data: bytes, origin: str | Path) -> Tokenizer:
+    """A tokenizer stored inside another file (a consolidated model); `origin` names it."""
+    return _checked(Path(origin), model_proto=data)
+
+
+def _checked(path: Path, **source) -> Tokenizer:
     try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
+        sp = spm.SentencePieceProcessor(**source)
     except (RuntimeError, OSError) as e:
         raise JanusError(f"tokenizer: {path} is not a sentencepiece model "
                          f"({str(e).splitlines()[0]})") from None

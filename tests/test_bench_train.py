@@ -11,7 +11,6 @@ from janus_pretrain.config import ModelConfig, ObjectiveConfig
 from janus_pretrain.model import JanusModel
 from janus_pretrain.objectives.janus import JanusObjective
 from janus_pretrain.tokenizer import PAD
-from janus_pretrain.train.flops import decoder_passes, step_flops
 
 VOCAB = 256
 CFG = ModelConfig(encoder_layers=2, decoder_layers=3, hidden_size=32, ffn_hidden_size=48,
@@ -35,10 +34,8 @@ def test_step_flops_match_torch_flop_counter(single_process, ar, nar):
     # The math backend: torch's counter does not count the CPU flash-attention kernel.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(**prep.model_inputs)
-    b, s = host["src"].shape
-    passes = decoder_passes(ar, nar, host["tgt"].shape[1], host["masked_pos"].shape[1])
-    # step_flops counts forward + backward as 3 x forward.
-    assert step_flops(CFG, model.padded_vocab_size, b, s, passes) == 3 * counter.get_total_flops()
+    # The count is of forward + backward, as 3 x forward.
+    assert objective.flops(host, CFG, model.padded_vocab_size) == 3 * counter.get_total_flops()
 
 
 def test_collated_masked_positions_list_the_mask():

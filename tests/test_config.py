@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from janus_pretrain.config import RunConfig, from_dict, load_config, to_dict
+from janus_pretrain.config import CONFIG_ROOT, RunConfig, from_dict, load_config, to_dict
 from janus_pretrain.errors import JanusError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,14 +86,19 @@ def test_unknown_preset_lists_known():
 
 
 def test_missing_required_values():
+    # A model or objective needs no data; training does (train() checks first).
     with pytest.raises(JanusError, match="required value is missing") as info:
-        load_config(None, [])
+        load_config(None, []).check_data()
     assert "data." in str(info.value)
     with pytest.raises(JanusError, match="data.train") as info:
-        load_config(None, ["data.tokenizer=tok.model"])
+        load_config(None, ["data.tokenizer=tok.model"]).check_data()
     assert "missing" in str(info.value)
     cfg = load_config(None, ["data.tokenizer=tok.model", "data.train=shards"])
+    cfg.check_data()
     assert cfg.data.train == "shards" and cfg.model.hidden_size == 768
+    with pytest.raises(JanusError, match="data.source"):
+        load_config(CONFIG_ROOT / "finetune" / "ar.yaml",
+                    ["data.tokenizer=tok.model", "data.train=shards"]).check_data()
 
 
 def test_missing_config_file(tmp_path):

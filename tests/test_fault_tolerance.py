@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from janus_pretrain.config import load_config
 from janus_pretrain.data.shards import ShardedCorpus, token_dtype, write_shard
 from janus_pretrain.errors import JanusError
-from janus_pretrain.train import checkpoint
+from janus_pretrain.checkpoint import store as checkpoint
 
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 

@@ -63,11 +63,11 @@ def test_pairs_and_masking_must_agree():
 
     base = ["data.train=t", "data.tokenizer=k.model", "model=tiny", "data.max_source_len=64",
             "data.max_target_len=64"]
-    load_config(REPO / "configs" / "finetune" / "janus.yaml", [*base, "data.source=s"])
+    load_config(REPO / "configs" / "finetune" / "janus.yaml", [*base, "data.source=s"]).check_data()
     with pytest.raises(JanusError, match="data.source"):
-        load_config(REPO / "configs" / "finetune" / "cmlm.yaml", base)
+        load_config(REPO / "configs" / "finetune" / "cmlm.yaml", base).check_data()
     with pytest.raises(JanusError, match="data.source"):
-        load_config(REPO / "configs" / "pretrain" / "demo.yaml", [*base, "data.source=s"])
+        load_config(REPO / "configs" / "pretrain" / "demo.yaml", [*base, "data.source=s"]).check_data()
 
 
 def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:

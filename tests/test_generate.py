@@ -8,7 +8,8 @@ from janus_pretrain.generate.ar import beam_search, greedy
 from janus_pretrain.generate.nar import initial_candidates, mask_predict, remask_count
 from janus_pretrain.generate.vocab import full_log_probs
 from janus_pretrain.model import JanusModel
-from janus_pretrain.objectives.janus import JanusObjective, pad_batch, with_bos_eos
+from janus_pretrain.data.padding import pad_batch, with_bos_eos
+from janus_pretrain.objectives.janus import JanusObjective
 from janus_pretrain.tokenizer import EOS, MASK, PAD
 
 VOCAB = 30
@@ -37,7 +38,7 @@ def random_model(single_process):
 
 
 def test_incremental_decoding_equals_full_recompute(random_model):
-    memory, mask = random_model.encode(sources(0, (5, 9, 3)))
+    memory, mask = random_model.run_encoder(sources(0, (5, 9, 3)))
     cached = greedy(random_model, memory, mask, max_len=12)
     full = greedy(random_model, memory, mask, max_len=12, incremental=False)
     assert [h.tokens for h in cached] == [h.tokens for h in full]
@@ -50,7 +51,7 @@ def test_incremental_decoding_equals_full_recompute(random_model):
 
 
 def test_beam_one_is_greedy_and_beams_are_sorted_and_bounded(random_model):
-    memory, mask = random_model.encode(sources(1, (4, 7, 6, 2)))
+    memory, mask = random_model.run_encoder(sources(1, (4, 7, 6, 2)))
     g = greedy(random_model, memory, mask, max_len=10)
     b1 = beam_search(random_model, memory, mask, beam=1, max_len=10, length_penalty=0.0)
     assert [h.tokens for h in g] == [h[0].tokens for h in b1]
@@ -67,12 +68,12 @@ def test_beam_one_is_greedy_and_beams_are_sorted_and_bounded(random_model):
 
 def test_batch_decoding_equals_one_by_one(random_model):
     src = sources(2, (3, 8, 5))
-    memory, mask = random_model.encode(src)
+    memory, mask = random_model.run_encoder(src)
     batched_beam = beam_search(random_model, memory, mask, beam=3, max_len=9)
     batched_nar = mask_predict(random_model, memory, mask, iterations=3, length_beam=2)
     for i in range(src.shape[0]):
         one = src[i:i + 1, : int((src[i] != PAD).sum())]
-        m1, k1 = random_model.encode(one)
+        m1, k1 = random_model.run_encoder(one)
         single = beam_search(random_model, m1, k1, beam=3, max_len=9)[0]
         assert [h.tokens for h in single] == [h.tokens for h in batched_beam[i]]
         assert mask_predict(random_model, m1, k1, 3, 2)[0].tokens == batched_nar[i].tokens
@@ -98,7 +99,7 @@ class CountingDecoder:
 
 @pytest.mark.parametrize("iterations", [1, 4, 10])
 def test_mask_predict_passes_and_remask_schedule(random_model, iterations):
-    memory, mask = random_model.encode(sources(3, (6, 4)))
+    memory, mask = random_model.run_encoder(sources(3, (6, 4)))
     lengths = torch.tensor([7, 12])
     with CountingDecoder(random_model) as probe:
         hyps = mask_predict(random_model, memory, mask, iterations=iterations, lengths=lengths)
@@ -110,7 +111,7 @@ def test_mask_predict_passes_and_remask_schedule(random_model, iterations):
 
 
 def test_mask_predict_length_beam_passes(random_model):
-    memory, mask = random_model.encode(sources(4, (6, 4, 5)))
+    memory, mask = random_model.run_encoder(sources(4, (6, 4, 5)))
     with CountingDecoder(random_model) as probe:
         mask_predict(random_model, memory, mask, iterations=4, length_beam=3)
     # T passes in all, each over every source x length candidate.
@@ -118,7 +119,7 @@ def test_mask_predict_length_beam_passes(random_model):
 
 
 def test_single_pass_nar_is_argmax(random_model):
-    memory, mask = random_model.encode(sources(5, (6, 4)))
+    memory, mask = random_model.run_encoder(sources(5, (6, 4)))
     lengths = torch.tensor([5, 9])
     hyps = mask_predict(random_model, memory, mask, iterations=1, lengths=lengths)
     cand = initial_candidates(lengths)
@@ -168,7 +169,7 @@ def exact_match(hyps, src):
 def test_trained_model_copies_with_ar_and_nar(copy_model):
     rng = np.random.default_rng(123)
     src = copy_batch(rng, 64)
-    memory, mask = copy_model.encode(pad_batch([with_bos_eos(s) for s in src]))
+    memory, mask = copy_model.run_encoder(pad_batch([with_bos_eos(s) for s in src]))
     ar = [b[0] for b in beam_search(copy_model, memory, mask, beam=4, max_len=16)]
     assert exact_match(ar, src) >= 0.9
     assert exact_match(greedy(copy_model, memory, mask, max_len=16), src) >= 0.9

@@ -1,5 +1,5 @@
 """The two-stream NAR/AUX pass and the AR pass on the real model: no leakage, and the fused
-masked pass equals a slow per-row reference that applies DESIGN.md's visibility rules directly."""
+masked pass equals a slow per-row reference that applies the visibility rules of docs/method.md, section 2, directly."""
 import math
 
 import numpy as np
@@ -99,7 +99,7 @@ def test_ar_row_never_sees_the_future(model, objective):
 
 
 def reference_rows(target: list[int], masked: set[int]) -> tuple[list, dict]:
-    """Rows (kind, position, token) and who sees whom, written from DESIGN.md's rules directly."""
+    """Rows (kind, position, token) and who sees whom, written from docs/method.md's rules directly."""
     rows = [("tok", p, t) for p, t in enumerate(target) if p not in masked]
     rows += [("mask", p, MASK) for p in sorted(masked)]
     rows += [("true", p, target[p]) for p in sorted(masked)]
@@ -154,7 +154,7 @@ def test_fused_pass_equals_per_row_reference(model, objective):
             rows, context = reference_rows(target, masked)
             src = batch["src"][b:b + 1]
             src = src[:, : int((src != PAD).sum())]
-            memory, memory_mask = model.encode(src)
+            memory, memory_mask = model.run_encoder(src)
             hidden = slow_decoder(model, rows, context, memory, memory_mask)
             logits = model.output_logits(hidden[0])
             row_of = {(kind, p): r for r, (kind, p, _) in enumerate(rows)}

@@ -54,7 +54,7 @@ def decode(model: JanusModel, src: torch.Tensor) -> dict:
     model.eval()
     with torch.no_grad():
         model.embed.weight.mul_(20)  # peaked distributions: no near-ties for rounding to flip
-        memory, mask = model.encode(src)
+        memory, mask = model.run_encoder(src)
         return {"greedy": [h.tokens for h in greedy(model, memory, mask, max_len=8)],
                 "beam": [[h.tokens for h in b] for b in beam_search(model, memory, mask, 3, 8)],
                 "nar": [h.tokens for h in mask_predict(model, memory, mask, 3, 2, max_len=8)]}

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from janus_pretrain.config import load_config
+from janus_pretrain.data.padding import with_bos_eos
 from janus_pretrain.generate.api import DecodeOptions, Generator
 from janus_pretrain.model import JanusModel
-from janus_pretrain.objectives.janus import with_bos_eos
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD
 
@@ -33,8 +33,7 @@ SETTINGS = {
 
 
 def random_generator(preset: str, vocab: int) -> Generator:
-    cfg = load_config(None, [f"model={preset}", "data.train=unused", "data.tokenizer=unused",
-                           "data.max_source_len=128", "data.max_target_len=128"])
+    cfg = load_config(None, [f"model={preset}", "data.max_source_len=128", "data.max_target_len=128"])
     topo = state.initialize(1)
     torch.manual_seed(0)
     model = JanusModel(cfg.model, vocab, PAD).to(topo.device)

@@ -71,8 +71,7 @@ def worker(stage: int, preset: str, precision: str, out: str) -> None:
     from janus_pretrain.tokenizer import PAD
     from janus_pretrain.train.engine import build_engine
 
-    cfg = load_config(None, [f"model={preset}", "data.train=unused", "data.tokenizer=unused",
-                             "data.max_source_len=64", "data.max_target_len=64",
+    cfg = load_config(None, [f"model={preset}",   "data.max_source_len=64", "data.max_target_len=64",
                              "data.micro_batch_size=2", f"parallel.precision={precision}",
                              f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json"])
     topo = state.initialize(1)

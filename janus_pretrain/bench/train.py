@@ -7,11 +7,11 @@ A step is forward + backward + torch AdamW step on one micro-batch (single proce
 DeepSpeed), from device tensors: `prepare` (masks and index tensors) is inside the step, the host
 collator (noise, padding) is not, as in training where the loader runs it. The figures:
     tokens/s   (source + target tokens) / median step time
-    FLOPs      analytic model FLOPs of the step (janus_pretrain.train.flops.step_flops)
+    FLOPs      analytic model FLOPs of the step (JanusObjective.flops, janus_pretrain/model/flops.py)
     MFU        achieved FLOP/s / the matmul peak measured in this process in the same dtype
     peak mem   max RSS over the row (CPU; VmHWM, reset per row) or torch.cuda.max_memory_allocated
 Objectives: `ar` is configs/finetune/ar.yaml (CE_AR only), `janus` configs/finetune/janus.yaml
-(the fine-tuning loss of DESIGN.md section 1, span masking of 70% of the target). BART is
+(the fine-tuning loss of docs/method.md, section 4, span masking of 70% of the target). BART is
 BartForConditionalGeneration from a BartConfig of the same layers, hidden size, heads, FFN,
 vocabulary, positions and dropouts (random init, nothing downloaded), SDPA attention, AR cross
 entropy on the same batch.
@@ -40,10 +40,10 @@ import torch
 
 from janus_pretrain.config import CONFIG_ROOT, ModelConfig, load_config
 from janus_pretrain.model import JanusModel
+from janus_pretrain.model.flops import matmul_peak
 from janus_pretrain.objectives.janus import JanusObjective
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD
-from janus_pretrain.train.flops import decoder_passes, matmul_peak, step_flops
 
 # precision -> (weight dtype, autocast dtype or None, dtype of the matmul peak)
 PRECISIONS = {"fp32": (torch.float32, None, torch.float32),
@@ -130,8 +130,7 @@ def time_steps(step: Callable[[int], None], warmup: int, steps: int, device: tor
 
 def objective_config(name: str, preset: str, args) -> tuple:
     cfg = load_config(CONFIG_ROOT / "finetune" / f"{name}.yaml",
-                      [f"model={preset}", "data.train=unused", "data.tokenizer=unused",
-                       "data.source=unused", f"data.max_source_len={args.src_len}",
+                      [f"model={preset}", f"data.max_source_len={args.src_len}",
                        f"data.max_target_len={args.tgt_len}"])
     return cfg, JanusObjective(cfg.objective, args.src_len, args.tgt_len, cfg.model.length_classes)
 
@@ -173,10 +172,7 @@ def run_ours(name: str, precision: str, device: torch.device, args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     seconds = time_steps(step, args.warmup, args.steps, device)
-    k = max(b["masked_pos"].shape[1] for b in host)
-    passes = decoder_passes(objective.needs_ar, objective.needs_nar, args.tgt_len, k)
-    return {"seconds": seconds, "flops": step_flops(cfg.model, vocab, args.batch, args.src_len,
-                                                     passes)}
+    return {"seconds": seconds, "flops": mean_flops(objective, host[args.warmup:], cfg.model, vocab)}
 
 
 def bart_model(mcfg: ModelConfig, vocab: int, max_positions: int):
@@ -216,9 +212,13 @@ def run_bart(precision: str, device: torch.device, args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     seconds = time_steps(step, args.warmup, args.steps, device)
-    passes = decoder_passes(True, False, args.tgt_len, 0)
-    return {"seconds": seconds, "flops": step_flops(cfg.model, args.vocab, args.batch,
-                                                     args.src_len, passes)}
+    return {"seconds": seconds,
+            "flops": mean_flops(objective, host[args.warmup:], cfg.model, args.vocab)}
+
+
+def mean_flops(objective, host: list[dict], model: ModelConfig, vocab: int) -> float:
+    """Analytic FLOPs of a timed step, averaged over the timed batches."""
+    return sum(objective.flops(b, model, vocab) for b in host) / len(host)
 
 
 def cpu_name() -> str:

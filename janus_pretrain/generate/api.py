@@ -10,25 +10,24 @@ order. Under tensor parallelism every rank calls `generate` with the same inputs
 """
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from megatron.core import parallel_state as ps
 
+from janus_pretrain.checkpoint import store, weights
+from janus_pretrain.checkpoint.layout import TOKENIZER
 from janus_pretrain.config import RunConfig, from_dict
+from janus_pretrain.data.padding import pad_batch, with_bos_eos
 from janus_pretrain.errors import JanusError
-from janus_pretrain.generate.ar import Hypothesis, beam_search, greedy
+from janus_pretrain.generate.ar import beam_search, greedy
+from janus_pretrain.generate.hypothesis import Hypothesis
 from janus_pretrain.generate.nar import mask_predict
 from janus_pretrain.model import JanusModel
-from janus_pretrain.objectives.janus import pad_batch, with_bos_eos
 from janus_pretrain.parallel import reshard, state
-from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
-from janus_pretrain.train.consolidate import load_consolidated, resolve_checkpoint
+from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer, tokenizer_from_bytes
 
 
 @dataclass
@@ -55,21 +54,6 @@ class DecodeOptions:
                 raise JanusError(f"generate: {name} must be at least 1")
 
 
-def model_state(path: Path) -> dict:
-    """The model weights of a checkpoint written by the training loop, for this TP rank."""
-    rank = ps.get_tensor_model_parallel_rank()
-    states = path / f"mp_rank_{rank:02d}_model_states.pt"
-    if not states.is_file():
-        raise JanusError(f"checkpoint: {states} not found (was it written with another "
-                         f"tensor-parallel size?)")
-    saved = torch.load(states, map_location="cpu", weights_only=False)
-    if saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    return saved["module"]
-
-
 class Generator:
     def __init__(self, model: JanusModel, tokenizer: Tokenizer, cfg: RunConfig,
                  device: torch.device):
@@ -80,28 +64,27 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, tensor_parallel: int = 1) -> "Generator":
-        ckpt = resolve_checkpoint(path)
-        cfg = from_dict(json.loads((ckpt / "janus.json").read_text())["config"])
-        tokenizer = load_tokenizer(ckpt / "tokenizer.model")
+        ckpt = weights.resolve(path)
+        cfg = from_dict(store.read_meta(ckpt)["config"])
+        tokenizer = load_tokenizer(ckpt / TOKENIZER)
         topo = state.initialize(tensor_parallel)
         model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
-        model.load_state_dict(model_state(ckpt))
+        weights.load_into(model, weights.weights_for_this_rank(ckpt, model), ckpt)
         return cls(model.to(topo.device), tokenizer, cfg, topo.device)
 
     @classmethod
     def from_consolidated(cls, path: str | Path, tensor_parallel: int = 1) -> "Generator":
         """Load a file written by `janus-pretrain checkpoint consolidate`, at any TP size."""
-        saved = load_consolidated(path)
+        saved = weights.load_consolidated(path)
         cfg = from_dict(saved["config"])
-        tok_file = Path(tempfile.mkdtemp(prefix="janus-tok-")) / "tokenizer.model"
-        tok_file.write_bytes(saved["tokenizer"])
-        tokenizer = load_tokenizer(tok_file)
+        tokenizer = tokenizer_from_bytes(saved["tokenizer"], f"{path} (its tokenizer)")
         topo = state.initialize(tensor_parallel)
         model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
         model.load_state_dict(reshard.shard_for_this_rank(saved["model"], model))
         return cls(model.to(topo.device), tokenizer, cfg, topo.device)
 
-    def encode(self, sources: Sequence[str]) -> list[np.ndarray]:
+    def source_ids(self, sources: Sequence[str]) -> list[np.ndarray]:
+        """Source strings -> id arrays framed by BOS/EOS, cut to data.max_source_len."""
         keep = self.cfg.data.max_source_len - 2
         return [with_bos_eos(np.asarray(ids[:keep], dtype=np.int64))
                 for ids in self.tokenizer.encode(sources)]
@@ -121,7 +104,7 @@ class Generator:
     @torch.no_grad()
     def _search(self, src: torch.Tensor, opts: DecodeOptions, forced: Optional[list[int]]
                 ) -> list[Hypothesis]:
-        memory, memory_mask = self.model.encode(src)
+        memory, memory_mask = self.model.run_encoder(src)
         if opts.mode == "nar":
             lengths = None if forced is None else torch.tensor(forced, device=self.device)
             return mask_predict(self.model, memory, memory_mask, opts.iterations,
@@ -140,4 +123,4 @@ class Generator:
     def generate(self, sources: Sequence[str], **options) -> list[str]:
         """Source strings -> hypothesis strings (see DecodeOptions for the options)."""
         opts = DecodeOptions(**options)
-        return [self.tokenizer.decode(h.tokens) for h in self.decode_ids(self.encode(sources), opts)]
+        return [self.tokenizer.decode(h.tokens) for h in self.decode_ids(self.source_ids(sources), opts)]

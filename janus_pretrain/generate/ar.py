@@ -1,25 +1,18 @@
 """Autoregressive decoding: greedy and beam search, incremental with a key/value cache.
 
-Both take an encoded batch (`model.encode`) and return, per source, token ids without BOS/EOS
+Both take an encoded batch (`model.run_encoder`) and return, per source, token ids without BOS/EOS
 and the hypothesis score. `incremental=False` recomputes the full prefix at every step; it exists
 as the reference the cached path is tested against.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from janus_pretrain.generate.hypothesis import Hypothesis
 from janus_pretrain.generate.vocab import full_log_probs
 from janus_pretrain.tokenizer import BOS, EOS
-
-
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # without BOS / EOS
-    score: float       # sum of token log-probs (EOS included) / length ** length_penalty
-    log_prob: float    # sum of token log-probs
 
 
 class _Stepper:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from janus_pretrain.generate.ar import Hypothesis
+from janus_pretrain.generate.hypothesis import Hypothesis
 from janus_pretrain.generate.vocab import full_log_probs
 from janus_pretrain.tokenizer import BOS, EOS, MASK, PAD
 

@@ -194,7 +194,7 @@ class JanusModel(nn.Module):
         _init_normal(self.length_head.weight)
         nn.init.zeros_(self.length_head.bias)
 
-    def encode(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_encoder(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """src_tokens [B, S] -> (memory [B, S, H], memory_mask [B, 1, 1, S], True = real token)."""
         key_mask = (src_tokens != self.pad_id)[:, None, None, :]
         pos = torch.arange(src_tokens.shape[1], device=src_tokens.device)
@@ -250,7 +250,7 @@ class JanusModel(nn.Module):
                 nar_rows: Optional[torch.Tensor] = None,
                 aux_rows: Optional[torch.Tensor] = None,
                 length: bool = False) -> dict[str, torch.Tensor]:
-        memory, memory_mask = self.encode(src_tokens)
+        memory, memory_mask = self.run_encoder(src_tokens)
         out = {}
         if ar_tokens is not None:
             h = self.decode(ar_tokens, None, memory, memory_mask, causal=True)

@@ -19,24 +19,14 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from janus_pretrain.config import ObjectiveConfig
+from janus_pretrain.config import ModelConfig, ObjectiveConfig
+from janus_pretrain.data.padding import pad_batch, with_bos_eos
+from janus_pretrain.model.flops import decoder_passes, step_flops
 from janus_pretrain.objectives import losses, noise
 from janus_pretrain.objectives.streams import TwoStream, ar_inputs, two_stream
-from janus_pretrain.tokenizer import BOS, EOS, MASK, PAD
+from janus_pretrain.tokenizer import MASK, PAD
 
 TERMS = ("ce_ar", "ce_nar", "ce_aux", "kl_ar_nar", "kl_ar_aux", "kl_nar_aux", "length")
-
-
-def pad_batch(rows: Sequence[np.ndarray]) -> torch.Tensor:
-    """Right-pad 1-D id arrays with [PAD] -> [B, max_len] long."""
-    out = np.full((len(rows), max(len(r) for r in rows)), PAD, dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return torch.from_numpy(out)
-
-
-def with_bos_eos(ids: np.ndarray) -> np.ndarray:
-    return np.concatenate([[BOS], ids, [EOS]]).astype(np.int64)
 
 
 @dataclass
@@ -93,6 +83,14 @@ class JanusObjective:
         return {"src": pad_batch(sources), "tgt": pad_batch(targets),
                 "masked": pad_batch([m.astype(np.int64) for m in masks]).bool(),
                 "masked_pos": torch.from_numpy(masked_pos)}
+
+    def flops(self, host: dict[str, torch.Tensor], model: ModelConfig, vocab: int) -> float:
+        """Analytic training FLOPs of a `collate` batch: the decoder passes this objective runs
+        (AR teacher forcing, the two-stream pass) at the batch's padded shapes."""
+        b, s = host["src"].shape
+        passes = decoder_passes(self.needs_ar, self.needs_nar, host["tgt"].shape[1],
+                                host["masked_pos"].shape[1])
+        return step_flops(model, vocab, b, s, passes)
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> Prepared:
         """Device tensors from `collate` -> model inputs and loss targets, built once per batch."""

@@ -1,4 +1,4 @@
-"""The JANUS loss terms on vocab-parallel logits (DESIGN.md section 1, "Loss").
+"""The JANUS loss terms on vocab-parallel logits (docs/method.md, section 4).
 
 Logits arrive split over the tensor-parallel group along the vocabulary and are never gathered.
 A reduction over the vocabulary is a local sum followed by an all-reduce whose backward is the

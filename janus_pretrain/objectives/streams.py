@@ -1,4 +1,4 @@
-"""Decoder inputs and attention masks for the three JANUS streams (DESIGN.md section 1).
+"""Decoder inputs and attention masks for the three JANUS streams (docs/method.md, sections 1-2).
 
 Pure tensor functions, built once per batch on the device. Target rows are `[BOS y1 .. yn EOS PAD..]`.
 

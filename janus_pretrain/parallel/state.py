@@ -45,7 +45,8 @@ def pick_device(local_rank: int) -> torch.device:
 
 
 def initialize(tensor_parallel: int = 1) -> Topology:
-    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's TP/DP groups."""
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's TP/DP groups.
+    Idempotent at the same TP size; another TP size is refused, not silently ignored."""
     # A bare process is rank 0 of 1; DeepSpeed insists on finding these variables.
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                          ("MASTER_ADDR", "127.0.0.1")):
@@ -67,6 +68,10 @@ def initialize(tensor_parallel: int = 1) -> Topology:
                                 device_id=device if device.type == "cuda" else None)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    elif ps.get_tensor_model_parallel_world_size() != tensor_parallel:
+        raise JanusError(f"parallel: this process already runs at tensor_parallel="
+                         f"{ps.get_tensor_model_parallel_world_size()}; it cannot switch to "
+                         f"{tensor_parallel} (call state.shutdown() first)")
     return Topology(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -89,7 +94,7 @@ class DeepSpeedMPU:
     """megatron-core's parallel_state under the method names DeepSpeed's `mpu` argument expects.
 
     Without it DeepSpeed treats every rank as a data-parallel peer and averages gradients over
-    TP shards: the run still trains, but wrongly (DESIGN.md section 8).
+    TP shards: the run still trains, but wrongly (tests/test_zero_tp.py checks it against a dense run).
     """
 
     get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)

@@ -1,15 +1,25 @@
-"""Console progress (tqdm) and W&B logging, on global rank 0 only.
+"""What a run reports: loss terms and throughput accumulated on the device, averaged over the
+data-parallel group at each log interval, and written by rank 0 to the console (tqdm),
+`<output_dir>/metrics.jsonl` and W&B.
 
 W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set; the offline run
 directory is printed at the end so it can be `wandb sync`-ed.
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from tqdm import tqdm
+
+from janus_pretrain.objectives.janus import TERMS
+from janus_pretrain.tokenizer import PAD
 
 
 def wandb_mode() -> str:
@@ -18,38 +28,125 @@ def wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+class StepStats:
+    """Loss terms and token counts accumulated on the device between log intervals."""
+
+    def __init__(self, device: torch.device, present: set[str]):
+        self.device = device
+        self.present = present
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(TERMS) + 1, device=self.device, dtype=torch.float64)
+        self.step_sums = torch.zeros_like(self.sums)
+        self.step_micro_batches = 0
+        self.micro_batches = 0
+        self.tokens = 0
+        self.flops = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, total: torch.Tensor, terms: dict[str, torch.Tensor],
+            host: dict[str, torch.Tensor], flops: float) -> None:
+        values = [terms[t] if t in terms else torch.zeros((), device=self.device) for t in TERMS]
+        self.step_sums += torch.stack([total.detach(), *values]).double()
+        self.step_micro_batches += 1
+        self.tokens += int((host["src"] != PAD).sum() + (host["tgt"] != PAD).sum())
+        self.flops += flops
+
+    def end_step(self, skipped: bool) -> None:
+        """A skipped step's (non-finite) losses stay out of the averages."""
+        if not skipped:
+            self.sums += self.step_sums
+            self.micro_batches += self.step_micro_batches
+        self.step_sums.zero_()
+        self.step_micro_batches = 0
+
+    def reduce(self) -> dict[str, float]:
+        """Average over micro-batches and data-parallel ranks (a collective), then start anew."""
+        counts = torch.tensor([self.tokens, self.flops], device=self.device, dtype=torch.float64)
+        group = ps.get_data_parallel_group()
+        dist.all_reduce(self.sums, group=group)
+        dist.all_reduce(counts, group=group)
+        dp = ps.get_data_parallel_world_size()
+        means = (self.sums / (self.micro_batches * dp)).tolist()
+        elapsed = time.perf_counter() - self.start
+        out = {"train/loss": means[0]}
+        out.update({f"train/{t}": v for t, v in zip(TERMS, means[1:]) if t in self.present})
+        tokens, flops = counts.tolist()
+        out["perf/tokens_per_s"] = tokens / elapsed
+        out["perf/flops_per_s"] = flops / ps.get_tensor_model_parallel_world_size() / elapsed
+        self.reset()
+        return out
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Steps past the checkpoint we resume from (logged before a crash) will be logged again;
+    so will a line that a crash cut short."""
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return float("inf")
+
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and logged_step(line) <= step]
+    path.write_text("".join(kept))
+
+
 class RunLogger:
-    def __init__(self, enabled: bool, total_steps: int, start_step: int, output_dir: Path,
-                 project: str, name: Optional[str], config: dict):
-        self.enabled = enabled
-        self.bar = None
-        self.run = None
+    """Decides when to log (every `log_interval` steps and at the last step) and writes the
+    metrics; every rank calls `after_step` (the averaging is a collective), rank 0 writes."""
+
+    def __init__(self, enabled: bool, output_dir: Path, total_steps: int, start_step: int,
+                 log_interval: int, peak_flops: float, project: str, name: Optional[str],
+                 config: dict):
+        self.enabled, self.log_interval, self.peak_flops = enabled, log_interval, peak_flops
+        self.file = output_dir / "metrics.jsonl"
+        self.first: Optional[dict] = None
+        self.last: Optional[dict] = None
+        self.steps_since_log = 0
         if not enabled:
             return
         import wandb
 
         output_dir.mkdir(parents=True, exist_ok=True)
+        if self.file.is_file():
+            drop_metrics_after(self.file, start_step)
         self.run = wandb.init(project=project, name=name, dir=str(output_dir), config=config,
                               mode=wandb_mode(), resume="allow")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         mininterval=1.0)
 
-    def log(self, step: int, metrics: dict[str, float], steps_done: int) -> None:
-        if not self.enabled:
+    def after_step(self, step: int, done: bool, stats: StepStats, engine) -> None:
+        self.steps_since_log += 1
+        if step % self.log_interval and not done:
             return
-        self.bar.update(steps_done)
+        metrics = stats.reduce()
+        metrics["train/lr"] = engine.get_lr()[0]
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["train/grad_norm"] = float(norm)
+        metrics["train/skipped_steps"] = engine.skipped_steps
+        metrics["perf/mfu"] = metrics.pop("perf/flops_per_s") / self.peak_flops
+        if self.enabled:
+            self._write(step, metrics)
+        self.steps_since_log = 0
+
+    def _write(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.file, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.first = self.first or metrics
+        self.last = metrics
+        self.bar.update(self.steps_since_log)
         self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
                              tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
         terms = " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in metrics.items())
         self.bar.write(f"step {step}: {terms}")
         self.run.log(metrics, step=step)
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar else print)(text)
-
     def close(self) -> Optional[str]:
-        """Finish; returns the W&B run directory."""
+        """Finish; returns the W&B run directory (rank 0)."""
         if not self.enabled:
             return None
         self.bar.close()

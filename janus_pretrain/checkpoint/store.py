@@ -1,28 +1,19 @@
-"""Atomic, verified, resumable checkpoints around DeepSpeed's own save/load.
+"""Training checkpoints: save, find and resume around DeepSpeed's own save/load (layout.py).
 
-Layout under `<output_dir>/checkpoints/`:
-    step_00000100/   DeepSpeed's files (model, optimizer, scheduler; ZeRO shards),
-                     rng_rank<r>.pt per rank, janus.json (step, loader position, config),
-                     tokenizer.model, and the marker COMPLETE written last: it lists the sha256
-                     of every other file
-    latest           the name of the newest complete checkpoint (for people and tools)
-
-Everything is written into `.tmp-step_*` first and fsync'd; only when every rank has finished
-does rank 0 write COMPLETE, rename the directory and then replace `latest`, so a crash at any
-point leaves the previous checkpoint intact. Resuming takes the newest directory that has its
-COMPLETE marker (not `latest`, which a crash between rename and update could leave one behind),
-warns about those without one, and verifies the checksums before DeepSpeed reads a byte.
+Every rank writes into a staging directory (atomic.py); when all have finished, each hashes and
+fsyncs its share of the files and rank 0 publishes the directory with its marker, then replaces
+`latest` and prunes old checkpoints. Resuming takes the newest directory that has its marker
+(not `latest`, which a crash between rename and update could leave one behind), warns about
+those without one, and verifies the checksums before DeepSpeed reads a byte.
 
 Test hook: with JANUS_TEST_KILL_IN_SAVE=<step>, rank 0 SIGKILLs itself while saving that step,
 after DeepSpeed's files and before janus.json and the marker (tests/test_fault_tolerance.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -33,47 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from janus_pretrain.checkpoint import atomic
+from janus_pretrain.checkpoint.layout import (LATEST, MARKER, META, STEP, TMP_PREFIX, TOKENIZER,
+                                              rng_file, step_name)
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import Tokenizer, load_tokenizer
 
-MARKER = "COMPLETE"
 KILL_IN_SAVE = "JANUS_TEST_KILL_IN_SAVE"
-TAG = re.compile(r"step_(\d{8})")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
-    """The file's sha256; with `sync`, also flush it to disk (fsync works on a read-only fd)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _files(directory: Path) -> list[str]:
-    """Every file under `directory` but the marker, relative and sorted (the same on every rank)."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and p.name != MARKER)
 
 
 def _share(items: list, rank: int, world: int) -> list:
@@ -104,10 +61,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def _warn(message: str) -> None:
     if dist.get_rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -117,44 +70,39 @@ def save(engine, root: Path, step: int, client_state: dict, tokenizer: Tokenizer
          keep: int) -> Path:
     """Collective: every rank calls it. Keeps the newest `keep` checkpoints; returns the new one."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    tag = tag_for(step)
-    tmp = root / f".tmp-{tag}"
+    final = root / step_name(step)
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        atomic.staging(final)
     dist.barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    torch.save(rng_state(), tmp / rng_file(rank))
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     if rank == 0:
         if os.environ.get(KILL_IN_SAVE) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
-        (tmp / "janus.json").write_text(json.dumps({"step": step, **client_state}, indent=2))
-        shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+        (tmp / META).write_text(json.dumps({"step": step, **client_state}, indent=2))
+        (tmp / TOKENIZER).write_bytes(tokenizer.model_bytes())
     dist.barrier()
-    # Each rank hashes (and fsyncs) its share of the files; rank 0 writes the manifest.
-    files = _files(tmp)
-    sums = dict(_gather([(f, _sha256(tmp / f, sync=True)) for f in _share(files, rank, world)]))
-    final = root / tag
+    # Each rank hashes (and fsyncs) its share of the files; rank 0 publishes the manifest.
+    names = atomic.files(tmp)
+    sums = dict(_gather([(f, atomic.sha256(tmp / f, sync=True)) for f in _share(names, rank, world)]))
     if rank == 0:
-        _write_atomic(tmp / MARKER, json.dumps({"step": step, "sha256": sums}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_atomic(root / "latest", tag)
+        atomic.publish(tmp, final, sums, step=step)
+        atomic.write_text(root / LATEST, final.name)
         _prune(root, keep)
     dist.barrier()
     return final
 
 
 def _checkpoint_dirs(root: Path) -> list[Path]:
-    """Directories that are or were meant to become checkpoints, newest step first."""
+    """Step directories that are or were meant to become checkpoints, newest step first."""
     found = [(int(m.group(1)), p) for p in root.glob("*step_*")
-             if p.is_dir() and (m := TAG.fullmatch(p.name.removeprefix(".tmp-")))]
+             if p.is_dir() and (m := STEP.fullmatch(p.name.removeprefix(TMP_PREFIX)))]
     return [p for _, p in sorted(found, key=lambda t: (t[0], t[1].name), reverse=True)]
 
 
 def complete(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, newest first."""
+    """Complete step directories under `root`, newest first."""
     if not root.is_dir():
         return []
     return [p for p in _checkpoint_dirs(root) if not p.name.startswith(".") and (p / MARKER).is_file()]
@@ -178,7 +126,7 @@ def verify(path: Path) -> list[str]:
     except (ValueError, KeyError, TypeError, AttributeError):
         return [MARKER]
     mine = [n for n in _share(names, dist.get_rank(), dist.get_world_size())
-            if not (path / n).is_file() or _sha256(path / n) != manifest[n]]
+            if not (path / n).is_file() or atomic.sha256(path / n) != manifest[n]]
     return sorted(_gather(mine))
 
 
@@ -207,12 +155,20 @@ def find_resumable(root: Path, fallback: bool) -> Optional[Path]:
 
 def check_tokenizer(checkpoint: Path, tokenizer: Tokenizer) -> None:
     """A checkpoint's embedding rows only mean something with the tokenizer it was trained with."""
-    saved = load_tokenizer(checkpoint / "tokenizer.model")
+    saved = load_tokenizer(checkpoint / TOKENIZER)
     if saved.vocab_size != tokenizer.vocab_size or (
-            saved.path.read_bytes() != tokenizer.path.read_bytes()):
+            saved.model_bytes() != tokenizer.model_bytes()):
         raise JanusError(f"checkpoint: {checkpoint} was trained with another tokenizer "
                          f"(vocab {saved.vocab_size}) than {tokenizer.path} "
                          f"(vocab {tokenizer.vocab_size})")
+
+
+def read_meta(checkpoint: Path) -> dict:
+    """janus.json of a step (or model-only) directory: step, loader position, run config."""
+    path = checkpoint / META
+    if not path.is_file():
+        raise JanusError(f"checkpoint: {checkpoint} is not a janus-pretrain checkpoint (no {META})")
+    return json.loads(path.read_text())
 
 
 def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
@@ -223,7 +179,36 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
         raise JanusError(f"checkpoint: DeepSpeed could not load {path}")
     if dist.get_rank() == 0:
         print(f"checkpoint: resuming from {path}", flush=True)
-    rng_file = path / f"rng_rank{dist.get_rank():05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "janus.json").read_text())
+    rng = path / rng_file(dist.get_rank())
+    if rng.is_file():
+        # Our own file, next to DeepSpeed's pickles (which need pickle too); never a model file.
+        set_rng_state(torch.load(rng, weights_only=False))
+    return read_meta(path)
+
+
+class Checkpointer:
+    """Owns one run's checkpoints: refuses to overwrite a finished run, resumes, and decides
+    when to save (every `save_interval` steps and at the last step of an invocation)."""
+
+    def __init__(self, engine, output_dir: Path, tokenizer: Tokenizer, save_interval: int,
+                 keep: int):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.root = output_dir / "checkpoints"
+        self.save_interval, self.keep = save_interval, keep
+        self.last: Optional[Path] = None
+
+    def start(self, resume: bool, fallback: bool) -> Optional[dict]:
+        """Collective: janus.json of the checkpoint resumed from, or None for a fresh run."""
+        if not resume:
+            if complete(self.root):
+                raise JanusError(f"train: {self.root.parent} already holds checkpoints: pass "
+                                 f"--resume to continue, or choose another train.output_dir")
+            return None
+        found = find_resumable(self.root, fallback)
+        return None if found is None else load(self.engine, found, self.tokenizer)
+
+    def after_step(self, step: int, done: bool, client_state) -> None:
+        """Collective; `client_state()` builds what janus.json holds besides the step."""
+        if step % self.save_interval == 0 or done:
+            self.last = save(self.engine, self.root, step, client_state(), self.tokenizer,
+                             self.keep)

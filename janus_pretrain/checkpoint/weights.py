@@ -1,0 +1,155 @@
+"""Model weights out of checkpoints: resolve a path, read the weights for any TP size, write
+model-only checkpoints (averaged, best), and consolidate to one file.
+
+DeepSpeed's zero_to_fp32 rebuilds fp32 weights from ZeRO shards, but for one model-parallel rank
+at a time; we hand it each TP rank's files in turn (a symlinked view) and merge or split the TP
+shards ourselves (parallel/reshard.py). Without ZeRO optimizer shards (ZeRO-0, model-only
+checkpoints) the weights saved with the module are used. So any checkpoint loads at any TP size.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state as ps
+from torch import nn
+
+from janus_pretrain.checkpoint import atomic
+from janus_pretrain.checkpoint.layout import (CHECKPOINTS, MARKER, META, TOKENIZER, has_zero_shards,
+                                              model_states_file, tp_rank_files, tp_size)
+from janus_pretrain.checkpoint.store import complete, read_meta
+from janus_pretrain.config import from_dict
+from janus_pretrain.errors import JanusError
+from janus_pretrain.model import JanusModel
+from janus_pretrain.parallel import reshard, state
+from janus_pretrain.tokenizer import PAD, load_tokenizer
+
+Weights = dict[str, torch.Tensor]
+
+
+def resolve(path: str | Path) -> Path:
+    """A step (or model-only) directory, a checkpoints/ directory or a run directory -> the
+    newest complete checkpoint directory."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    for root in (path / CHECKPOINTS, path):
+        found = complete(root)
+        if found:
+            return found[0]
+    raise JanusError(f"checkpoint: no complete checkpoint at {path}")
+
+
+def _load_pickle(path: Path) -> dict:
+    # DeepSpeed's own state files are pickles (optimizer and engine state); we only read the
+    # ones our training loop wrote. Model files meant for sharing are `consolidate`d instead.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def tp_rank_weights(checkpoint: Path, tp_rank: int) -> Weights:
+    """The fp32 weights held by one TP rank, gathered over its data-parallel ZeRO shards."""
+    files = tp_rank_files(checkpoint, tp_rank)
+    if not files:
+        raise JanusError(f"checkpoint: no DeepSpeed model states for TP rank {tp_rank} in {checkpoint}")
+    if not has_zero_shards(files):
+        saved = _load_pickle(checkpoint / model_states_file(tp_rank))
+        return {k: v.float() if v.is_floating_point() else v
+                for k, v in saved["module"].items() if isinstance(v, torch.Tensor)}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / "tag"
+        view.mkdir()
+        for f in files:
+            os.symlink(f.resolve(), view / f.name)
+        with contextlib.redirect_stdout(io.StringIO()):  # it narrates every tensor
+            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")
+
+
+def full_weights(checkpoint: Path, model: nn.Module) -> Weights:
+    """Every TP rank's weights merged into the TP = 1 state dict of `model`'s shape."""
+    shards = [tp_rank_weights(checkpoint, r) for r in range(tp_size(checkpoint))]
+    return reshard.merge(shards, reshard.split_dims(model))
+
+
+def weights_for_this_rank(checkpoint: Path, model: nn.Module) -> Weights:
+    """The weights this TP rank's `model` holds, whatever TP size wrote the checkpoint."""
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if tp_size(checkpoint) == tp:
+        return tp_rank_weights(checkpoint, rank)
+    return reshard.shard_for_this_rank(full_weights(checkpoint, model), model)
+
+
+def load_into(model: nn.Module, weights: Weights, origin: Path | str) -> None:
+    """Load weights into `model`; every parameter must be there and fit. zero_to_fp32 returns
+    parameters only: the rest of the state dict (megatron's empty `_extra_state`) is stateless."""
+    params = {name for name, _ in model.named_parameters()}
+    missing = sorted(params - set(weights))
+    if missing:
+        raise JanusError(f"checkpoint: {origin} lacks weights for {missing[0]}")
+    try:
+        model.load_state_dict({**model.state_dict(), **weights})
+    except RuntimeError as e:
+        raise JanusError(f"checkpoint: {origin} does not fit this model "
+                         f"({str(e).splitlines()[-1].strip()}); set model= to its shape") from None
+
+
+def write_model_checkpoint(source: Path, shards: list[Weights], target: Path) -> Path:
+    """A model-only checkpoint at `target`: one weights file per TP rank (`shards`, rank order),
+    and `source`'s janus.json and tokenizer, published atomically."""
+    tmp = atomic.staging(target)
+    for rank, shard in enumerate(shards):
+        torch.save({"module": shard}, tmp / model_states_file(rank))
+    for name in (META, TOKENIZER):
+        shutil.copyfile(source / name, tmp / name)
+    return atomic.publish_local(tmp, target, source=str(source))
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    """`source`'s weights (no optimizer state) as a model-only checkpoint at `target`."""
+    shards = [tp_rank_weights(source, r) for r in range(tp_size(source))]
+    return write_model_checkpoint(source, shards, target)
+
+
+def average(checkpoints: list[Path], target: Path) -> Path:
+    """Element-wise mean of the checkpoints' fp32 weights (per TP rank) -> a model-only
+    checkpoint at `target` with the first checkpoint's config and tokenizer."""
+    sizes = {tp_size(p) for p in checkpoints}
+    if len(sizes) != 1:
+        raise JanusError(f"checkpoint: cannot average checkpoints of different TP sizes {sorted(sizes)}")
+    shards = []
+    for rank in range(sizes.pop()):
+        states = [tp_rank_weights(p, rank) for p in checkpoints]
+        shards.append({k: sum(s[k].double() for s in states).div(len(states)).to(v.dtype)
+                       if v.is_floating_point() else v for k, v in states[0].items()})
+    return write_model_checkpoint(checkpoints[0], shards, target)
+
+
+def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write `output` (one torch file: weights, run config, tokenizer) from any checkpoint
+    (see `resolve`); returns its path."""
+    checkpoint = resolve(checkpoint)
+    config = read_meta(checkpoint)["config"]
+    tokenizer = load_tokenizer(checkpoint / TOKENIZER)
+    state.initialize(1)
+    skeleton = JanusModel(from_dict(config).model, tokenizer.vocab_size, PAD)
+    full = full_weights(checkpoint, skeleton)
+    load_into(skeleton, full, checkpoint)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": skeleton.state_dict(), "config": config,
+                "tokenizer": tokenizer.model_bytes(), "source": str(checkpoint)}, output)
+    return output
+
+
+def load_consolidated(path: str | Path) -> dict:
+    """A consolidated file -> {"model", "config", "tokenizer", "source"} (weights on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JanusError(f"checkpoint: consolidated file not found: {path}")
+    return _load_pickle(path)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from janus_pretrain.config import RunConfig, to_dict
-from janus_pretrain.data.loader import BatchLoader
+from janus_pretrain.data.loader import build_loader
 from janus_pretrain.data.shards import ShardedCorpus
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
@@ -164,9 +164,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if cfg.train.compile:
         model.compile()
     engine = build_engine(model, cfg)
-    loader = BatchLoader(corpus, objective.collate, cfg.data.micro_batch_size, cfg.data.seed,
-                         dp_rank=state.data_parallel_rank(), dp_size=state.data_parallel_size(),
-                         sources=sources)
+    loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
+                          state.data_parallel_size(), sources)
 
     output = Path(cfg.train.output_dir)
     ckpt_root = output / "checkpoints"

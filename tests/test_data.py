@@ -270,7 +270,9 @@ def _pairs(n=60, seed=7):
     """n (source, target) pairs; id 100 + i opens both rows of pair i; lengths 1..29, some above
     the max lengths used below, so truncation matters to the budget."""
     rng = np.random.default_rng(seed)
-    make = lambda i: np.concatenate([[100 + i], rng.integers(10, 90, size=int(rng.integers(0, 29)))])  # noqa: E731
+    def make(i):
+        return np.concatenate([[100 + i], rng.integers(10, 90, size=int(rng.integers(0, 29)))])
+
     targets = [make(i) for i in range(n)]
     sources = [make(i) for i in range(n)]
     return sources, targets

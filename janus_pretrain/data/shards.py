@@ -153,7 +153,8 @@ class ShardedCorpus:
         return int(self.token_starts[-1])
 
     def token_slice(self, start: int, stop: int) -> np.ndarray:
-        """Ids start..stop-1 of all documents back to back (crossing shards) -> int64 [stop - start]."""
+        """Ids start..stop-1 of all documents back to back (crossing shards) -> int64
+        [stop - start]."""
         parts = []
         for s, shard in enumerate(self.shards):
             lo, hi = self.token_starts[s], self.token_starts[s + 1]

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from janus_pretrain.config import DataConfig
+from janus_pretrain.config import DataConfig, ObjectiveConfig
 from janus_pretrain.data.batching import TokenBudget
 from janus_pretrain.data.loader import BatchLoader, build_loader
 from janus_pretrain.data.packing import PackedCorpus
 from janus_pretrain.data.shards import Shard, ShardedCorpus, token_dtype, write_shard
 from janus_pretrain.errors import JanusError
-from janus_pretrain.tokenizer import PAD, load_tokenizer
+from janus_pretrain.tokenizer import EOS, PAD, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,15 +278,14 @@ def _pairs(n=60, seed=7):
     return sources, targets
 
 
-def _budget_loaders(dp_size, budget, prefetch=0, seed=3):
-    from janus_pretrain.config import ObjectiveConfig
+def _budget_loaders(dp_size, budget, seed=3):
     from janus_pretrain.objectives.janus import JanusObjective
 
     objective = JanusObjective(ObjectiveConfig(masking="span"), budget.max_source_len,
                                budget.max_target_len, 64)
     sources, targets = _pairs()
     return [BatchLoader(targets, objective.collate, None, seed, dp_rank=r, dp_size=dp_size,
-                        sources=sources, budget=budget, prefetch=prefetch) for r in range(dp_size)]
+                        sources=sources, budget=budget) for r in range(dp_size)]
 
 
 def _same(a, b):
@@ -369,6 +368,28 @@ def test_packing_puts_every_token_in_one_block(tmp_path):
     rows = [row for batch in _take(loader, loader.batches_per_epoch) for row in batch["ids"]]
     assert len(set(rows)) == len(rows) == len(blocks) // 2 * 2
     assert set(rows) <= {tuple(b) for b in blocks}
+
+
+def test_packed_blocks_in_token_budget_batches(tmp_path):
+    """Pretraining with both: denoised sources stay within the budget, every block once."""
+    from janus_pretrain.objectives.janus import JanusObjective
+
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(5, 500, size=int(rng.integers(0, 15))).tolist() for _ in range(12)]
+    _write_corpus(tmp_path / "c", [docs], 500)
+    data = DataConfig(train="t", tokenizer="k", max_source_len=9, max_target_len=9,
+                      max_tokens=20, pack_documents=True, prefetch=2)
+    objective = JanusObjective(ObjectiveConfig(masking="denoise"), 9, 9, 16)
+    loader = build_loader(data, ShardedCorpus(tmp_path / "c"), objective.collate, 0, 1)
+    try:
+        rows = []
+        for batch in _take(loader, loader.batches_per_epoch):
+            assert batch["src"].numel() <= 20 and batch["tgt"].numel() <= 20
+            rows += [tuple(r[1:r.index(EOS)]) for r in batch["tgt"].tolist()]
+    finally:
+        loader.close()
+    stream = [t for d in docs for t in d]
+    assert sorted(rows) == sorted(tuple(stream[k:k + 7]) for k in range(0, len(stream), 7))
 
 
 @pytest.mark.parametrize("budget", [None, TokenBudget(40, 24, 24)])

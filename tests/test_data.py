@@ -397,13 +397,12 @@ def test_prefetch_gives_synchronous_batches_across_resume(budget):
     corpus = _small_corpus(40)
     make = lambda prefetch: BatchLoader(corpus, collate, 4, seed=5, budget=budget,  # noqa: E731
                                         prefetch=prefetch)
-    sync, ahead = make(0), make(2)
+    sync, ahead, resumed = make(0), make(2), make(2)
     try:
         n = sync.batches_per_epoch + 3
         assert _take(ahead, 3) == _take(sync, 3)
         time.sleep(0.05)  # let the worker fill its queue: the state is what the caller took
         assert ahead.state_dict() == sync.state_dict() == {"epoch": 0, "index": 3, "seed": 5}
-        resumed = make(2)
         resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
         expected = _take(sync, n)
         assert _take(resumed, n) == expected and _take(ahead, n) == expected

@@ -104,7 +104,7 @@ class BatchLoader:
             if self._worker is None:
                 self._start_worker()
             position, batch = self._ready.get()
-            if isinstance(batch, BaseException):
+            if isinstance(batch, Exception):
                 self._worker = None
                 raise batch
             assert position == (self.epoch, self.index), (position, self.epoch, self.index)
@@ -135,7 +135,7 @@ class BatchLoader:
                     break
                 except queue.Full:
                     continue
-            if isinstance(item[1], BaseException):
+            if isinstance(item[1], Exception):
                 return
             index += 1
 

@@ -100,7 +100,12 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    """Where the token shards and tokenizer are, and how samples are cut."""
+    """Where the token shards and tokenizer are, and how samples are cut and batched.
+
+    Batches hold `micro_batch_size` examples, or, with `max_tokens` set (as fairseq's
+    --max-tokens), as many length-bucketed examples as fit in max_tokens padded cells (rows x
+    longest row, with [BOS]/[EOS], source and target each): then `micro_batch_size` does not
+    shape the batch (DeepSpeed only books it as the nominal micro-batch)."""
 
     # Required to train (RunConfig.check_data), not to describe a model or an objective.
     train: Optional[str] = None  # shard directory written by `janus-pretrain data prepare`
@@ -111,10 +116,22 @@ class DataConfig:
     max_source_len: int = 512
     max_target_len: int = 512
     micro_batch_size: int = 8
+    max_tokens: Optional[int] = None  # token budget per micro-batch; None: micro_batch_size rows
+    # Pretraining only: train on the documents back to back, cut into blocks of
+    # max_target_len - 2 ids (as BART), instead of one (mostly padded) document per row.
+    pack_documents: bool = False
+    prefetch: int = 2  # micro-batches collated ahead of the step by a background thread; 0: none
     seed: int = 1234
 
     def __post_init__(self):
         _check(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+        _check(self.max_tokens is None or self.max_tokens >= max(self.max_source_len,
+                                                                 self.max_target_len),
+               "data.max_tokens", "must be at least max(data.max_source_len, "
+               "data.max_target_len), so that every example fits in a batch")
+        _check(not (self.pack_documents and self.source), "data.pack_documents",
+               "packs pretraining documents; it cannot be used with data.source (pairs)")
+        _check(self.prefetch >= 0, "data.prefetch", "must be >= 0")
         _check(self.max_source_len >= 8, "data.max_source_len", "must be at least 8")
         _check(self.max_target_len >= 8, "data.max_target_len", "must be at least 8")
 

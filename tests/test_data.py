@@ -7,15 +7,21 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from janus_pretrain.data.loader import BatchLoader
+from janus_pretrain.config import DataConfig, ObjectiveConfig
+from janus_pretrain.data.batching import TokenBudget
+from janus_pretrain.data.loader import BatchLoader, build_loader
+from janus_pretrain.data.packing import PackedCorpus
 from janus_pretrain.data.shards import Shard, ShardedCorpus, token_dtype, write_shard
 from janus_pretrain.errors import JanusError
-from janus_pretrain.tokenizer import load_tokenizer
+from janus_pretrain.tokenizer import EOS, PAD, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,6 +262,178 @@ def test_loader_errors():
     loader = BatchLoader(corpus, collate, 2, seed=1)
     with pytest.raises(JanusError, match="data.seed"):
         loader.load_state_dict({"epoch": 0, "index": 1, "seed": 2})
+
+
+# --- token-budget batches, packing, prefetch --------------------------------------------------
+
+def _pairs(n=60, seed=7):
+    """n (source, target) pairs; id 100 + i opens both rows of pair i; lengths 1..29, some above
+    the max lengths used below, so truncation matters to the budget."""
+    rng = np.random.default_rng(seed)
+    def make(i):
+        return np.concatenate([[100 + i], rng.integers(10, 90, size=int(rng.integers(0, 29)))])
+
+    targets = [make(i) for i in range(n)]
+    sources = [make(i) for i in range(n)]
+    return sources, targets
+
+
+def _budget_loaders(dp_size, budget, seed=3):
+    from janus_pretrain.objectives.janus import JanusObjective
+
+    objective = JanusObjective(ObjectiveConfig(masking="span"), budget.max_source_len,
+                               budget.max_target_len, 64)
+    sources, targets = _pairs()
+    return [BatchLoader(targets, objective.collate, None, seed, dp_rank=r, dp_size=dp_size,
+                        sources=sources, budget=budget) for r in range(dp_size)]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dp_size", [1, 2, 3])
+def test_token_batches_cover_epoch_within_budget(dp_size):
+    budget = TokenBudget(max_tokens=47, max_source_len=16, max_target_len=16)
+    loaders = _budget_loaders(dp_size, budget)
+    steps = loaders[0].batches_per_epoch
+    assert all(loader.batches_per_epoch == steps for loader in loaders)
+    seen = []
+    for _ in range(steps):
+        step = [next(loader) for loader in loaders]
+        for batch in step:
+            # Padded cells of the collated tensors, [BOS]/[EOS] and truncation included.
+            assert batch["src"].numel() <= 47 and batch["tgt"].numel() <= 47
+            assert batch["src"].shape[1] <= 16 and batch["tgt"].shape[1] <= 16
+            assert torch.equal(batch["src"][:, 1], batch["tgt"][:, 1])  # pairs stay together
+            seen += (batch["tgt"][:, 1] - 100).tolist()
+        # The ranks of a step hold neighbouring length buckets: similar cost.
+        lens = [(b["tgt"] != PAD).sum(1) for b in step]
+        for lo, hi in zip(lens, lens[1:]):
+            assert lo.max() <= hi.min()
+    assert sorted(seen) == list(range(60)), "each example exactly once per epoch"
+    # The epoch's steps are not in length order, and the next epoch has other batches.
+    longest = [int((next(loaders[0])["tgt"] != PAD).sum(1).max()) for _ in range(steps)]
+    assert longest != sorted(longest)
+    assert loaders[0].epoch == 1
+    first = [b.tolist() for b in loaders[0]._plan(0)]
+    assert first != [b.tolist() for b in loaders[0]._plan(1)]
+
+
+@pytest.mark.parametrize("dp_size", [1, 2])
+@pytest.mark.parametrize("k", [0, 3, 9])
+def test_token_batches_resume(k, dp_size):
+    budget = TokenBudget(max_tokens=48, max_source_len=24, max_target_len=24)
+    original = _budget_loaders(dp_size, budget)
+    for loader in original:
+        _take(loader, k)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in original]
+    assert all(set(s) == {"epoch", "index", "seed"} for s in states)
+    resumed = _budget_loaders(dp_size, budget)
+    for loader, state in zip(resumed, states):
+        loader.load_state_dict(state)
+    n = 2 * original[0].batches_per_epoch + 1  # crosses two epoch boundaries
+    for a, b in zip(original, resumed):
+        assert all(_same(x, y) for x, y in zip(_take(a, n), _take(b, n)))
+        assert a.state_dict() == b.state_dict() and a.epoch >= 2
+
+
+def test_token_budget_errors():
+    with pytest.raises(JanusError, match="data.max_tokens=12 is below one example of 16"):
+        _budget_loaders(1, TokenBudget(max_tokens=12, max_source_len=8, max_target_len=16))
+    with pytest.raises(JanusError, match="data.max_tokens"):
+        DataConfig(train="t", tokenizer="k", max_target_len=64, max_tokens=32)
+    with pytest.raises(JanusError, match="data.pack_documents"):
+        DataConfig(train="t", tokenizer="k", source="s", pack_documents=True)
+
+
+def test_packing_puts_every_token_in_one_block(tmp_path):
+    rng = np.random.default_rng(2)
+    parts = [_random_docs(rng, 9, 500, max_len=12), [], _random_docs(rng, 4, 500, max_len=12)]
+    _write_corpus(tmp_path / "c", parts, 500)
+    corpus = ShardedCorpus(tmp_path / "c")
+    stream = [t for part in parts for doc in part for t in doc]
+    packed = PackedCorpus(corpus, 7)
+    blocks = [packed[k].tolist() for k in range(len(packed))]
+    assert [t for block in blocks for t in block] == stream
+    assert all(len(b) == 7 for b in blocks[:-1]) and 1 <= len(blocks[-1]) <= 7
+    assert packed.lengths().tolist() == [len(b) for b in blocks]
+    assert corpus.lengths().tolist() == [len(d) for part in parts for d in part]
+    with pytest.raises(IndexError):
+        packed[len(packed)]
+    # The loader a pretraining config builds trains on blocks of max_target_len - 2 ids.
+    data = DataConfig(train="t", tokenizer="k", max_source_len=9, max_target_len=9,
+                      micro_batch_size=2, pack_documents=True, prefetch=0)
+    loader = build_loader(data, corpus, collate, dp_rank=0, dp_size=1)
+    rows = [row for batch in _take(loader, loader.batches_per_epoch) for row in batch["ids"]]
+    assert len(set(rows)) == len(rows) == len(blocks) // 2 * 2
+    assert set(rows) <= {tuple(b) for b in blocks}
+
+
+def test_packed_blocks_in_token_budget_batches(tmp_path):
+    """Pretraining with both: denoised sources stay within the budget, every block once."""
+    from janus_pretrain.objectives.janus import JanusObjective
+
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(5, 500, size=int(rng.integers(0, 15))).tolist() for _ in range(12)]
+    _write_corpus(tmp_path / "c", [docs], 500)
+    data = DataConfig(train="t", tokenizer="k", max_source_len=9, max_target_len=9,
+                      max_tokens=20, pack_documents=True, prefetch=2)
+    objective = JanusObjective(ObjectiveConfig(masking="denoise"), 9, 9, 16)
+    loader = build_loader(data, ShardedCorpus(tmp_path / "c"), objective.collate, 0, 1)
+    try:
+        rows = []
+        for batch in _take(loader, loader.batches_per_epoch):
+            assert batch["src"].numel() <= 20 and batch["tgt"].numel() <= 20
+            rows += [tuple(r[1:r.index(EOS)]) for r in batch["tgt"].tolist()]
+    finally:
+        loader.close()
+    stream = [t for d in docs for t in d]
+    assert sorted(rows) == sorted(tuple(stream[k:k + 7]) for k in range(0, len(stream), 7))
+
+
+@pytest.mark.parametrize("budget", [None, TokenBudget(40, 24, 24)])
+def test_prefetch_gives_synchronous_batches_across_resume(budget):
+    corpus = _small_corpus(40)
+    make = lambda prefetch: BatchLoader(corpus, collate, 4, seed=5, budget=budget,  # noqa: E731
+                                        prefetch=prefetch)
+    sync, ahead, resumed = make(0), make(2), make(2)
+    try:
+        n = sync.batches_per_epoch + 3
+        assert _take(ahead, 3) == _take(sync, 3)
+        time.sleep(0.05)  # let the worker fill its queue: the state is what the caller took
+        assert ahead.state_dict() == sync.state_dict() == {"epoch": 0, "index": 3, "seed": 5}
+        resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
+        expected = _take(sync, n)
+        assert _take(resumed, n) == expected and _take(ahead, n) == expected
+        # Loading a state into a running loader drops what it had prefetched.
+        ahead.load_state_dict({"epoch": 0, "index": 1, "seed": 5})
+        assert next(ahead) == make(0).batch_at(0, 1)
+    finally:
+        ahead.close()
+        resumed.close()
+    assert not any(t.name == "janus-prefetch" for t in threading.enumerate())
+
+
+def test_prefetch_raises_collate_errors_in_order():
+    def failing(examples, rng):
+        if any(int(doc[0]) == 7 for _, doc in examples):
+            raise JanusError("bad document 7")
+        return collate(examples, rng)
+
+    corpus = _small_corpus(12)
+    sync = BatchLoader(corpus, failing, 1, seed=0)
+    ahead = BatchLoader(corpus, failing, 1, seed=0, prefetch=3)
+    expected = []
+    with pytest.raises(JanusError, match="bad document 7"):
+        while True:
+            expected.append(next(sync))
+    try:
+        assert _take(ahead, len(expected)) == expected
+        with pytest.raises(JanusError, match="bad document 7"):
+            next(ahead)
+    finally:
+        ahead.close()
 
 
 # --- corrupt input ----------------------------------------------------------------------------

@@ -1,27 +1,44 @@
 """Deterministic, resumable micro-batches for one data-parallel rank.
 
-Epoch e visits the documents in the order of a permutation drawn from (seed, e). Global
-micro-batch g of the epoch takes documents perm[g*B:(g+1)*B]; data-parallel rank r of D takes
-g = i*D + r for its i-th micro-batch. The noise (masking) of a micro-batch is drawn from a
+Epoch e's global micro-batches come from a plan drawn from (seed, e) (see `batching`: a fixed
+number of examples each, or a token budget); data-parallel rank r of D takes global batch
+g = i*D + r as its i-th micro-batch. The noise (masking) of a micro-batch is drawn from a
 generator seeded by (seed, e, g), so a batch is a pure function of the position (epoch, i): saving
 those two numbers is enough to resume exactly, for any number of ranks.
+
+With `prefetch` > 0 a background thread collates (and noises) the next batches while the step
+runs; it computes the same pure function, so the batches are those of synchronous collation, and
+the saved position is that of the batches the caller has taken, not of those prefetched.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Callable, Optional
 
 import numpy as np
 
+from janus_pretrain.data.batching import TokenBudget, fixed_size_plan, token_budget_plan
+from janus_pretrain.data.packing import PackedCorpus
 from janus_pretrain.errors import JanusError
 
 Collate = Callable[[list, np.random.Generator], dict]
 
 
+def document_lengths(corpus) -> np.ndarray:
+    """Ids per document [len(corpus)]: from the index where the corpus has one, else by reading."""
+    if hasattr(corpus, "lengths"):
+        return np.asarray(corpus.lengths())
+    return np.array([len(doc) for doc in corpus], dtype=np.int64)
+
+
 class BatchLoader:
-    def __init__(self, corpus, collate: Collate, micro_batch_size: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1, sources: Optional[object] = None):
+    def __init__(self, corpus, collate: Collate, micro_batch_size: Optional[int], seed: int,
+                 dp_rank: int = 0, dp_size: int = 1, sources: Optional[object] = None,
+                 budget: Optional[TokenBudget] = None, prefetch: int = 0):
         """`corpus[i]` is a target id array; `sources[i]`, if given, the matching source ids
-        (fine-tuning pairs); pretraining derives sources from targets in `collate`."""
+        (fine-tuning pairs); pretraining derives sources from targets in `collate`. With a
+        `budget`, batches are filled to it and `micro_batch_size` is not used."""
         self.corpus = corpus
         self.sources = sources
         self.collate = collate
@@ -29,34 +46,105 @@ class BatchLoader:
         self.seed = seed
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.batches_per_epoch = len(corpus) // (micro_batch_size * dp_size)
-        if self.batches_per_epoch == 0:
-            raise JanusError(f"data: {len(corpus)} documents are fewer than one micro-batch "
-                             f"({micro_batch_size}) per data-parallel rank ({dp_size} ranks)")
+        self.budget = budget
+        self.prefetch = prefetch
+        if budget is not None:
+            self._target_lens = document_lengths(corpus)
+            # A derived (denoised) source is never longer than its target.
+            self._source_lens = (document_lengths(sources) if sources is not None
+                                 else self._target_lens)
+        self._plans: dict[int, list[np.ndarray]] = {}
+        self._plans_lock = threading.Lock()
         self.epoch = 0
         self.index = 0
-        self._perm_epoch = -1
-        self._perm = None
+        if self.batches_in_epoch(0) == 0:
+            size = f"{micro_batch_size}" if budget is None else f"{budget.max_tokens} tokens"
+            raise JanusError(f"data: {len(corpus)} documents are fewer than one micro-batch "
+                             f"({size}) per data-parallel rank ({dp_size} ranks)")
+        self._worker: Optional[threading.Thread] = None
 
-    def _permutation(self) -> np.ndarray:
-        if self._perm_epoch != self.epoch:
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.corpus))
-            self._perm_epoch = self.epoch
-        return self._perm
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        with self._plans_lock:
+            if epoch not in self._plans:
+                if self.budget is None:
+                    plan = fixed_size_plan(len(self.corpus), self.micro_batch_size, self.seed,
+                                           epoch, self.dp_size)
+                else:
+                    plan = token_budget_plan(self._source_lens, self._target_lens, self.budget,
+                                             self.seed, epoch, self.dp_size)
+                # The caller and the prefetcher are at most one epoch apart.
+                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+                self._plans[epoch] = plan
+            return self._plans[epoch]
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Micro-batches of this rank in `epoch` (with a budget, it may differ between epochs)."""
+        return len(self._plan(epoch)) // self.dp_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.batches_in_epoch(self.epoch)
+
+    def _normalised(self, epoch: int, index: int) -> tuple[int, int]:
+        return (epoch + 1, 0) if index >= self.batches_in_epoch(epoch) else (epoch, index)
+
+    def batch_at(self, epoch: int, index: int) -> dict:
+        """This rank's micro-batch `index` of `epoch` (a pure function of the two)."""
+        g = index * self.dp_size + self.dp_rank
+        examples = [(self.sources[i] if self.sources is not None else None, self.corpus[i])
+                    for i in self._plan(epoch)[g].tolist()]
+        return self.collate(examples, np.random.default_rng([self.seed, epoch, g]))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        g = self.index * self.dp_size + self.dp_rank
-        ids = self._permutation()[g * self.micro_batch_size:(g + 1) * self.micro_batch_size]
-        examples = [(self.sources[i] if self.sources is not None else None, self.corpus[i])
-                    for i in ids]
-        batch = self.collate(examples, np.random.default_rng([self.seed, self.epoch, g]))
+        self.epoch, self.index = self._normalised(self.epoch, self.index)
+        if self.prefetch:
+            if self._worker is None:
+                self._start_worker()
+            position, batch = self._ready.get()
+            if isinstance(batch, Exception):
+                self._worker = None
+                raise batch
+            assert position == (self.epoch, self.index), (position, self.epoch, self.index)
+        else:
+            batch = self.batch_at(self.epoch, self.index)
         self.index += 1
         return batch
+
+    def _start_worker(self) -> None:
+        self._stop = threading.Event()
+        self._ready = queue.Queue(maxsize=self.prefetch)
+        self._worker = threading.Thread(target=self._produce, name="janus-prefetch", daemon=True,
+                                        args=(self.epoch, self.index, self._stop, self._ready))
+        self._worker.start()
+
+    def _produce(self, epoch: int, index: int, stop: threading.Event, ready: queue.Queue) -> None:
+        """Worker thread: put (position, batch) for consecutive positions from (epoch, index),
+        or the exception that stopped it, until told to stop."""
+        while not stop.is_set():
+            try:
+                epoch, index = self._normalised(epoch, index)
+                item = ((epoch, index), self.batch_at(epoch, index))
+            except Exception as e:  # handed to the caller's next()
+                item = ((epoch, index), e)
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item[1], Exception):
+                return
+            index += 1
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any) and drop what it had prepared."""
+        if self._worker is not None:
+            self._stop.set()
+            self._worker.join()
+            self._worker = None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
@@ -65,4 +153,17 @@ class BatchLoader:
         if state["seed"] != self.seed:
             raise JanusError(f"data: checkpoint was written with data.seed={state['seed']}, "
                              f"this run has data.seed={self.seed}")
+        self.close()
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,
+                 sources: Optional[object] = None) -> BatchLoader:
+    """The training loader a `DataConfig` describes: documents or packed blocks, batches of
+    data.micro_batch_size examples or of data.max_tokens padded cells, prefetched or not."""
+    if data.pack_documents:
+        corpus = PackedCorpus(corpus, data.max_target_len - 2)
+    budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len)
+              if data.max_tokens is not None else None)
+    return BatchLoader(corpus, collate, data.micro_batch_size, data.seed, dp_rank=dp_rank,
+                       dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch)

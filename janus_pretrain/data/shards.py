@@ -103,6 +103,10 @@ class Shard:
     def __getitem__(self, i: int) -> np.ndarray:
         return np.array(self.tokens[self.offsets[i]:self.offsets[i + 1]], dtype=np.int64)
 
+    def lengths(self) -> np.ndarray:
+        """Ids per document [len(self)], from the index alone (no token is read)."""
+        return np.diff(np.asarray(self.offsets))
+
 
 class ShardedCorpus:
     """All shards of a prepared corpus, addressed by one global document index."""
@@ -131,6 +135,7 @@ class ShardedCorpus:
                                  f"{documents}, {tokens}, {max_id}; re-run `janus-pretrain data prepare`")
             self.shards.append(shard)
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.token_starts = np.cumsum([0] + [len(s.tokens) for s in self.shards])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -138,3 +143,21 @@ class ShardedCorpus:
     def __getitem__(self, i: int) -> np.ndarray:
         s = int(np.searchsorted(self.starts, i, side="right") - 1)
         return self.shards[s][int(i - self.starts[s])]
+
+    def lengths(self) -> np.ndarray:
+        """Ids per document [len(self)], from the indexes alone."""
+        return np.concatenate([s.lengths() for s in self.shards] + [np.zeros(0, np.int64)])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_starts[-1])
+
+    def token_slice(self, start: int, stop: int) -> np.ndarray:
+        """Ids start..stop-1 of all documents back to back (crossing shards) -> int64
+        [stop - start]."""
+        parts = []
+        for s, shard in enumerate(self.shards):
+            lo, hi = self.token_starts[s], self.token_starts[s + 1]
+            if lo < stop and start < hi:
+                parts.append(shard.tokens[max(start, lo) - lo:min(stop, hi) - lo])
+        return np.concatenate(parts + [np.zeros(0, np.int64)]).astype(np.int64)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from janus_pretrain.checkpoint import store, weights
 from janus_pretrain.config import RunConfig, to_dict
-from janus_pretrain.data.loader import BatchLoader
+from janus_pretrain.data.loader import BatchLoader, build_loader
 from janus_pretrain.data.shards import ShardedCorpus
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
@@ -129,9 +129,8 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     if cfg.train.compile:
         model.compile()
     engine = build_engine(model, cfg)
-    loader = BatchLoader(corpus, objective.collate, cfg.data.micro_batch_size, cfg.data.seed,
-                         dp_rank=state.data_parallel_rank(), dp_size=state.data_parallel_size(),
-                         sources=open_sources(cfg, tokenizer, corpus))
+    loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
+                          state.data_parallel_size(), open_sources(cfg, tokenizer, corpus))
     output = Path(cfg.train.output_dir)
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
                                       cfg.train.keep_checkpoints)
@@ -160,6 +159,7 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
             checkpointer.after_step(step, done, lambda: {
                 "loader": loader.state_dict(), "config": to_dict(cfg),
                 "bad_steps_in_a_row": bad_in_a_row})
+    loader.close()
     result = TrainResult(topo.rank, start_step, step, checkpointer.last and str(checkpointer.last),
                          logger.close(),
                          logger.first, logger.last)

@@ -120,6 +120,24 @@ def test_invalid_utf8_lines_are_replaced_and_numbered():
     assert bad == [1, 4]
 
 
+def test_known_third_party_warnings_are_silenced(single_process):
+    import warnings
+
+    import torch.distributed as dist
+
+    from janus_pretrain.quiet import silence_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        silence_third_party()
+        dist.all_gather_into_tensor(torch.zeros(1), torch.ones(1))  # as DeepSpeed's ZeRO does
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        optimizer.step = lambda: None  # DeepSpeed wraps the optimizer after the scheduler exists
+        scheduler.step()
+    assert [str(w.message) for w in caught] == []
+
+
 def cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
     # Strict UTF-8 on stdio, as on most terminals: undecodable input must not be a traceback.
     env = {**child_env(), "PYTHONIOENCODING": "utf-8"}

@@ -20,9 +20,9 @@ def silence_third_party() -> None:
     # A filter on the logger itself: DeepSpeed re-sets the level and adds its handler at import.
     logging.getLogger("DeepSpeed").addFilter(_not_a_known_notice)
     # DeepSpeed's ZeRO calls the collective under its deprecated name; nothing for us to change.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
     # DeepSpeed wraps the optimizer after our scheduler was built, hiding the counter torch's
     # order check looks for; engine.step() does step the optimizer before the scheduler.
-    warnings.filterwarnings("ignore", message=r"Seems like `optimizer\.step\(\)` has been overridden",
-                            category=UserWarning)
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"Seems like `optimizer\.step\(\)` has been overridden")

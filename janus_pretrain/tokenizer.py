@@ -40,8 +40,9 @@ class Tokenizer:
     @cached_property
     def identity(self) -> str:
         """sha256 over the ordered pieces with their scores and types: what gives each id its
-        meaning. Two tokenizers of one size disagree here (file bytes would also differ for the
-        same pieces written again); shards and checkpoints record it and are checked against it."""
+        meaning. Two tokenizers of one size differ here, the same pieces in files of other bytes
+        (other trainer options) do not. meta.json records it; training checks shards,
+        checkpoints and init_from against it."""
         sp = self.sp
         kinds = (sp.is_control, sp.is_unknown, sp.is_unused, sp.is_byte)
         pieces = [[sp.id_to_piece(i), sp.get_score(i), [k(i) for k in kinds]]

@@ -113,9 +113,9 @@ class Generator:
             return
         term = DECODING_TERMS[mode]
         raise JanusError(f"generate: this checkpoint's objective never trained {mode.upper()} "
-                         f"decoding (objective.weights.{term}={getattr(weights, term)}; it trained: "
-                         f"{', '.join(trained) or 'neither'}); pass --force-mode (force=True) to "
-                         f"decode anyway")
+                         f"decoding (objective.weights.{term}={getattr(weights, term)}; it "
+                         f"trained: {', '.join(trained) or 'neither'}); pass --force-mode "
+                         f"(force=True) to decode anyway")
 
     def encode(self, sources: Sequence[str]) -> list[np.ndarray]:
         """Source strings -> id arrays with BOS/EOS, cut to data.max_source_len; how many were

@@ -62,8 +62,7 @@ def run(args) -> None:
     gen = Generator.from_checkpoint(args.checkpoint)
     try:
         hyps = gen.generate(sources, force=args.force_mode, mode=args.mode, beam=args.beam,
-                            max_len=args.max_len,
-                            length_penalty=args.length_penalty,
+                            max_len=args.max_len, length_penalty=args.length_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, iterations=args.iterations,
                             length_beam=args.length_beam, dedup=args.dedup, rerank=args.rerank,
                             batch_size=args.batch_size)

@@ -34,7 +34,7 @@ def validation_score(task: TaskSpec, path: Path, valid_size: int,
     sources, refs = read_split(task, "valid", root)
     sources, refs = sources[:valid_size], refs[:valid_size]
     gen = Generator.from_checkpoint(path)
-    if gen.cfg.objective.weights.ce_ar > 0:
+    if "ar" in gen.cfg.objective.weights.decoding_modes():
         options = dict(mode="ar", beam=1)
     else:
         options = dict(mode="nar", iterations=10)

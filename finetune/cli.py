@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from janus_pretrain.errors import run_cli
+from janus_pretrain.quiet import silence_third_party
 
 
 def _tasks(args) -> None:
@@ -166,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    silence_third_party()
     args = parser().parse_args(argv)
     run_cli(args.handler, args)
 

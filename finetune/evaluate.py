@@ -28,12 +28,12 @@ NAR_ITERATIONS = (1, 4, 10)
 
 def settings(task: TaskSpec, gen: Generator) -> dict[str, dict]:
     """Setting name (the W&B mode names: README, Logging) -> DecodeOptions keywords."""
-    d, w = task.decoding, gen.cfg.objective.weights
+    d, modes = task.decoding, gen.cfg.objective.weights.decoding_modes()
     out = {}
-    if w.ce_ar > 0:
+    if "ar" in modes:
         out[f"ar_beam{d.beam}"] = dict(mode="ar", beam=d.beam, length_penalty=d.length_penalty,
                                        max_len=d.max_len)
-    if w.ce_nar > 0:
+    if "nar" in modes:
         out.update({f"nar_T{t}": dict(mode="nar", iterations=t, max_len=d.max_len)
                     for t in NAR_ITERATIONS})
     return out

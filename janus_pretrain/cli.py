@@ -16,6 +16,7 @@ import sys
 
 from janus_pretrain.errors import run_cli
 from janus_pretrain.generate import cli as generate_cli
+from janus_pretrain.quiet import silence_third_party
 
 
 def _tokenizer_train(args) -> None:
@@ -108,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    silence_third_party()
     args = parser().parse_args(argv)
     run_cli(args.run, args)
 

@@ -63,6 +63,16 @@ class LossWeights:
     kl_nar_aux: float = 0.5
     length: float = 0.0
 
+    def decoding_modes(self) -> list[str]:
+        """The manners ("ar", "nar") these weights train: a stream without its cross-entropy term
+        was never taught to produce text (the KL terms only pull it towards another).
+        `evaluate` decodes these; `generate` refuses the others."""
+        return [mode for mode, term in DECODING_TERMS.items() if getattr(self, term) > 0]
+
+
+# The cross-entropy term that trains each decoding manner.
+DECODING_TERMS = {"ar": "ce_ar", "nar": "ce_nar"}
+
 
 @dataclass
 class ObjectiveConfig:

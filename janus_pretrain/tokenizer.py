@@ -5,8 +5,11 @@ padding convention in agreement whatever corpus the tokenizer was trained on.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,6 +30,18 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    @cached_property
+    def identity(self) -> str:
+        """sha256 over the ordered pieces with their scores and types: what gives each id its
+        meaning. Two tokenizers of one size differ here, the same pieces in files of other bytes
+        (other trainer options) do not. meta.json records it; training checks shards,
+        checkpoints and init_from against it."""
+        sp = self.sp
+        kinds = (sp.is_control, sp.is_unknown, sp.is_unused, sp.is_byte)
+        pieces = [[sp.id_to_piece(i), sp.get_score(i), [k(i) for k in kinds]]
+                  for i in range(self.vocab_size)]
+        return hashlib.sha256(json.dumps(pieces).encode("utf-8")).hexdigest()
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Texts -> token ids without BOS/EOS (the objectives add them)."""

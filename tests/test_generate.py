@@ -182,16 +182,23 @@ def test_trained_model_copies_with_ar_and_nar(copy_model):
     assert exact_match(reranked, src) >= 0.9
 
 
-def test_generate_cli_both_modes(launch_training, tmp_path, corpus_file):
+@pytest.fixture(scope="module")
+def trained_run(launch_training, tmp_path_factory):
+    """A run directory holding a 2-step checkpoint of the demo objective (both manners)."""
+    run = tmp_path_factory.mktemp("generate") / "run"
+    result = launch_training(run, nproc=1, extra=("train.steps=2",
+                                                  "parallel.deepspeed_config=configs/deepspeed/zero0.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_generate_cli_both_modes(trained_run, tmp_path, corpus_file):
     import subprocess
     import sys
 
     from conftest import REPO
 
-    run = tmp_path / "run"
-    result = launch_training(run, nproc=1, extra=("train.steps=2",
-                                                  "parallel.deepspeed_config=configs/deepspeed/zero0.json"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run = trained_run
     lines = corpus_file.read_text().splitlines()[:3]
     src = tmp_path / "src.txt"
     src.write_text("\n".join(lines) + "\n")
@@ -207,3 +214,34 @@ def test_generate_cli_both_modes(launch_training, tmp_path, corpus_file):
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2
     assert [line for line in missing.stderr.splitlines() if line.strip()][-1].startswith("error:")
+
+
+def test_generate_cli_untrained_manner_and_bad_lines(trained_run, tmp_path):
+    """`--mode nar` on a checkpoint whose objective has no NAR term is one line of error unless
+    --force-mode; then non-UTF-8 and empty lines keep the output aligned (issue 17)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from janus_pretrain.train.consolidate import resolve_checkpoint
+
+    ar_only = tmp_path / resolve_checkpoint(trained_run).name
+    shutil.copytree(resolve_checkpoint(trained_run), ar_only)
+    meta = json.loads((ar_only / "janus.json").read_text())
+    meta["config"]["objective"]["weights"]["ce_nar"] = 0.0
+    (ar_only / "janus.json").write_text(json.dumps(meta))
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"a first line\n\xff\xfe x\n\nthe last line\n")
+    cmd = [sys.executable, "-m", "janus_pretrain.cli", "generate", "--checkpoint", str(ar_only),
+           "--mode", "nar", "--input", str(src), "--max-len", "4", "--iterations", "1"]
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    lines = [line for line in (refused.stdout + refused.stderr).splitlines() if line.strip()]
+    assert len(lines) == 2 and "objective.weights.ce_nar=0.0" in lines[-1], lines
+    assert lines[0].startswith("generate: warning: 1 input line(s) were not valid UTF-8"), lines
+    forced = subprocess.run([*cmd, "--force-mode"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert len(forced.stdout.split("\n")) == 5 and forced.stdout.split("\n")[2] == "", forced.stdout

@@ -154,13 +154,13 @@ def find_resumable(root: Path, fallback: bool) -> Optional[Path]:
 
 
 def check_tokenizer(checkpoint: Path, tokenizer: Tokenizer) -> None:
-    """A checkpoint's embedding rows only mean something with the tokenizer it was trained with."""
+    """A checkpoint's embedding rows only mean something with the tokenizer it was trained with:
+    the same pieces (`Tokenizer.identity`), whatever the bytes of the file."""
     saved = load_tokenizer(checkpoint / TOKENIZER)
-    if saved.vocab_size != tokenizer.vocab_size or (
-            saved.model_bytes() != tokenizer.model_bytes()):
-        raise JanusError(f"checkpoint: {checkpoint} was trained with another tokenizer "
-                         f"(vocab {saved.vocab_size}) than {tokenizer.path} "
-                         f"(vocab {tokenizer.vocab_size})")
+    if saved.identity != tokenizer.identity:
+        raise JanusError(f"checkpoint: {checkpoint} was trained with {saved.path} "
+                         f"(vocab {saved.vocab_size}), a different tokenizer from "
+                         f"{tokenizer.path} (vocab {tokenizer.vocab_size})")
 
 
 def read_meta(checkpoint: Path) -> dict:

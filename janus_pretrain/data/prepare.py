@@ -3,7 +3,8 @@
 Corpora come through HF `datasets`: local text (one document a line), jsonl or parquet files, or a
 hub dataset name where the cluster has network. Tokenization runs in `num_workers` processes
 (`datasets.map(num_proc=...)`); the shards are then written one per worker-sized slice, with a
-meta.json that records the tokenizer they were made with and each shard's size and largest id.
+meta.json that records the tokenizer they were made with (its file's sha256 and its identity, a
+hash of its pieces that training checks) and each shard's size and largest id.
 
 Raw text is decoded with invalid UTF-8 replaced by U+FFFD, so a bad byte never stops a long
 prepare; documents that are empty or hold U+FFFD (a line that was not UTF-8) are skipped and
@@ -105,6 +106,7 @@ def prepare(inputs: Sequence[str], tokenizer: str, output: str | Path, num_worke
     meta = {"shards": shards, "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards), "vocab_size": tok.vocab_size,
             "tokenizer_sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest(),
+            "tokenizer_identity": tok.identity,
             "skipped": skipped, "inputs": [str(p) for p in inputs]}
     (output / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta

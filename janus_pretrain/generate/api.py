@@ -6,11 +6,14 @@
     gen.generate(["a source sentence"], mode="nar", iterations=4)
 
 Sources are sorted by length and decoded in batches of `batch_size`, then returned in input
-order. Under tensor parallelism every rank calls `generate` with the same inputs.
+order; an empty source gives an empty hypothesis. Sources longer than data.max_source_len are cut
+(counted on stderr). A manner the checkpoint's objective never trained is refused unless
+`force=True`. Under tensor parallelism every rank calls `generate` with the same inputs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,7 +22,7 @@ import torch
 
 from janus_pretrain.checkpoint import store, weights
 from janus_pretrain.checkpoint.layout import TOKENIZER
-from janus_pretrain.config import RunConfig, from_dict
+from janus_pretrain.config import DECODING_TERMS, RunConfig, from_dict
 from janus_pretrain.data.padding import pad_batch, with_bos_eos
 from janus_pretrain.errors import JanusError
 from janus_pretrain.generate.ar import beam_search, greedy
@@ -83,11 +86,30 @@ class Generator:
         model.load_state_dict(reshard.shard_for_this_rank(saved["model"], model))
         return cls(model.to(topo.device), tokenizer, cfg, topo.device)
 
+    def check_mode(self, mode: str, force: bool = False) -> None:
+        """Refuse a manner the objective never trained (LossWeights.decoding_modes): its stream
+        decodes to fluent-looking repetition, not to an error."""
+        w = self.cfg.objective.weights
+        trained = w.decoding_modes()
+        if force or mode in trained:
+            return
+        term = DECODING_TERMS[mode]
+        raise JanusError(f"generate: this checkpoint's objective never trained {mode.upper()} "
+                         f"decoding (objective.weights.{term}={getattr(w, term)}; it "
+                         f"trained: {', '.join(trained) or 'neither'}); pass --force-mode "
+                         f"(force=True) to decode anyway")
+
     def source_ids(self, sources: Sequence[str]) -> list[np.ndarray]:
-        """Source strings -> id arrays framed by BOS/EOS, cut to data.max_source_len."""
+        """Source strings -> id arrays with BOS/EOS, cut to data.max_source_len; how many were
+        cut goes to stderr, since the end of a cut source is silently missing from its output."""
         keep = self.cfg.data.max_source_len - 2
-        return [with_bos_eos(np.asarray(ids[:keep], dtype=np.int64))
-                for ids in self.tokenizer.encode(sources)]
+        ids = self.tokenizer.encode(sources)
+        cut = sum(len(x) > keep for x in ids)
+        if cut and ps.get_tensor_model_parallel_rank() == 0:
+            print(f"generate: warning: {cut} of {len(ids)} sources were longer than {keep} tokens "
+                  f"and were cut to their first {keep} (data.max_source_len="
+                  f"{self.cfg.data.max_source_len} with BOS and EOS)", file=sys.stderr, flush=True)
+        return [with_bos_eos(np.asarray(x[:keep], dtype=np.int64)) for x in ids]
 
     def decode_ids(self, src: list[np.ndarray], opts: DecodeOptions) -> list[Hypothesis]:
         """Source id arrays (with BOS/EOS) -> the best hypothesis each, in input order."""
@@ -120,7 +142,17 @@ class Generator:
                             opts.length_penalty, opts.no_repeat_ngram, force_len)
         return [b[0] for b in beams]
 
-    def generate(self, sources: Sequence[str], **options) -> list[str]:
-        """Source strings -> hypothesis strings (see DecodeOptions for the options)."""
+    def generate(self, sources: Sequence[str], force: bool = False, **options) -> list[str]:
+        """Source strings -> hypothesis strings, one each (see DecodeOptions for the options).
+        A source with no tokens gives "" without decoding: the model would invent a sentence.
+        `force` decodes in a manner the objective never trained (see check_mode)."""
         opts = DecodeOptions(**options)
-        return [self.tokenizer.decode(h.tokens) for h in self.decode_ids(self.source_ids(sources), opts)]
+        self.check_mode(opts.mode, force)
+        src = self.source_ids(sources)
+        todo = [i for i, ids in enumerate(src) if len(ids) > 2]  # more than BOS and EOS
+        if opts.force_lengths is not None:
+            opts = replace(opts, force_lengths=[opts.force_lengths[i] for i in todo])
+        out = [""] * len(src)
+        for i, hyp in zip(todo, self.decode_ids([src[i] for i in todo], opts)):
+            out[i] = self.tokenizer.decode(hyp.tokens)
+        return out

@@ -2,11 +2,15 @@
 
     janus-pretrain generate --checkpoint runs/demo/train --mode ar --beam 5 < sources.txt
     janus-pretrain generate --checkpoint runs/demo/train --mode nar --iterations 4 --input src.txt
+
+Input lines that are not UTF-8 are decoded with U+FFFD for the bad bytes (as `data prepare` does)
+and counted on stderr; an empty line gives an empty output line, so outputs stay line-aligned.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 
 def add_parser(sub) -> None:
@@ -24,7 +28,22 @@ def add_parser(sub) -> None:
     g.add_argument("--length-beam", type=int, default=3, help="NAR length candidates")
     g.add_argument("--dedup", action="store_true", help="NAR: drop consecutive repeated tokens")
     g.add_argument("--rerank", action="store_true", help="NAR: pick the candidate the AR stream scores best")
+    g.add_argument("--force-mode", action="store_true",
+                   help="decode in a mode the checkpoint's objective never trained")
     g.set_defaults(run=run)
+
+
+def read_sources(stream: BinaryIO) -> tuple[list[str], list[int]]:
+    """Lines of a byte stream -> (texts, 1-based numbers of the lines that were not UTF-8)."""
+    texts, bad = [], []
+    for number, raw in enumerate(stream, 1):
+        raw = raw.rstrip(b"\n")
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(raw.decode("utf-8", errors="replace"))
+            bad.append(number)
+    return texts, bad
 
 
 def run(args) -> None:
@@ -34,13 +53,16 @@ def run(args) -> None:
 
     if args.input != "-" and not Path(args.input).is_file():
         raise JanusError(f"generate: input file not found: {args.input}")
-    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     with src:
-        sources = [line.rstrip("\n") for line in src]
+        sources, bad = read_sources(src)
+    if bad:
+        print(f"generate: warning: {len(bad)} input line(s) were not valid UTF-8 (first: line "
+              f"{bad[0]}); their bad bytes were decoded as U+FFFD", file=sys.stderr, flush=True)
     gen = Generator.from_checkpoint(args.checkpoint)
     try:
-        hyps = gen.generate(sources, mode=args.mode, beam=args.beam, max_len=args.max_len,
-                            length_penalty=args.length_penalty,
+        hyps = gen.generate(sources, force=args.force_mode, mode=args.mode, beam=args.beam,
+                            max_len=args.max_len, length_penalty=args.length_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, iterations=args.iterations,
                             length_beam=args.length_beam, dedup=args.dedup, rerank=args.rerank,
                             batch_size=args.batch_size)

@@ -44,10 +44,16 @@ def seed_everything(seed: int) -> None:
 
 
 def open_corpus(path: str, tokenizer: Tokenizer) -> ShardedCorpus:
+    """Shards whose ids were made by another tokenizer are refused, even one of the same size;
+    shards prepared before meta.json recorded `tokenizer_identity` are checked by size only."""
     corpus = ShardedCorpus(path)
     if corpus.vocab_size != tokenizer.vocab_size:
         raise JanusError(f"data: {path} was tokenized with a vocabulary of "
                          f"{corpus.vocab_size}, data.tokenizer has {tokenizer.vocab_size}")
+    recorded = corpus.meta.get("tokenizer_identity")
+    if recorded is not None and recorded != tokenizer.identity:
+        raise JanusError(f"data: {path} was tokenized with {Path(path) / 'tokenizer.model'}, "
+                         f"not data.tokenizer={tokenizer.path}: same size, different pieces")
     return corpus
 
 

@@ -20,7 +20,7 @@ from janus_pretrain.generate.api import Generator
 from janus_pretrain.generate.cli import read_sources
 from janus_pretrain.model import JanusModel
 from janus_pretrain.tokenizer import PAD, load_tokenizer, train_tokenizer
-from janus_pretrain.train.checkpoint import check_tokenizer
+from janus_pretrain.checkpoint.store import check_tokenizer
 from janus_pretrain.train.loop import open_corpus
 
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
 
 from janus_pretrain.checkpoint import store, weights
 from janus_pretrain.checkpoint.layout import TOKENIZER

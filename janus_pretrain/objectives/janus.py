@@ -21,6 +21,7 @@ import torch
 
 from janus_pretrain.config import ObjectiveConfig
 from janus_pretrain.objectives import losses, noise
+from janus_pretrain.parallel.vocab import log_softmax
 from janus_pretrain.objectives.streams import TwoStream, ar_inputs, two_stream
 from janus_pretrain.tokenizer import BOS, EOS, MASK, PAD
 
@@ -117,11 +118,11 @@ class JanusObjective:
         w = self.cfg.weights
         smooth = self.cfg.label_smoothing
         terms: dict[str, torch.Tensor] = {}
-        lp_ar = losses.log_softmax(outputs["ar"]) if "ar" in outputs else None
+        lp_ar = log_softmax(outputs["ar"]) if "ar" in outputs else None
         if self.needs_nar:
             s = prep.streams
-            lp_nar = losses.log_softmax(outputs["nar"])
-            lp_aux = losses.log_softmax(outputs["aux"])
+            lp_nar = log_softmax(outputs["nar"])
+            lp_aux = log_softmax(outputs["aux"])
             if w.ce_nar > 0:
                 terms["ce_nar"] = losses.cross_entropy(lp_nar, s.labels, s.valid, smooth)
             if w.ce_aux > 0:

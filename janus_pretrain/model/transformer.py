@@ -176,6 +176,10 @@ class JanusModel(nn.Module):
         assert multiple % tp == 0, "config check: vocab_divisible_by % tensor_parallel"
         self.vocab_size = vocab_size
         self.padded_vocab_size = (vocab_size + multiple - 1) // multiple * multiple
+        # Columns of this rank's logit shard that are real tokens; the rest pad the table.
+        v_local = self.padded_vocab_size // tp
+        self.real_local = min(max(vocab_size - ps.get_tensor_model_parallel_rank() * v_local, 0),
+                              v_local)
         self.pad_id = pad_id
         self.cfg = cfg
         self.embed = mtp.VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size,
@@ -232,10 +236,14 @@ class JanusModel(nn.Module):
                     part[key] = part[key].index_select(0, index)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding)."""
+        """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding),
+        -inf in the padding columns of the table (the last shard's tail): no token, probability 0
+        in every softmax, no share of label smoothing, no gradient."""
         hidden = mtp.copy_to_tensor_model_parallel_region(
             hidden, group=ps.get_tensor_model_parallel_group())
-        return F.linear(hidden, self.embed.weight)
+        logits = F.linear(hidden, self.embed.weight)
+        logits[..., self.real_local:] = float("-inf")
+        return logits
 
     def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder output -> [B, length_classes]."""

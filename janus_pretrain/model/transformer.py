@@ -176,10 +176,13 @@ class JanusModel(nn.Module):
         assert multiple % tp == 0, "config check: vocab_divisible_by % tensor_parallel"
         self.vocab_size = vocab_size
         self.padded_vocab_size = (vocab_size + multiple - 1) // multiple * multiple
-        # Columns of this rank's logit shard that are real tokens; the rest pad the table.
+        # Added to this rank's logit shard: 0 in the columns of real tokens, -inf in those that
+        # pad the table (a bias, so the matmul applies it in the same pass).
         v_local = self.padded_vocab_size // tp
-        self.real_local = min(max(vocab_size - ps.get_tensor_model_parallel_rank() * v_local, 0),
-                              v_local)
+        first = ps.get_tensor_model_parallel_rank() * v_local
+        columns = torch.arange(first, first + v_local)
+        self.register_buffer("padding_bias", torch.zeros(v_local).masked_fill(
+            columns >= vocab_size, float("-inf")), persistent=False)
         self.pad_id = pad_id
         self.cfg = cfg
         self.embed = mtp.VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size,
@@ -241,9 +244,7 @@ class JanusModel(nn.Module):
         in every softmax, no share of label smoothing, no gradient."""
         hidden = mtp.copy_to_tensor_model_parallel_region(
             hidden, group=ps.get_tensor_model_parallel_group())
-        logits = F.linear(hidden, self.embed.weight)
-        logits[..., self.real_local:] = float("-inf")
-        return logits
+        return F.linear(hidden, self.embed.weight, self.padding_bias)
 
     def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder output -> [B, length_classes]."""

@@ -41,23 +41,38 @@ class Targets:
 
 class _Stream:
     """One stream's normalised shard: logp [..., V_local] fp32 (0, not -inf, in padding
-    columns, so that differences and sums over the shard stay finite), p = exp(logp) (0 there),
-    real [V_local] bool and the global real-vocabulary size."""
+    columns, so that products and sums over the shard stay finite), p = exp(logp) (0 there),
+    real [V_local] (1.0 for a real token, 0.0 for padding), the global real-vocabulary size
+    and, once asked for, sum_v p log p per row."""
 
-    def __init__(self, logits: torch.Tensor):
-        self.logp = log_softmax(logits)
-        self.p = self.logp.exp()
-        self.real = torch.isfinite(logits.detach()[(0,) * (logits.dim() - 1)])
-        self.logp.masked_fill_(~self.real, 0.0)
-        self.vocab = tp_sum(self.real.sum().float())
+    def __init__(self, logp: torch.Tensor, p: torch.Tensor, real: torch.Tensor,
+                 vocab: torch.Tensor):
+        self.logp, self.p, self.real, self.vocab = logp, p, real, vocab
+        self._neg_entropy = None
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> "_Stream":
+        logp = log_softmax(logits)
+        p = logp.exp()
+        real = torch.isfinite(logits.detach()[(0,) * (logits.dim() - 1)])
+        logp.masked_fill_(~real, 0.0)
+        return cls(logp, p, real.float(), tp_sum(real.sum().float()))
 
     def gathered(self, rows: torch.Tensor) -> "_Stream":
         """The rows [B, K] of a [B, T, V_local] stream as a [B, K, V_local] one."""
-        out = object.__new__(_Stream)
         index = rows[..., None].expand(-1, -1, self.p.shape[-1])
-        out.logp, out.p = self.logp.gather(1, index), self.p.gather(1, index)
-        out.real, out.vocab = self.real, self.vocab
-        return out
+        return _Stream(self.logp.gather(1, index), self.p.gather(1, index), self.real,
+                       self.vocab)
+
+    def neg_entropy(self) -> torch.Tensor:
+        if self._neg_entropy is None:
+            self._neg_entropy = vocab_dot(self.p, self.logp)
+        return self._neg_entropy
+
+
+def vocab_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_v x y over the (split) vocabulary, one read of each: [..., V_local] x 2 -> [...]."""
+    return tp_sum(torch.linalg.vecdot(x, y))
 
 
 def _mean_weights(valid: torch.Tensor) -> torch.Tensor:
@@ -82,47 +97,53 @@ def _cross_entropy(s: _Stream, labels: torch.Tensor, weights: torch.Tensor, eps:
     return (nll * weights).sum()
 
 
-def _cross_entropy_grad(s: _Stream, labels: torch.Tensor, weights: torch.Tensor, eps: float,
-                        out: torch.Tensor) -> None:
-    """out += d CE / d logits = w * (p - (1 - eps) onehot(y) - eps * real / V_real)."""
-    local, here = _label_local(labels, s.p.shape[-1])
-    w = weights[..., None]
-    if eps > 0:
-        out.addcmul_(s.p - s.real * (eps / s.vocab), w)
-    else:
-        out.addcmul_(s.p, w)
-    out.scatter_add_(-1, local[..., None], -(1.0 - eps) * w * here[..., None])
+def _kl_pair(a: _Stream, b: _Stream) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(a||b), KL(b||a)) per row, from sum p log p and the two cross sums."""
+    return (a.neg_entropy() - vocab_dot(a.p, b.logp), b.neg_entropy() - vocab_dot(b.p, a.logp))
 
 
-def _sym_kl(a: _Stream, b: _Stream, weights: torch.Tensor):
-    """-> (term, saved for the backward: D = log a - log b, KL(a||b), KL(b||a) per row)."""
-    diff = a.logp - b.logp
-    kl_ab = vocab_sum(a.p * diff)
-    kl_ba = -vocab_sum(b.p * diff)
-    return ((kl_ab + kl_ba) * weights).sum() / 2, (diff, kl_ab, kl_ba)
+def _stream_grad(x: _Stream, kl: list, ce: Optional[tuple], eps: float) -> torch.Tensor:
+    """d loss / d logits of one stream [..., V_local].
 
-
-def _sym_kl_grad(a: _Stream, b: _Stream, saved, weights: torch.Tensor, out_a: torch.Tensor,
-                 out_b: torch.Tensor) -> None:
-    """d symKL / d logits_a = (a * (D - KL(a||b) + 1) - b) / 2, and symmetrically for b with -D."""
-    diff, kl_ab, kl_ba = saved
-    w = weights[..., None] / 2
-    t = (diff - (kl_ab - 1.0)[..., None]).mul_(a.p).sub_(b.p)
-    out_a.addcmul_(t, w)
-    t = (diff + (kl_ba - 1.0)[..., None]).mul_(b.p).add_(a.p)
-    out_b.addcmul_(t, w, value=-1.0)
+    kl: (w [..., 1], partner y, KL(x||y) [...]) per symKL term on x, w its weight per row / 2;
+    d symKL / d logits_x = p_x (log p_x - log p_y - KL(x||y) + 1) - p_y  (times w), so
+        grad = p_x (sum_w (1 - KL) + w_ce + (sum_w) log p_x - sum_y w log p_y) - sum_y w p_y
+               - w_ce ((1 - eps) onehot(label) + eps real / V_real)
+    with ce = (labels, w_ce [..., 1]) for the cross entropy on x. In-place updates of two
+    buffers: fresh [rows, V] tensors cost page faults that in-place ops do not."""
+    grad = torch.zeros_like(x.p)
+    total = sum(w for w, _, _ in kl) if kl else None
+    offset = sum(w * (1.0 - k[..., None]) for w, _, k in kl) if kl else None
+    if ce is not None:
+        offset = ce[1] if offset is None else offset + ce[1]
+    if kl:
+        inner = torch.addcmul(offset, x.logp, total)
+        for w, y, _ in kl:
+            inner.addcmul_(y.logp, w, value=-1.0)
+        grad.addcmul_(inner, x.p)
+        for w, y, _ in kl:
+            grad.addcmul_(y.p, w, value=-1.0)
+    elif ce is not None:
+        grad.addcmul_(x.p, offset)
+    if ce is not None:
+        labels, w = ce
+        if eps > 0:
+            grad.addcmul_(x.real, w, value=-eps / x.vocab)
+        local, here = _label_local(labels, x.p.shape[-1])
+        grad.scatter_add_(-1, local[..., None], -(1.0 - eps) * w * here[..., None])
+    return grad
 
 
 class _VocabTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, names: tuple, targets: Targets, ar, nar, aux):
-        streams = {n: _Stream(x) for n, x in (("ar", ar), ("nar", nar), ("aux", aux))
+        streams = {n: _Stream.of(x) for n, x in (("ar", ar), ("nar", nar), ("aux", aux))
                    if x is not None}
         if any(n.startswith("kl_ar") for n in names):
             streams["ar_m"] = streams["ar"].gathered(targets.ar_rows)
         w_ar = _mean_weights(targets.ar_valid) if ar is not None else None
         w_m = _mean_weights(targets.valid) if nar is not None else None
-        values, saved = [], {}
+        values, kls = [], {}
         for name in names:
             if name == "ce_ar":
                 values.append(_cross_entropy(streams["ar"], targets.ar_labels, w_ar,
@@ -132,28 +153,30 @@ class _VocabTerms(torch.autograd.Function):
                                              targets.smoothing))
             else:
                 a, b = _kl_sides(name)
-                value, saved[name] = _sym_kl(streams[a], streams[b], w_m)
-                values.append(value)
-        ctx.names, ctx.targets, ctx.streams, ctx.saved = names, targets, streams, saved
+                kls[name] = _kl_pair(streams[a], streams[b])
+                values.append(((kls[name][0] + kls[name][1]) * w_m).sum() / 2)
+        ctx.names, ctx.targets, ctx.streams, ctx.kls = names, targets, streams, kls
         ctx.weights = {"ar": w_ar, "m": w_m}
         return torch.stack(values)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         streams, targets = ctx.streams, ctx.targets
-        grads = {n: torch.zeros_like(s.p) for n, s in streams.items()}
+        kl = {n: [] for n in streams}
+        ce = {}
         for g, name in zip(grad.unbind(), ctx.names):
             if name == "ce_ar":
-                _cross_entropy_grad(streams["ar"], targets.ar_labels, ctx.weights["ar"] * g,
-                                    targets.smoothing, grads["ar"])
+                ce["ar"] = (targets.ar_labels, (ctx.weights["ar"] * g)[..., None])
             elif name.startswith("ce_"):
-                stream = name[3:]
-                _cross_entropy_grad(streams[stream], targets.labels, ctx.weights["m"] * g,
-                                    targets.smoothing, grads[stream])
+                ce[name[3:]] = (targets.labels, (ctx.weights["m"] * g)[..., None])
             else:
                 a, b = _kl_sides(name)
-                _sym_kl_grad(streams[a], streams[b], ctx.saved[name], ctx.weights["m"] * g,
-                             grads[a], grads[b])
+                w = (ctx.weights["m"] * (g / 2))[..., None]
+                kl_ab, kl_ba = ctx.kls[name]
+                kl[a].append((w, streams[b], kl_ab))
+                kl[b].append((w, streams[a], kl_ba))
+        grads = {n: _stream_grad(s, kl[n], ce.get(n), targets.smoothing)
+                 for n, s in streams.items()}
         if "ar_m" in grads:
             rows = targets.ar_rows[..., None].expand_as(grads["ar_m"])
             grads["ar"].scatter_add_(1, rows, grads["ar_m"])

@@ -60,19 +60,32 @@ class _Stream:
 
     def gathered(self, rows: torch.Tensor) -> "_Stream":
         """The rows [B, K] of a [B, T, V_local] stream as a [B, K, V_local] one."""
-        index = rows[..., None].expand(-1, -1, self.p.shape[-1])
-        return _Stream(self.logp.gather(1, index), self.p.gather(1, index), self.real,
+        return _Stream(_take_rows(self.logp, rows), _take_rows(self.p, rows), self.real,
                        self.vocab)
 
-    def neg_entropy(self) -> torch.Tensor:
+    def neg_entropy(self, scratch: torch.Tensor) -> torch.Tensor:
         if self._neg_entropy is None:
-            self._neg_entropy = vocab_dot(self.p, self.logp)
+            self._neg_entropy = vocab_dot(self.p, self.logp, scratch)
         return self._neg_entropy
 
 
-def vocab_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum_v x y over the (split) vocabulary, one read of each: [..., V_local] x 2 -> [...]."""
-    return tp_sum(torch.linalg.vecdot(x, y))
+def _flat_rows(rows: torch.Tensor, t: int) -> torch.Tensor:
+    """rows [B, K] into a [B, T, ...] tensor -> indices [B * K] into its [B * T, ...] view."""
+    return (rows + t * torch.arange(rows.shape[0], device=rows.device)[:, None]).flatten()
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, T, V], rows [B, K] -> x[b, rows[b, k]] [B, K, V] (whole rows copied: index_select,
+    not an element-wise gather)."""
+    b, t, v = x.shape
+    return x.reshape(b * t, v).index_select(0, _flat_rows(rows, t)).view(b, -1, v)
+
+
+def vocab_dot(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sum_v x y over the (split) vocabulary: [..., V_local] x 2 -> [...]; the products go to
+    `scratch` (of x's shape), reused by every dot product of the step (a fresh tensor each time
+    costs page faults)."""
+    return tp_sum(torch.mul(x, y, out=scratch).sum(-1))
 
 
 def _mean_weights(valid: torch.Tensor) -> torch.Tensor:
@@ -97,9 +110,11 @@ def _cross_entropy(s: _Stream, labels: torch.Tensor, weights: torch.Tensor, eps:
     return (nll * weights).sum()
 
 
-def _kl_pair(a: _Stream, b: _Stream) -> tuple[torch.Tensor, torch.Tensor]:
+def _kl_pair(a: _Stream, b: _Stream, scratch: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL(a||b), KL(b||a)) per row, from sum p log p and the two cross sums."""
-    return (a.neg_entropy() - vocab_dot(a.p, b.logp), b.neg_entropy() - vocab_dot(b.p, a.logp))
+    return (a.neg_entropy(scratch) - vocab_dot(a.p, b.logp, scratch),
+            b.neg_entropy(scratch) - vocab_dot(b.p, a.logp, scratch))
 
 
 def _stream_grad(x: _Stream, kl: list, ce: Optional[tuple], eps: float) -> torch.Tensor:
@@ -109,22 +124,23 @@ def _stream_grad(x: _Stream, kl: list, ce: Optional[tuple], eps: float) -> torch
     d symKL / d logits_x = p_x (log p_x - log p_y - KL(x||y) + 1) - p_y  (times w), so
         grad = p_x (sum_w (1 - KL) + w_ce + (sum_w) log p_x - sum_y w log p_y) - sum_y w p_y
                - w_ce ((1 - eps) onehot(label) + eps real / V_real)
-    with ce = (labels, w_ce [..., 1]) for the cross entropy on x. In-place updates of two
-    buffers: fresh [rows, V] tensors cost page faults that in-place ops do not."""
-    grad = torch.zeros_like(x.p)
-    total = sum(w for w, _, _ in kl) if kl else None
-    offset = sum(w * (1.0 - k[..., None]) for w, _, k in kl) if kl else None
+    with ce = (labels, w_ce [..., 1]) for the cross entropy on x. In-place updates of one
+    buffer: a fresh [rows, V] tensor costs page faults that in-place ops do not."""
+    offset = sum(w * (1.0 - k[..., None]) for w, _, k in kl) if kl else 0.0
     if ce is not None:
-        offset = ce[1] if offset is None else offset + ce[1]
+        offset = offset + ce[1]
     if kl:
-        inner = torch.addcmul(offset, x.logp, total)
+        grad = x.logp * sum(w for w, _, _ in kl)
+        grad.add_(offset)
         for w, y, _ in kl:
-            inner.addcmul_(y.logp, w, value=-1.0)
-        grad.addcmul_(inner, x.p)
+            grad.addcmul_(y.logp, w, value=-1.0)
+        grad.mul_(x.p)
         for w, y, _ in kl:
             grad.addcmul_(y.p, w, value=-1.0)
     elif ce is not None:
-        grad.addcmul_(x.p, offset)
+        grad = x.p * offset
+    else:
+        grad = torch.zeros_like(x.p)
     if ce is not None:
         labels, w = ce
         if eps > 0:
@@ -144,6 +160,7 @@ class _VocabTerms(torch.autograd.Function):
         w_ar = _mean_weights(targets.ar_valid) if ar is not None else None
         w_m = _mean_weights(targets.valid) if nar is not None else None
         values, kls = [], {}
+        scratch = torch.empty_like(streams["nar"].p) if nar is not None else None
         for name in names:
             if name == "ce_ar":
                 values.append(_cross_entropy(streams["ar"], targets.ar_labels, w_ar,
@@ -153,7 +170,7 @@ class _VocabTerms(torch.autograd.Function):
                                              targets.smoothing))
             else:
                 a, b = _kl_sides(name)
-                kls[name] = _kl_pair(streams[a], streams[b])
+                kls[name] = _kl_pair(streams[a], streams[b], scratch)
                 values.append(((kls[name][0] + kls[name][1]) * w_m).sum() / 2)
         ctx.names, ctx.targets, ctx.streams, ctx.kls = names, targets, streams, kls
         ctx.weights = {"ar": w_ar, "m": w_m}
@@ -178,8 +195,9 @@ class _VocabTerms(torch.autograd.Function):
         grads = {n: _stream_grad(s, kl[n], ce.get(n), targets.smoothing)
                  for n, s in streams.items()}
         if "ar_m" in grads:
-            rows = targets.ar_rows[..., None].expand_as(grads["ar_m"])
-            grads["ar"].scatter_add_(1, rows, grads["ar_m"])
+            b, t, v = grads["ar"].shape
+            grads["ar"].view(b * t, v).index_add_(0, _flat_rows(targets.ar_rows, t),
+                                                   grads["ar_m"].view(-1, v))
         return None, None, grads.get("ar"), grads.get("nar"), grads.get("aux")
 
 

@@ -163,7 +163,8 @@ class JanusModel(nn.Module):
     - `nar_tokens`/`nar_positions`/`nar_mask` [B, L'] / [B, L'] / [B, L', L']: the two-stream
       pass, logits only for the rows in `nar_rows` and `aux_rows` ([B, K] each);
     - `length`: logits of the target-length classifier.
-    Logits are vocab-parallel: `[..., padded_vocab / tp]` on each TP rank.
+    Logits are vocab-parallel: `[..., padded_vocab / tp]` on each TP rank, -inf in the columns
+    that pad the table.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int):

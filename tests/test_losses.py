@@ -1,10 +1,12 @@
-"""Loss terms against hand computations with torch's own functions."""
+"""Loss terms against hand computations with torch's own functions and against the unfused
+reference (tests/loss_reference.py)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import loss_reference as reference
 
 from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
 from janus_pretrain.model import JanusModel
@@ -13,35 +15,68 @@ from janus_pretrain.objectives.janus import JanusObjective
 from janus_pretrain.tokenizer import PAD
 
 
-def test_cross_entropy_matches_torch_with_smoothing(single_process):
+WEIGHTS = {"ce_ar": 1.0, "ce_nar": 0.5, "ce_aux": 0.5, "kl_ar_nar": 1.0, "kl_ar_aux": 3.0,
+           "kl_nar_aux": 1.0}
+
+
+def padded_logits(*shape, vocab: int) -> torch.Tensor:
+    """Random logits [*shape] whose columns from `vocab` on are the table's padding (-inf)."""
+    x = torch.randn(*shape)
+    x[..., vocab:] = float("-inf")
+    return x
+
+
+def random_targets(b=3, t=7, k=4, vocab=11, smoothing=0.1) -> losses.Targets:
+    ar_valid = torch.rand(b, t) > 0.2
+    valid = torch.rand(b, k) > 0.3
+    return losses.Targets(torch.randint(0, vocab, (b, t)), ar_valid,
+                          torch.randint(0, vocab, (b, k)), valid,
+                          torch.randint(0, t, (b, k)), smoothing)
+
+
+def test_reference_cross_entropy_is_torch_over_the_real_vocabulary(single_process):
     torch.manual_seed(0)
-    logits = torch.randn(3, 5, 11)
+    logits = padded_logits(3, 5, 16, vocab=11)
     labels = torch.randint(0, 11, (3, 5))
     valid = torch.rand(3, 5) > 0.3
     for eps in (0.0, 0.1):
-        ours = losses.cross_entropy(losses.log_softmax(logits), labels, valid, eps)
-        ref = F.cross_entropy(logits[valid], labels[valid], label_smoothing=eps)
+        ours = reference.cross_entropy(logits, labels, valid, eps)
+        ref = F.cross_entropy(logits[valid][:, :11], labels[valid], label_smoothing=eps)
         torch.testing.assert_close(ours, ref)
 
 
-def test_sym_kl_by_hand_symmetric_zero_and_two_sided_gradients(single_process):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_terms_and_gradients_equal_the_unfused_reference(single_process, smoothing):
     torch.manual_seed(1)
-    a = torch.randn(2, 4, 7, requires_grad=True)
-    b = torch.randn(2, 4, 7, requires_grad=True)
-    valid = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)
-    lp, lq = losses.log_softmax(a), losses.log_softmax(b)
-    ours = losses.sym_kl(lp, lq, valid)
-    p, q = lp.exp(), lq.exp()
-    kl_pq = (p * (lp - lq)).sum(-1)
-    kl_qp = (q * (lq - lp)).sum(-1)
-    ref = ((kl_pq + kl_qp) / 2)[valid].mean()
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(losses.sym_kl(lq, lp, valid), ours)
-    assert float(losses.sym_kl(lp, lp, valid)) == pytest.approx(0.0, abs=1e-7)
-    ours.backward()
+    targets = random_targets(smoothing=smoothing)
+    logits = {"ar": padded_logits(3, 7, 16, vocab=11), "nar": padded_logits(3, 4, 16, vocab=11),
+              "aux": padded_logits(3, 4, 16, vocab=11)}
+    got = reference.fused_and_reference(targets, logits, WEIGHTS)
+    (fused, fused_grads), (ref, ref_grads) = got["fused"], got["reference"]
+    for name in WEIGHTS:
+        torch.testing.assert_close(fused[name], ref[name], rtol=0, atol=1e-6, msg=name)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+        assert (fused_grads[name][..., 11:] == 0).all()  # padding columns take no gradient
+
+
+def test_sym_kl_symmetric_zero_and_two_sided_gradients(single_process):
+    torch.manual_seed(1)
+    targets = random_targets()
+    a = padded_logits(3, 4, 16, vocab=11).requires_grad_()
+    b = padded_logits(3, 4, 16, vocab=11).requires_grad_()
+    ar = padded_logits(3, 7, 16, vocab=11)
+
+    def kl(x, y):
+        return losses.vocab_terms(("kl_nar_aux",), targets, ar, x, y)["kl_nar_aux"]
+
+    value = kl(a, b)
+    torch.testing.assert_close(kl(b, a), value)
+    assert float(kl(a, a)) == pytest.approx(0.0, abs=1e-7)
+    value.backward()
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
     # Invalid rows take no part.
-    assert a.grad[1, 1:].abs().sum() == 0
+    assert a.grad[~targets.valid].abs().sum() == 0
 
 
 def test_janus_loss_terms_by_hand(single_process):
@@ -65,6 +100,8 @@ def test_janus_loss_terms_by_hand(single_process):
     tgt, masked = batch["tgt"], batch["masked"]
     eps = 0.1
     ar_valid = tgt[:, 1:] != PAD
+    # The real vocabulary only: the model's padding columns are -inf.
+    out = {**out, **{k: out[k][..., :40] for k in ("ar", "nar", "aux")}}
     ce_ar = F.cross_entropy(out["ar"][ar_valid], tgt[:, 1:][ar_valid], label_smoothing=eps)
     # NAR/AUX slots hold the masked positions in ascending order.
     nar_rows, aux_rows, ar_rows, labels = [], [], [], []

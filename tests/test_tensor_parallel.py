@@ -1,6 +1,7 @@
 """Tensor parallelism: a TP = 2 JANUS step (all streams, all loss terms, vocab-sharded KL)
-equals the TP = 1 step with the same full weights and decodes the same hypotheses, and a TP x ZeRO checkpoint consolidates into
-one file that loads at TP = 1 and TP = 2 with identical outputs."""
+equals the TP = 1 step with the same full weights and decodes the same hypotheses, the fused loss
+equals the unfused reference at both sizes, and a TP x ZeRO checkpoint consolidates into one file
+that loads at TP = 1 and TP = 2 with identical outputs."""
 import os
 import subprocess
 import sys
@@ -36,6 +37,14 @@ def test_tp2_step_equals_tp1(tmp_path):
     for name, grad in one["grads"].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(two["grads"][name], grad, rtol=0, atol=1e-5, msg=name)
+    # The fused loss equals the unfused reference, terms and logit gradients, at each TP size.
+    for probe in (one, two):
+        (fused, fused_grads), (ref, ref_grads) = (probe["fused_vs_reference"][k]
+                                                  for k in ("fused", "reference"))
+        for name, value in ref.items():
+            torch.testing.assert_close(fused[name], value, rtol=0, atol=1e-6, msg=name)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(fused_grads[name], grad, rtol=0, atol=1e-6, msg=name)
     # Decoding at TP = 2 (ranks in lockstep on gathered log-probs) finds the same hypotheses.
     assert two["hyps"] == one["hyps"]
     assert any(one["hyps"]["greedy"]) and any(one["hyps"]["nar"])

@@ -1,7 +1,8 @@
 """Helper of the tensor-parallel tests, run under torchrun: one JANUS forward + backward (all three
 streams, every loss term) at the launched TP size, then AR and NAR decoding; rank 0 saves the loss
 terms, the full gradients (TP shards gathered along their partition dimension) and the hypotheses
-to argv[2].
+to argv[2], and the vocabulary terms and logit gradients of the fused loss and of the unfused
+reference (tests/loss_reference.py) on the same logits.
 
 argv[3], optional, says where the weights come from: `step:<dir>` a training checkpoint written
 at this TP size, `file:<path>` a consolidated file (resharded to this TP size); default: the
@@ -13,11 +14,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+import loss_reference
 from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
 from janus_pretrain.generate.ar import beam_search, greedy
 from janus_pretrain.generate.nar import mask_predict
 from janus_pretrain.model import JanusModel
-from janus_pretrain.objectives.janus import JanusObjective
+from janus_pretrain.objectives import losses
+from janus_pretrain.objectives.janus import VOCAB_TERMS, JanusObjective
+from janus_pretrain.parallel.vocab import gather_vocab
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD
 
@@ -31,6 +35,18 @@ def full_grad(param: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(grad) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, grad.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=param.partition_dim)
+
+
+def fused_and_reference(obj: JanusObjective, prep, outputs: dict) -> dict:
+    """loss_reference.fused_and_reference on the model's logits, shards gathered."""
+    s = prep.streams
+    targets = losses.Targets(prep.ar_labels, prep.ar_valid, s.labels, s.valid,
+                             (s.masked_pos - 1).clamp(min=0), obj.cfg.label_smoothing)
+    weights = {t: getattr(obj.cfg.weights, t) for t in VOCAB_TERMS}
+    logits = {n: outputs[n] for n in ("ar", "nar", "aux")}
+    both = loss_reference.fused_and_reference(targets, logits, weights)
+    return {kind: (terms, {n: gather_vocab(g) for n, g in grads.items()})
+            for kind, (terms, grads) in both.items()}
 
 
 def build_model(weights: str) -> JanusModel:
@@ -72,12 +88,15 @@ def main(tp: int, out: str, weights: str = "init") -> None:
     batch = obj.collate([(rng.integers(5, vocab, n), rng.integers(5, vocab, n + 3))
                          for n in (6, 11, 9)], rng)
     prep = obj.prepare(batch)
-    loss, terms = obj.loss(model(**prep.model_inputs), prep)
+    outputs = model(**prep.model_inputs)
+    loss, terms = obj.loss(outputs, prep)
     loss.backward()
+    both = fused_and_reference(obj, prep, outputs)
     grads = {name: full_grad(p) for name, p in model.named_parameters()}
     hyps = decode(model, batch["src"])
     if topo.rank == 0:
-        torch.save({"loss": loss.detach(), "terms": terms, "grads": grads, "hyps": hyps}, out)
+        torch.save({"loss": loss.detach(), "terms": terms, "grads": grads, "hyps": hyps,
+                    "fused_vs_reference": both}, out)
     state.shutdown()
 
 

@@ -7,27 +7,15 @@ search in lockstep. At TP = 1 the gather is a no-op.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
-from janus_pretrain.objectives.losses import log_softmax
+from janus_pretrain.parallel.vocab import gather_vocab, log_softmax
 from janus_pretrain.tokenizer import BOS, EOS, MASK, PAD
 
 
 def full_log_probs(logits: torch.Tensor, vocab_size: int, allow_eos: bool) -> torch.Tensor:
     """Vocab-parallel logits [..., V/tp] -> fp32 log-probs [..., V] over the real vocabulary, with
     [PAD], [BOS], [MASK] (and [EOS] unless allowed) and the padding rows of the table at -inf."""
-    lp = _gather_vocab(log_softmax(logits))[..., :vocab_size]
+    lp = gather_vocab(log_softmax(logits))[..., :vocab_size]
     banned = [PAD, BOS, MASK] + ([] if allow_eos else [EOS])
     return lp.index_fill(-1, torch.tensor(banned, device=lp.device), float("-inf"))
 
-
-def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate the vocabulary shards of the TP group (search runs without autograd; this
-    also avoids megatron-core's gather, which allocates its buffer on a CUDA device)."""
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)

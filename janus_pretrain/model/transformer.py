@@ -163,7 +163,8 @@ class JanusModel(nn.Module):
     - `nar_tokens`/`nar_positions`/`nar_mask` [B, L'] / [B, L'] / [B, L', L']: the two-stream
       pass, logits only for the rows in `nar_rows` and `aux_rows` ([B, K] each);
     - `length`: logits of the target-length classifier.
-    Logits are vocab-parallel: `[..., padded_vocab / tp]` on each TP rank.
+    Logits are vocab-parallel: `[..., padded_vocab / tp]` on each TP rank, -inf in the columns
+    that pad the table.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int):
@@ -176,6 +177,13 @@ class JanusModel(nn.Module):
         assert multiple % tp == 0, "config check: vocab_divisible_by % tensor_parallel"
         self.vocab_size = vocab_size
         self.padded_vocab_size = (vocab_size + multiple - 1) // multiple * multiple
+        # Added to this rank's logit shard: 0 in the columns of real tokens, -inf in those that
+        # pad the table (a bias, so the matmul applies it in the same pass).
+        v_local = self.padded_vocab_size // tp
+        first = ps.get_tensor_model_parallel_rank() * v_local
+        columns = torch.arange(first, first + v_local)
+        self.register_buffer("padding_bias", torch.zeros(v_local).masked_fill(
+            columns >= vocab_size, float("-inf")), persistent=False)
         self.pad_id = pad_id
         self.cfg = cfg
         self.embed = mtp.VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size,
@@ -232,10 +240,12 @@ class JanusModel(nn.Module):
                     part[key] = part[key].index_select(0, index)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding)."""
+        """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding),
+        -inf in the padding columns of the table (the last shard's tail): no token, probability 0
+        in every softmax, no share of label smoothing, no gradient."""
         hidden = mtp.copy_to_tensor_model_parallel_region(
             hidden, group=ps.get_tensor_model_parallel_group())
-        return F.linear(hidden, self.embed.weight)
+        return F.linear(hidden, self.embed.weight, self.padding_bias)
 
     def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder output -> [B, length_classes]."""

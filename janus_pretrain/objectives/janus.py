@@ -26,7 +26,8 @@ from janus_pretrain.objectives import losses, noise
 from janus_pretrain.objectives.streams import TwoStream, ar_inputs, two_stream
 from janus_pretrain.tokenizer import MASK, PAD
 
-TERMS = ("ce_ar", "ce_nar", "ce_aux", "kl_ar_nar", "kl_ar_aux", "kl_nar_aux", "length")
+VOCAB_TERMS = ("ce_ar", "ce_nar", "ce_aux", "kl_ar_nar", "kl_ar_aux", "kl_nar_aux")
+TERMS = VOCAB_TERMS + ("length",)
 
 
 @dataclass
@@ -113,29 +114,14 @@ class JanusObjective:
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (weighted total, {term: detached value}) for the terms with non-zero weight."""
         w = self.cfg.weights
-        smooth = self.cfg.label_smoothing
-        terms: dict[str, torch.Tensor] = {}
-        lp_ar = losses.log_softmax(outputs["ar"]) if "ar" in outputs else None
-        if self.needs_nar:
-            s = prep.streams
-            lp_nar = losses.log_softmax(outputs["nar"])
-            lp_aux = losses.log_softmax(outputs["aux"])
-            if w.ce_nar > 0:
-                terms["ce_nar"] = losses.cross_entropy(lp_nar, s.labels, s.valid, smooth)
-            if w.ce_aux > 0:
-                terms["ce_aux"] = losses.cross_entropy(lp_aux, s.labels, s.valid, smooth)
-            if w.kl_nar_aux > 0:
-                terms["kl_nar_aux"] = losses.sym_kl(lp_nar, lp_aux, s.valid)
-            if lp_ar is not None and (w.kl_ar_nar > 0 or w.kl_ar_aux > 0):
-                # AR row t predicts target position t + 1; masked positions are never BOS.
-                rows = (s.masked_pos - 1).clamp(min=0)
-                lp_ar_m = lp_ar.gather(1, rows[..., None].expand(-1, -1, lp_ar.shape[-1]))
-                if w.kl_ar_nar > 0:
-                    terms["kl_ar_nar"] = losses.sym_kl(lp_ar_m, lp_nar, s.valid)
-                if w.kl_ar_aux > 0:
-                    terms["kl_ar_aux"] = losses.sym_kl(lp_ar_m, lp_aux, s.valid)
-        if w.ce_ar > 0:
-            terms["ce_ar"] = losses.cross_entropy(lp_ar, prep.ar_labels, prep.ar_valid, smooth)
+        names = tuple(t for t in VOCAB_TERMS if getattr(w, t) > 0)
+        s = prep.streams
+        # AR row t predicts target position t + 1; masked positions are never BOS.
+        targets = losses.Targets(
+            prep.ar_labels, prep.ar_valid, s and s.labels, s and s.valid,
+            s and (s.masked_pos - 1).clamp(min=0), self.cfg.label_smoothing)
+        terms = losses.vocab_terms(names, targets, outputs.get("ar"), outputs.get("nar"),
+                                   outputs.get("aux"))
         if self.needs_length:
             lp_len = torch.log_softmax(outputs["length"].float(), dim=-1)
             terms["length"] = -lp_len.gather(1, prep.length_target[:, None]).mean()

@@ -39,3 +39,32 @@ def test_flex_with_attention_dropout_is_a_config_error():
     ModelConfig(attention="flex", attention_dropout=0.0)
     with pytest.raises(JanusError, match="model.activation_checkpointing"):
         ModelConfig(activation_checkpointing="some")
+
+
+def test_model_flex_forward_equals_sdpa(single_process, monkeypatch):
+    """The model's flex wiring (encoder, decoder self and cross masks, padding to the block),
+    forced on for a CPU forward: the same logits as SDPA, on the AR and two-stream passes."""
+    import dataclasses
+
+    from janus_pretrain.model import JanusModel
+    from janus_pretrain.tokenizer import PAD
+
+    cfg = ModelConfig(encoder_layers=1, decoder_layers=1, hidden_size=32, ffn_hidden_size=48,
+                      num_heads=4, max_positions=64, dropout=0.0, attention_dropout=0.0)
+    objective = JanusObjective(ObjectiveConfig(masking="span"), 16, 12, cfg.length_classes)
+    objective.needs_length = False
+    rng = np.random.default_rng(0)
+    host = objective.collate([(rng.integers(5, 99, 9 - i), rng.integers(5, 99, 7 + i))
+                              for i in range(2)], rng)
+    inputs = objective.prepare(host).model_inputs
+    torch.manual_seed(0)
+    sdpa = JanusModel(cfg, 128, PAD).eval()
+    flex = JanusModel(dataclasses.replace(cfg, attention="flex"), 128, PAD).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    monkeypatch.setattr(JanusModel, "use_flex",
+                        lambda self, tokens: self.cfg.attention == "flex")
+    with torch.no_grad():
+        ref, out = sdpa(**inputs), flex(**inputs)
+    assert {"ar", "nar", "aux"} <= out.keys()
+    for key in ("ar", "nar", "aux"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -225,7 +225,11 @@ class JanusModel(nn.Module):
         x = self.drop(self.embed(tokens) + self.dec_pos(positions))
         if cache is None and self.use_flex(tokens):
             b, t = tokens.shape
-            mask = FlexMask(causal_mask(b, t, tokens.device) if causal else self_mask, t, t)
+            if causal:
+                self_mask = causal_mask(b, t, tokens.device)
+            elif self_mask is None:
+                self_mask = torch.ones(b, 1, t, dtype=torch.bool, device=tokens.device)
+            mask = FlexMask(self_mask, t, t)
             memory_mask = FlexMask(memory_mask, t, memory.shape[1])
             causal = False
         if cache is not None:

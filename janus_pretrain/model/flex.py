@@ -36,7 +36,8 @@ class FlexMask:
         self.q_len, self.kv_len = q_len, kv_len
         self.padded_len = qp, kp = _round_up(q_len, block), _round_up(kv_len, block)
         padded = torch.zeros(b, qp, kp, dtype=torch.bool, device=mask.device)
-        padded[:, :q_len, :kv_len] = mask.reshape(b, mask.shape[-2], kv_len).expand(b, q_len, kv_len)
+        rows = mask.reshape(b, mask.shape[-2], kv_len)  # [B, T or 1, S]
+        padded[:, :q_len, :kv_len] = rows.expand(b, q_len, kv_len)
 
         def mask_mod(bi, h, q, k):
             return padded[bi, q, k]

@@ -40,6 +40,10 @@ class ModelConfig:
     length_classes: int = 256
     # Megatron pads the vocabulary so every tensor-parallel shard has the same size.
     vocab_divisible_by: int = 128
+    # "full": recompute every encoder/decoder layer in backward (model/checkpointing.py).
+    activation_checkpointing: str = "none"
+    # "flex": FlexAttention with a block mask on CUDA (model/flex.py); CPU always runs SDPA.
+    attention: str = "sdpa"
 
     def __post_init__(self):
         for name in ("encoder_layers", "decoder_layers", "hidden_size", "ffn_hidden_size",
@@ -49,6 +53,12 @@ class ModelConfig:
                f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         for name in ("dropout", "attention_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
+        _check(self.activation_checkpointing in ("none", "full"), "model.activation_checkpointing",
+               f"{self.activation_checkpointing!r} is not one of none, full")
+        _check(self.attention in ("sdpa", "flex"), "model.attention",
+               f"{self.attention!r} is not one of sdpa, flex")
+        _check(self.attention != "flex" or self.attention_dropout == 0.0, "model.attention",
+               "flex has no attention dropout: set model.attention_dropout=0")
 
 
 @dataclass

@@ -8,10 +8,19 @@ read from the tensors the engine holds after the backward pass:
     params     module parameters (ZeRO-3: the rank's partition `ds_tensor`)
     grads      .grad of the parameters (ZeRO-0), the reduced gradient partition (ZeRO 1/2/3)
     optimizer  AdamW moments + the fp32 master partition ZeRO 1/2/3 keep
+
+    python -m janus_pretrain.bench memory --activations --model base --batch 8 --src-len 128
+
+reports instead the activation peak of one `janus` training step with
+model.activation_checkpointing none and full: the peak memory over forward + backward above what
+the process held before it (RSS high-water mark on CPU, max allocated on CUDA), with the gradient
+buffers already allocated by a warm-up step, so what remains is activations and their transients.
+Each variant runs in a fresh process, so one's freed-but-kept heap cannot hide the other's peak.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -91,17 +100,81 @@ def worker(stage: int, preset: str, precision: str, out: str) -> None:
     state.shutdown()
 
 
+def activation_worker(checkpointing: str, argv: list[str]) -> None:
+    from janus_pretrain.bench.train import PeakMemory, host_batches, objective_config
+    from janus_pretrain.model import JanusModel
+    from janus_pretrain.parallel import state
+    from janus_pretrain.tokenizer import PAD
+
+    args = _parser().parse_args(argv)
+    device = state.initialize(1).device
+    cfg, objective = objective_config("janus", args.model, args)
+    cfg.model.activation_checkpointing = checkpointing
+    torch.manual_seed(0)
+    model = JanusModel(cfg.model, args.vocab, PAD).to(device).train()
+    batches = [{k: v.to(device) for k, v in b.items()} for b in host_batches(objective, args, 2)]
+
+    def step(batch: dict) -> None:
+        prep = objective.prepare(batch)
+        loss, _ = objective.loss(model(**prep.model_inputs), prep)
+        loss.backward()  # into the kept .grad buffers after the first step
+
+    step(batches[0])
+    gc.collect()
+    before = (torch.cuda.memory_allocated(device) if device.type == "cuda"
+              else _rss_bytes())
+    with PeakMemory(device) as mem:
+        step(batches[1])
+    print(json.dumps({"activation_peak": mem.bytes - before}))
+    state.shutdown()
+
+
+def _rss_bytes() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
+                if x.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def activations(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    peaks = {}
+    for checkpointing in ("none", "full"):
+        env = {**os.environ}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        out = subprocess.run([sys.executable, "-m", "janus_pretrain.bench.memory",
+                              "--activation-worker", checkpointing, *argv],
+                             check=True, env=env, capture_output=True, text=True, timeout=1800)
+        peaks[checkpointing] = json.loads(out.stdout.strip().splitlines()[-1])["activation_peak"]
+    print(f"model={args.model} batch={args.batch} src_len={args.src_len} tgt_len={args.tgt_len} "
+          f"objective=janus fp32; activation peak MiB")
+    print(f"none {_mb(peaks['none'])}\nfull {_mb(peaks['full'])}\n"
+          f"full/none {peaks['full'] / peaks['none']:.2f}")
+
+
 def _mb(x: float) -> str:
     return f"{x / 2**20:9.1f}"
 
 
-def main(argv: list[str]) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench memory",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--dp-analytic", type=int, default=64, help="N for the analytic DP = N column")
-    args = p.parse_args(argv)
+    p.add_argument("--activations", action="store_true",
+                   help="activation peak with and without activation checkpointing instead")
+    p.add_argument("--batch", type=int, default=8, help="--activations only")
+    p.add_argument("--src-len", type=int, default=128, help="--activations only")
+    p.add_argument("--tgt-len", type=int, default=128, help="--activations only")
+    p.add_argument("--vocab", type=int, default=32000, help="--activations only")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    if args.activations:
+        return activations(argv)
     from janus_pretrain.parallel.state import free_port
 
     rows = {}
@@ -135,5 +208,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    elif sys.argv[1:2] == ["--activation-worker"]:
+        activation_worker(sys.argv[2], sys.argv[3:])
     else:
         main(sys.argv[1:])

@@ -128,10 +128,11 @@ def time_steps(step: Callable[[int], None], warmup: int, steps: int, device: tor
     return statistics.median(times)
 
 
-def objective_config(name: str, preset: str, args) -> tuple:
+def objective_config(name: str, preset: str, args, overrides: tuple = ()) -> tuple:
+    """overrides: extra `key=value` config overrides (bench gpu: model.attention=flex, ...)."""
     cfg = load_config(CONFIG_ROOT / "finetune" / f"{name}.yaml",
                       [f"model={preset}", f"data.max_source_len={args.src_len}",
-                       f"data.max_target_len={args.tgt_len}"])
+                       f"data.max_target_len={args.tgt_len}", *overrides])
     return cfg, JanusObjective(cfg.objective, args.src_len, args.tgt_len, cfg.model.length_classes)
 
 
@@ -149,9 +150,9 @@ def autocast_context(device: torch.device, dtype) -> Callable:
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def run_ours(name: str, precision: str, device: torch.device, args) -> dict:
+def run_ours(name: str, precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
     weights, amp_dtype, _ = PRECISIONS[precision]
-    cfg, objective = objective_config(name, args.model, args)
+    cfg, objective = objective_config(name, args.model, args, overrides)
     torch.manual_seed(0)
     model = JanusModel(cfg.model, args.vocab, PAD).to(device=device, dtype=weights)
     vocab = model.padded_vocab_size
@@ -190,9 +191,9 @@ def bart_model(mcfg: ModelConfig, vocab: int, max_positions: int):
     return BartForConditionalGeneration._from_config(config, attn_implementation="sdpa")
 
 
-def run_bart(precision: str, device: torch.device, args) -> dict:
+def run_bart(precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
     weights, amp_dtype, _ = PRECISIONS[precision]
-    cfg, objective = objective_config("ar", args.model, args)
+    cfg, objective = objective_config("ar", args.model, args, overrides)
     torch.manual_seed(0)
     model = bart_model(cfg.model, args.vocab, max(args.src_len, args.tgt_len))
     model.to(device=device, dtype=weights).train()

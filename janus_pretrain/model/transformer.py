@@ -17,6 +17,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from janus_pretrain.config import ModelConfig
+from janus_pretrain.model.checkpointing import run_layer
+from janus_pretrain.model.flex import FlexMask, causal_mask
 
 INIT_STD = 0.02
 
@@ -75,9 +77,10 @@ class Attention(nn.Module):
                                          input_is_parallel=True, skip_bias_add=False,
                                          tp_group=ps.get_tensor_model_parallel_group())
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, causal: bool = False,
+    def forward(self, x: torch.Tensor, mask=None, causal: bool = False,
                 memory: Optional[torch.Tensor] = None, cache: Optional[dict] = None) -> torch.Tensor:
-        """x: [B, T, H]; mask: bool, broadcastable to [B, heads, T, S]; memory: [B, S, H] (cross).
+        """x: [B, T, H]; mask: bool, broadcastable to [B, heads, T, S], or a FlexMask (flex path);
+        memory: [B, S, H] (cross).
 
         `cache` (incremental decoding): self-attention appends this call's keys/values to
         cache["k"], cache["v"] and attends over all of them; cross-attention computes the memory's
@@ -99,9 +102,12 @@ class Attention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
         if cache is not None:
             cache["k"], cache["v"] = k, v
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal)
+        if isinstance(mask, FlexMask):
+            out = mask.attend(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=causal)
         return linear(self.out, out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
@@ -205,10 +211,12 @@ class JanusModel(nn.Module):
     def run_encoder(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """src_tokens [B, S] -> (memory [B, S, H], memory_mask [B, 1, 1, S], True = real token)."""
         key_mask = (src_tokens != self.pad_id)[:, None, None, :]
-        pos = torch.arange(src_tokens.shape[1], device=src_tokens.device)
+        s = src_tokens.shape[1]
+        pos = torch.arange(s, device=src_tokens.device)
         x = self.drop(self.embed(src_tokens) + self.enc_pos(pos))
+        attn_mask = FlexMask(key_mask, s, s) if self.use_flex(src_tokens) else key_mask
         for layer in self.encoder:
-            x = layer(x, key_mask)
+            x = run_layer(layer, self.checkpointing, x, attn_mask)
         return self.enc_norm(x), key_mask
 
     def decode(self, tokens: torch.Tensor, positions: Optional[torch.Tensor],
@@ -223,9 +231,30 @@ class JanusModel(nn.Module):
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         mask = self_mask[:, None] if self_mask is not None else None
         x = self.drop(self.embed(tokens) + self.dec_pos(positions))
-        for i, layer in enumerate(self.decoder):
-            x = layer(x, mask, causal, memory, memory_mask, cache[i] if cache is not None else None)
+        if cache is None and self.use_flex(tokens):
+            b, t = tokens.shape
+            if causal:
+                self_mask = causal_mask(b, t, tokens.device)
+            elif self_mask is None:
+                self_mask = torch.ones(b, 1, t, dtype=torch.bool, device=tokens.device)
+            mask = FlexMask(self_mask, t, t)
+            memory_mask = FlexMask(memory_mask, t, memory.shape[1])
+            causal = False
+        if cache is not None:
+            for i, layer in enumerate(self.decoder):
+                x = layer(x, mask, causal, memory, memory_mask, cache[i])
+        else:
+            for layer in self.decoder:
+                x = run_layer(layer, self.checkpointing, x, mask, causal, memory, memory_mask)
         return self.dec_norm(x)
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.training and self.cfg.activation_checkpointing == "full"
+
+    def use_flex(self, tokens: torch.Tensor) -> bool:
+        """FlexAttention on CUDA only: torch 2.13 has no flex backward on CPU (model/flex.py)."""
+        return self.cfg.attention == "flex" and tokens.is_cuda
 
     def new_cache(self) -> list[dict]:
         """Empty per-layer key/value cache for incremental decoding."""

@@ -1,0 +1,58 @@
+"""FlexAttention for CUDA (`model.attention: flex`): the attention masks as block masks.
+
+SDPA with an arbitrary boolean mask (the two-stream mask) falls back to unfused attention on CUDA;
+FlexAttention runs it fused and skips the blocks the mask empties. A `FlexMask` is built once per
+batch for each mask kind (encoder key mask, decoder self mask, cross mask) and shared by all layers.
+Query and key lengths are padded up to a multiple of the block size (padded keys masked out, padded
+query rows dropped), so the compiled kernel sees a few repeating shapes instead of one per batch.
+flex has no attention dropout (config check) and no CPU backward in torch 2.13, so the model uses
+it on CUDA only; its forward does run on CPU, which is how the tests check it against SDPA.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+BLOCK = 128
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _round_up(n: int, block: int) -> int:
+    return (n + block - 1) // block * block
+
+
+class FlexMask:
+    """A boolean mask (True = may attend), broadcastable to [B, 1, T, S], as a padded BlockMask."""
+
+    def __init__(self, mask: torch.Tensor, q_len: int, kv_len: int, block: int = BLOCK):
+        b = mask.shape[0]
+        self.q_len, self.kv_len = q_len, kv_len
+        self.padded_len = qp, kp = _round_up(q_len, block), _round_up(kv_len, block)
+        padded = torch.zeros(b, qp, kp, dtype=torch.bool, device=mask.device)
+        rows = mask.reshape(b, mask.shape[-2], kv_len)  # [B, T or 1, S]
+        padded[:, :q_len, :kv_len] = rows.expand(b, q_len, kv_len)
+
+        def mask_mod(bi, h, q, k):
+            return padded[bi, q, k]
+
+        self.block_mask = create_block_mask(mask_mod, b, None, qp, kp, device=mask.device,
+                                            BLOCK_SIZE=block)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, heads, T, D], k/v [B, heads, S, D] -> [B, heads, T, D]."""
+        qp, kp = self.padded_len
+        q = F.pad(q, (0, 0, 0, qp - q.shape[2]))
+        k, v = (F.pad(z, (0, 0, 0, kp - z.shape[2])) for z in (k, v))
+        return _compiled()(q, k, v, block_mask=self.block_mask)[:, :, :self.q_len]
+
+
+def causal_mask(b: int, t: int, device: torch.device) -> torch.Tensor:
+    """[B, T, T] lower-triangular boolean mask."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)

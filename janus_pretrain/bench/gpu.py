@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from janus_pretrain.bench.train import (PeakMemory, host_batches, objective_config, run_bart,
-                                        run_ours, time_steps)
-from janus_pretrain.train.flops import decoder_passes, matmul_peak, step_flops
+from janus_pretrain.bench.train import (PeakMemory, host_batches, mean_flops, objective_config,
+                                        run_bart, run_ours, time_steps)
+from janus_pretrain.model.flops import matmul_peak
 
 SHAPES = {False: dict(model="base", batch=16, src_len=256, tgt_len=256, vocab=32000, warmup=3,
                       steps=10, compile=False),
@@ -57,12 +57,10 @@ def run_engine(name: str, precision: str, stage: int, device: torch.device, args
         engine.step()
 
     seconds = time_steps(step, args.warmup, args.steps, device)
-    k = max(b["masked_pos"].shape[1] for b in host)
-    passes = decoder_passes(objective.needs_ar, objective.needs_nar, args.tgt_len, k)
     scale = getattr(engine.optimizer, "cur_scale", None)
     return {"seconds": seconds, "loss_scale": None if scale is None else float(scale),
-            "flops": step_flops(cfg.model, engine.module.padded_vocab_size, args.batch,
-                                args.src_len, passes)}
+            "flops": mean_flops(objective, host[args.warmup:], cfg.model,
+                                engine.module.padded_vocab_size)}
 
 
 def rows(device: torch.device, args) -> dict:

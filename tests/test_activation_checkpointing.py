@@ -48,7 +48,7 @@ def test_no_checkpointing_under_no_grad(single_process):
     model = JanusModel(dataclasses.replace(CFG, activation_checkpointing="full"), VOCAB, PAD).eval()
     src = torch.randint(5, VOCAB, (2, 7))
     with torch.no_grad():
-        memory, memory_mask = model.encode(src)
+        memory, memory_mask = model.run_encoder(src)
         cache = model.new_cache()
         steps = [model.decode(torch.full((2, 1), 2 + i), None, memory, memory_mask, cache=cache)
                  for i in range(3)]

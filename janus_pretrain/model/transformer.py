@@ -274,7 +274,8 @@ class JanusModel(nn.Module):
         in every softmax, no share of label smoothing, no gradient."""
         hidden = mtp.copy_to_tensor_model_parallel_region(
             hidden, group=ps.get_tensor_model_parallel_group())
-        return F.linear(hidden, self.embed.weight, self.padding_bias)
+        # A buffer: DeepSpeed's bf16/fp16 modes cast only the parameters.
+        return F.linear(hidden, self.embed.weight, self.padding_bias.to(self.embed.weight.dtype))
 
     def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder output -> [B, length_classes]."""

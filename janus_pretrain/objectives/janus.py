@@ -30,6 +30,11 @@ VOCAB_TERMS = ("ce_ar", "ce_nar", "ce_aux", "kl_ar_nar", "kl_ar_aux", "kl_nar_au
 TERMS = VOCAB_TERMS + ("length",)
 
 
+# The decoder outputs each vocabulary term is computed from ("nar" stands for NAR and AUX).
+STREAMS_OF = {"ce_ar": {"ar"}, "ce_nar": {"nar"}, "ce_aux": {"nar"}, "kl_nar_aux": {"nar"},
+              "kl_ar_nar": {"ar", "nar"}, "kl_ar_aux": {"ar", "nar"}}
+
+
 @dataclass
 class Prepared:
     """Device-side inputs of one micro-batch: model keyword arguments plus what the loss needs."""
@@ -114,7 +119,8 @@ class JanusObjective:
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> (weighted total, {term: detached value}) for the terms with non-zero weight."""
         w = self.cfg.weights
-        names = tuple(t for t in VOCAB_TERMS if getattr(w, t) > 0)
+        ran = {"ar" if "ar" in outputs else None, "nar" if "nar" in outputs else None}
+        names = tuple(t for t in VOCAB_TERMS if getattr(w, t) > 0 and STREAMS_OF[t] <= ran)
         s = prep.streams
         # AR row t predicts target position t + 1; masked positions are never BOS.
         targets = losses.Targets(

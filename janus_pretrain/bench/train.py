@@ -6,7 +6,7 @@ against the machine's own matmul peak, in fp32 and bf16, in one run.
 A step is forward + backward + torch AdamW step on one micro-batch (single process, TP = 1, no
 DeepSpeed), from device tensors: `prepare` (masks and index tensors) is inside the step, the host
 collator (noise, padding) is not, as in training where the loader runs it. The figures:
-    tokens/s   (source + target tokens) / median step time
+    tokens/s   non-padding (source + target) tokens / median step time
     FLOPs      analytic model FLOPs of the step (JanusObjective.flops, janus_pretrain/model/flops.py)
     MFU        achieved FLOP/s / the matmul peak measured in this process in the same dtype
     peak mem   max RSS over the row (CPU; VmHWM, reset per row) or torch.cuda.max_memory_allocated
@@ -26,7 +26,7 @@ linear layers because at TP = 1 they run as F.linear (see model/transformer.py `
 megatron-core's own autograd function it would not (fp32 bias add, fp32 backward).
 
 With `--task T` (e.g. multi30k_ende) the batches are those training sees: the task's pairs are
-prepared once (finetune/pairs.py, 8k vocabulary) into `--cache`/<task>, and the real loader
+prepared once (finetune/pairs.py, a vocabulary of 8k unless --vocab) under `--cache`/<task>, and the real loader
 (data/loader.py build_loader on the run config's DataConfig; `--max-tokens N` sets data.max_tokens)
 collates them, so padding, lengths and masking are real. tokens/s then counts non-padding tokens
 only, and the pad fraction of those batches is printed (target and source). In fp32 the whole loop
@@ -58,7 +58,7 @@ from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD, load_tokenizer
 from janus_pretrain.train.engine import build_engine
 from janus_pretrain.train.loop import open_corpus, open_sources, optimizer_step
-from janus_pretrain.train.metrics import RunLogger, StepStats
+from janus_pretrain.train.metrics import RunLogger, StepStats, real_tokens
 from janus_pretrain.train.nonfinite import NonFiniteGuard
 
 # precision -> (weight dtype, autocast dtype or None, dtype of the matmul peak)
@@ -198,11 +198,6 @@ def host_batches(cfg, objective: JanusObjective, args, n: int) -> list[dict]:
     return [objective.collate([(rng.integers(5, args.vocab, args.src_len - 2),
                                 rng.integers(5, args.vocab, args.tgt_len - 2))
                                for _ in range(args.batch)], rng) for _ in range(n)]
-
-
-def real_tokens(host: dict) -> int:
-    """Non-padding source + target tokens of a batch (what tokens/s counts)."""
-    return int((host["src"] != PAD).sum() + (host["tgt"] != PAD).sum())
 
 
 def pad_fraction(host: list[dict]) -> dict[str, float]:

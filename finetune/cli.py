@@ -55,14 +55,11 @@ def _train(args) -> None:
     from janus_pretrain.config import load_config
     from janus_pretrain.parallel import state
     from janus_pretrain.train.loop import train
+    from finetune.pairs import data_overrides
     from finetune.tasks import get_task
 
     task = get_task(args.task)
-    data = Path(args.data)
-    defaults = [f"data.train={data / 'target'}", f"data.source={data / 'source'}",
-                f"data.tokenizer={data / 'tokenizer.model'}",
-                f"data.max_source_len={task.max_source_len}",
-                f"data.max_target_len={task.max_target_len}"]
+    defaults = data_overrides(task, args.data)
     if args.init_from:
         defaults.append(f"train.init_from={args.init_from}")
     cfg = load_config(args.config, [*defaults, *args.overrides])

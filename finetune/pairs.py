@@ -53,3 +53,13 @@ def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] =
                "tokenizer": str(tok_path), "vocab_size": load_tokenizer(tok_path).vocab_size}
     (output / "pairs.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def data_overrides(task: TaskSpec, output: str | Path) -> list[str]:
+    """The config overrides that point a run at pairs `prepare_pairs` wrote to `output`, cut at
+    the task's lengths (`janus-finetune train` and `bench train --task` read the same data)."""
+    output = Path(output)
+    return [f"data.train={output / 'target'}", f"data.source={output / 'source'}",
+            f"data.tokenizer={output / 'tokenizer.model'}",
+            f"data.max_source_len={task.max_source_len}",
+            f"data.max_target_len={task.max_target_len}"]

@@ -1,6 +1,9 @@
 """The training benchmark's pieces: the analytic FLOP count against torch's own FLOP counter on a
 tiny model, the collator's list of masked positions against its mask, and a one-step smoke run
-of `python -m janus_pretrain.bench train` that must print every row."""
+of `python -m janus_pretrain.bench train` that must print every row, and one on a prepared task
+whose JSON table must hold every key and show token-budget batches padding less than fixed ones."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -63,3 +66,30 @@ def test_bench_train_smoke(single_process, capsys):
             assert any(line.split()[:2] == [precision, row] for line in out.splitlines()), (row, out)
         assert any(line.split()[:2] == [precision, "ratios:"] for line in out.splitlines()), out
     assert "janus/ar step time" in out and "bart/ar step time" in out
+
+
+def test_bench_train_task_json(single_process, tmp_path, capsys):
+    from janus_pretrain.bench import train
+
+    def run(*batching: str) -> dict:
+        out = tmp_path / f"{'-'.join(batching)}.json"
+        train.main(["--model", "tiny", "--task", "multi30k_ende", "--max-pairs", "1000",
+                    "--vocab", "800", "--cache", str(tmp_path / "cache"), "--warmup", "1",
+                    "--steps", "1", "--precisions", "fp32", "--no-bart", "--json", str(out),
+                    *batching])
+        return json.loads(out.read_text())
+
+    budget, fixed = run("--max-tokens", "512"), run("--batch", "32")
+    assert "pad fraction: target" in capsys.readouterr().out
+    for table in (budget, fixed):
+        assert {"rows", "janus_over_ar", "pad_fraction", "loop_over_step"} <= table.keys()
+        assert [(r["objective"], r["precision"]) for r in table["rows"]] == [("ar", "fp32"),
+                                                                             ("janus", "fp32")]
+        for row in table["rows"]:
+            assert row["ms_per_step"] > 0 and row["tokens_per_s"] > 0
+        assert table["janus_over_ar"]["fp32"] > 0
+        assert table["loop_over_step"].keys() == {"ar", "janus"}
+        assert all(0 < r for r in table["loop_over_step"].values())
+        assert all(0 <= f <= 1 for f in table["pad_fraction"].values())
+    for side in ("target", "source"):
+        assert budget["pad_fraction"][side] < fixed["pad_fraction"][side], (budget, fixed)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from janus_pretrain.bench.train import (PeakMemory, host_batches, mean_flops, objective_config,
-                                        run_bart, run_ours, time_steps)
+from janus_pretrain.bench.train import (PeakMemory, data_overrides, host_batches, measured,
+                                        objective_config, run_bart, run_ours, time_steps)
 from janus_pretrain.model.flops import matmul_peak
 
 SHAPES = {False: dict(model="base", batch=16, src_len=256, tgt_len=256, vocab=32000, warmup=3,
@@ -41,13 +41,13 @@ def run_engine(name: str, precision: str, stage: int, device: torch.device, args
     from janus_pretrain.tokenizer import PAD
     from janus_pretrain.train.engine import build_engine
 
-    cfg, objective = objective_config(name, args.model, args, NO_ATTN_DROPOUT + (
+    cfg, objective = objective_config(name, args, NO_ATTN_DROPOUT + (
         f"parallel.precision={precision}",
         f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
         f"data.micro_batch_size={args.batch}"))
     torch.manual_seed(0)
     engine = build_engine(JanusModel(cfg.model, args.vocab, PAD), cfg)
-    host = host_batches(objective, args, args.warmup + args.steps)
+    host = host_batches(cfg, objective, args, args.warmup + args.steps)
     batches = [{k: v.to(device) for k, v in b.items()} for b in host]
 
     def step(i: int) -> None:
@@ -56,11 +56,10 @@ def run_engine(name: str, precision: str, stage: int, device: torch.device, args
         engine.backward(loss)
         engine.step()
 
-    seconds = time_steps(step, args.warmup, args.steps, device)
+    times = time_steps(step, args.warmup, args.steps, device)
     scale = getattr(engine.optimizer, "cur_scale", None)
-    return {"seconds": seconds, "loss_scale": None if scale is None else float(scale),
-            "flops": mean_flops(objective, host[args.warmup:], cfg.model,
-                                engine.module.padded_vocab_size)}
+    return {**measured(times, objective, host, cfg, engine.module.padded_vocab_size),
+            "loss_scale": None if scale is None else float(scale)}
 
 
 def rows(device: torch.device, args) -> dict:
@@ -89,7 +88,8 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if not args.dry_run_cpu and not torch.cuda.is_available():
         sys.exit("bench gpu: no CUDA device here (use --dry-run-cpu to check the script on CPU)")
-    vars(args).update(SHAPES[args.dry_run_cpu])
+    vars(args).update(SHAPES[args.dry_run_cpu], task=None)
+    args.overrides = data_overrides(args)
     from janus_pretrain.parallel import state
 
     device = state.initialize(1).device

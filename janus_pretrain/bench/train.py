@@ -6,7 +6,7 @@ against the machine's own matmul peak, in fp32 and bf16, in one run.
 A step is forward + backward + torch AdamW step on one micro-batch (single process, TP = 1, no
 DeepSpeed), from device tensors: `prepare` (masks and index tensors) is inside the step, the host
 collator (noise, padding) is not, as in training where the loader runs it. The figures:
-    tokens/s   (source + target tokens) / median step time
+    tokens/s   non-padding (source + target) tokens / median step time
     FLOPs      analytic model FLOPs of the step (JanusObjective.flops, janus_pretrain/model/flops.py)
     MFU        achieved FLOP/s / the matmul peak measured in this process in the same dtype
     peak mem   max RSS over the row (CPU; VmHWM, reset per row) or torch.cuda.max_memory_allocated
@@ -24,12 +24,23 @@ Precisions (rows fp32, bf16, autocast):
 Both models run every precision the same way, so each ratio is like for like. Autocast reaches our
 linear layers because at TP = 1 they run as F.linear (see model/transformer.py `linear`); through
 megatron-core's own autograd function it would not (fp32 bias add, fp32 backward).
+
+With `--task T` (e.g. multi30k_ende) the batches are those training sees: the task's pairs are
+prepared once (finetune/pairs.py, a vocabulary of 8k unless --vocab) under `--cache`/<task>, and the real loader
+(data/loader.py build_loader on the run config's DataConfig; `--max-tokens N` sets data.max_tokens)
+collates them, so padding, lengths and masking are real. tokens/s then counts non-padding tokens
+only, and the pad fraction of those batches is printed (target and source). In fp32 the whole loop
+is timed too on the same batches: DeepSpeed engine (train/engine.py), collation with prefetch, the
+loop's `optimizer_step` (train/loop.py) and its per-step bookkeeping and logging; `loop/step` is
+whole-loop throughput over bare-step throughput. `--json PATH` writes the table.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
+import json
 import statistics
 import time
 from pathlib import Path
@@ -39,11 +50,16 @@ import numpy as np
 import torch
 
 from janus_pretrain.config import CONFIG_ROOT, ModelConfig, load_config
+from janus_pretrain.data.loader import build_loader
 from janus_pretrain.model import JanusModel
 from janus_pretrain.model.flops import matmul_peak
-from janus_pretrain.objectives.janus import JanusObjective
+from janus_pretrain.objectives.janus import TERMS, JanusObjective
 from janus_pretrain.parallel import state
-from janus_pretrain.tokenizer import PAD
+from janus_pretrain.tokenizer import PAD, load_tokenizer
+from janus_pretrain.train.engine import build_engine
+from janus_pretrain.train.loop import open_corpus, open_sources, optimizer_step
+from janus_pretrain.train.metrics import RunLogger, StepStats, real_tokens
+from janus_pretrain.train.nonfinite import NonFiniteGuard
 
 # precision -> (weight dtype, autocast dtype or None, dtype of the matmul peak)
 PRECISIONS = {"fp32": (torch.float32, None, torch.float32),
@@ -113,8 +129,8 @@ class PeakMemory:
 
 
 def time_steps(step: Callable[[int], None], warmup: int, steps: int, device: torch.device
-               ) -> float:
-    """Median seconds of `steps` calls of step(i) after `warmup` untimed ones."""
+               ) -> list[float]:
+    """Seconds of each of `steps` calls of step(i) after `warmup` untimed ones."""
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
@@ -125,23 +141,80 @@ def time_steps(step: Callable[[int], None], warmup: int, steps: int, device: tor
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def objective_config(name: str, preset: str, args, overrides: tuple = ()) -> tuple:
+def prepare_task(args) -> Path:
+    """The task's training pairs as shards under --cache, prepared on first use and reused after
+    (training the tokenizer and tokenizing take longer than the benchmark itself)."""
+    from finetune.pairs import prepare_pairs
+    from finetune.tasks import get_task
+
+    vocab = args.vocab or 8000
+    name = f"vocab{vocab}" + ("" if args.max_pairs is None else f"-pairs{args.max_pairs}")
+    out = Path(args.cache) / args.task / name
+    if not (out / "pairs.json").is_file():  # written last by prepare_pairs
+        prepare_pairs(get_task(args.task), out, vocab_size=vocab, max_pairs=args.max_pairs)
+    return out
+
+
+def data_overrides(args) -> list[str]:
+    """Config overrides for the batches: the prepared task's data and batching, or the synthetic
+    lengths. Sets args.vocab to the vocabulary of the batches' ids."""
+    if args.task is None:
+        args.vocab = args.vocab or 32000
+        return [f"data.max_source_len={args.src_len}", f"data.max_target_len={args.tgt_len}"]
+    from finetune.pairs import data_overrides as task_data
+    from finetune.tasks import get_task
+
+    data = prepare_task(args)
+    args.vocab = json.loads((data / "pairs.json").read_text())["vocab_size"]
+    budget = [] if args.max_tokens is None else [f"data.max_tokens={args.max_tokens}"]
+    return [*task_data(get_task(args.task), data), f"data.micro_batch_size={args.batch}", *budget]
+
+
+def objective_config(name: str, args, overrides: tuple = ()) -> tuple:
     """overrides: extra `key=value` config overrides (bench gpu: model.attention=flex, ...)."""
     cfg = load_config(CONFIG_ROOT / "finetune" / f"{name}.yaml",
-                      [f"model={preset}", f"data.max_source_len={args.src_len}",
-                       f"data.max_target_len={args.tgt_len}", *overrides])
-    return cfg, JanusObjective(cfg.objective, args.src_len, args.tgt_len, cfg.model.length_classes)
+                      [f"model={args.model}", *args.overrides, *overrides])
+    return cfg, JanusObjective(cfg.objective, cfg.data.max_source_len, cfg.data.max_target_len,
+                               cfg.model.length_classes)
 
 
-def host_batches(objective: JanusObjective, args, n: int) -> list[dict]:
-    """n micro-batches of random full-length pairs (no padding), collated on the host."""
+def task_loader(cfg, objective: JanusObjective, prefetch: int):
+    """The training loader of the run config (one rank), as train() builds it."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    corpus = open_corpus(cfg.data.train, tokenizer)
+    return build_loader(dataclasses.replace(cfg.data, prefetch=prefetch), corpus, objective.collate,
+                        0, 1, open_sources(cfg, tokenizer, corpus))
+
+
+def host_batches(cfg, objective: JanusObjective, args, n: int) -> list[dict]:
+    """n micro-batches collated on the host: the task loader's first n, or random full-length
+    pairs (no padding)."""
+    if args.task is not None:
+        loader = task_loader(cfg, objective, prefetch=0)
+        return [next(loader) for _ in range(n)]
     rng = np.random.default_rng(0)
     return [objective.collate([(rng.integers(5, args.vocab, args.src_len - 2),
                                 rng.integers(5, args.vocab, args.tgt_len - 2))
                                for _ in range(args.batch)], rng) for _ in range(n)]
+
+
+def pad_fraction(host: list[dict]) -> dict[str, float]:
+    """Padded cells / all cells of the batches, per side."""
+    return {side: 1.0 - sum(int((b[key] != PAD).sum()) for b in host)
+            / sum(b[key].numel() for b in host)
+            for side, key in (("target", "tgt"), ("source", "src"))}
+
+
+def measured(times: list[float], objective: JanusObjective, host: list[dict], cfg, vocab: int
+             ) -> dict:
+    """A row's figures from its step times and the batches they ran (warm-up ones first)."""
+    timed = host[-len(times):]
+    return {"seconds": statistics.median(times), "times": times,
+            "tokens": sum(map(real_tokens, timed)) / len(timed),
+            "flops": mean_flops(objective, timed, cfg.model, vocab), "pad": pad_fraction(host)}
 
 
 def autocast_context(device: torch.device, dtype) -> Callable:
@@ -152,7 +225,7 @@ def autocast_context(device: torch.device, dtype) -> Callable:
 
 def run_ours(name: str, precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
     weights, amp_dtype, _ = PRECISIONS[precision]
-    cfg, objective = objective_config(name, args.model, args, overrides)
+    cfg, objective = objective_config(name, args, overrides)
     torch.manual_seed(0)
     model = JanusModel(cfg.model, args.vocab, PAD).to(device=device, dtype=weights)
     vocab = model.padded_vocab_size
@@ -160,7 +233,7 @@ def run_ours(name: str, precision: str, device: torch.device, args, overrides: t
         model.compile()
     model.train()
     opt = optimizer_for(model, weights)
-    host = host_batches(objective, args, args.warmup + args.steps)
+    host = host_batches(cfg, objective, args, args.warmup + args.steps)
     batches = [{k: v.to(device) for k, v in b.items()} for b in host]
     amp = autocast_context(device, amp_dtype)
 
@@ -172,8 +245,36 @@ def run_ours(name: str, precision: str, device: torch.device, args, overrides: t
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = time_steps(step, args.warmup, args.steps, device)
-    return {"seconds": seconds, "flops": mean_flops(objective, host[args.warmup:], cfg.model, vocab)}
+    times = time_steps(step, args.warmup, args.steps, device)
+    return measured(times, objective, host, cfg, vocab)
+
+
+def run_loop(name: str, device: torch.device, args) -> list[float]:
+    """Step times of the training loop (fp32) on the batches the bare step ran: engine, loader
+    with prefetch, `optimizer_step` and the loop's logging, as train() runs them. The logger
+    averages and reduces the metrics as in training but writes nothing (no W&B service
+    competing for the cores); checkpointing is left out, it is not a per-step cost."""
+    cfg, objective = objective_config(name, args)
+    total = args.warmup + args.steps
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=total))
+    torch.manual_seed(0)
+    engine = build_engine(JanusModel(cfg.model, args.vocab, PAD), cfg)
+    loader = task_loader(cfg, objective, prefetch=cfg.data.prefetch)
+    stats = StepStats(device, {t for t in TERMS if getattr(cfg.objective.weights, t) > 0})
+    guard = NonFiniteGuard(engine)
+    # Peak FLOP/s only scales the MFU it would write.
+    logger = RunLogger(False, Path(cfg.train.output_dir), total, 0, cfg.train.log_interval, 1.0,
+                       cfg.train.wandb_project, None, {})
+    engine.train()
+
+    def step(i: int) -> None:
+        optimizer_step(engine, objective, loader, cfg, guard, stats, False, device)
+        logger.after_step(i + 1, i + 1 == total, stats, engine)
+
+    try:
+        return time_steps(step, args.warmup, args.steps, device)
+    finally:
+        loader.close()
 
 
 def bart_model(mcfg: ModelConfig, vocab: int, max_positions: int):
@@ -193,12 +294,12 @@ def bart_model(mcfg: ModelConfig, vocab: int, max_positions: int):
 
 def run_bart(precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
     weights, amp_dtype, _ = PRECISIONS[precision]
-    cfg, objective = objective_config("ar", args.model, args, overrides)
+    cfg, objective = objective_config("ar", args, overrides)
     torch.manual_seed(0)
-    model = bart_model(cfg.model, args.vocab, max(args.src_len, args.tgt_len))
+    model = bart_model(cfg.model, args.vocab, max(cfg.data.max_source_len, cfg.data.max_target_len))
     model.to(device=device, dtype=weights).train()
     opt = optimizer_for(model, weights)
-    host = host_batches(objective, args, args.warmup + args.steps)
+    host = host_batches(cfg, objective, args, args.warmup + args.steps)
     batches = [{k: v.to(device) for k, v in b.items()} for b in host]
     amp = autocast_context(device, amp_dtype)
 
@@ -212,9 +313,8 @@ def run_bart(precision: str, device: torch.device, args, overrides: tuple = ()) 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = time_steps(step, args.warmup, args.steps, device)
-    return {"seconds": seconds,
-            "flops": mean_flops(objective, host[args.warmup:], cfg.model, args.vocab)}
+    times = time_steps(step, args.warmup, args.steps, device)
+    return measured(times, objective, host, cfg, args.vocab)
 
 
 def mean_flops(objective, host: list[dict], model: ModelConfig, vocab: int) -> float:
@@ -230,14 +330,22 @@ def cpu_name() -> str:
     return "unknown"
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench train",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base", help="model preset under configs/model/")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--src-len", type=int, default=128)
-    p.add_argument("--tgt-len", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--batch", type=int, default=8,
+                   help="pairs per batch (with --task: data.micro_batch_size, unless --max-tokens)")
+    p.add_argument("--src-len", type=int, default=128, help="synthetic mode only")
+    p.add_argument("--tgt-len", type=int, default=128, help="synthetic mode only")
+    p.add_argument("--vocab", type=int, help="vocabulary size (default 32000; with --task the "
+                   "tokenizer trained on the task, default 8000)")
+    p.add_argument("--task", help="benchmark on this fine-tuning task's real batches "
+                   "(finetune/tasks.py, e.g. multi30k_ende) instead of random ones")
+    p.add_argument("--max-tokens", type=int, help="with --task: data.max_tokens (token budget)")
+    p.add_argument("--max-pairs", type=int, help="with --task: prepare only the first N pairs")
+    p.add_argument("--cache", default="runs/bench", help="with --task: where prepared tasks stay")
+    p.add_argument("--json", help="also write the table to this JSON file")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
     p.add_argument("--precisions", default="fp32,bf16,autocast",
@@ -247,36 +355,72 @@ def main(argv: list[str]) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile our model, as train.compile=true does (minutes of compiling)")
     p.add_argument("--no-bart", action="store_true", help="skip the HF BART rows")
     args = p.parse_args(argv)
+    if args.task is None and (args.max_tokens or args.max_pairs):
+        p.error("--max-tokens and --max-pairs need --task")
+    return args
 
+
+def run_precision(precision: str, device: torch.device, args, table: dict) -> None:
+    """Time and print every row of one precision (and, in task mode at fp32, the loop)."""
+    rows = {"ar": lambda: run_ours("ar", precision, device, args)}
+    if precision != "autocast" or args.autocast_janus:
+        rows["janus"] = lambda: run_ours("janus", precision, device, args)
+    if not args.no_bart:
+        rows["bart"] = lambda: run_bart(precision, device, args)
+    results = {}
+    for name, run in rows.items():
+        gc.collect()
+        # Measured right before each row, so that a row and its peak see the same machine load.
+        peak = matmul_peak(device, PRECISIONS[precision][2])
+        with PeakMemory(device) as mem:
+            r = run()
+        gc.collect()
+        results[name] = r
+        achieved = r["flops"] / r["seconds"]
+        table["rows"].append({"objective": name, "precision": precision,
+                              "ms_per_step": r["seconds"] * 1000,
+                              "tokens_per_s": r["tokens"] / r["seconds"],
+                              "gflop_per_step": r["flops"] / 1e9, "mfu": achieved / peak,
+                              "peak_mib": mem.bytes / 2**20})
+        print(f"{precision:<8} {name:<6} {r['seconds'] * 1000:>9.0f} "
+              f"{r['tokens'] / r['seconds']:>9.1f} {r['flops'] / 1e9:>11.1f} {achieved / 1e9:>8.1f} "
+              f"{peak / 1e9:>9.1f} {achieved / peak:>6.1%} {mem.bytes / 2**20:>9.0f}", flush=True)
+        if table["pad_fraction"] is None:
+            table["pad_fraction"] = r["pad"]
+            print(f"pad fraction: target {r['pad']['target']:.1%}, "
+                  f"source {r['pad']['source']:.1%}", flush=True)
+    ar = results["ar"]["seconds"]
+    if "janus" in results:
+        table["janus_over_ar"][precision] = results["janus"]["seconds"] / ar
+    ratios = [f"{other}/ar step time {results[other]['seconds'] / ar:.2f}x"
+              for other in ("janus", "bart") if other in results]
+    if args.task is not None and precision == "fp32":
+        for name in ("ar", "janus"):
+            if name in results:
+                loop = run_loop(name, device, args)
+                # The same batches, so throughput ratio = time ratio.
+                table["loop_over_step"][name] = sum(results[name]["times"]) / sum(loop)
+                ratios.append(f"{name} loop/step throughput {table['loop_over_step'][name]:.2f} "
+                              f"({statistics.median(loop) * 1000:.0f} ms/step in the loop)")
+    print(f"{precision:<8} ratios: {'; '.join(ratios)}", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
     topo = state.initialize(1)
     device = topo.device
-    tokens = args.batch * (args.src_len + args.tgt_len)
+    args.overrides = data_overrides(args)
+    shape = (f"task={args.task} max_tokens={args.max_tokens} max_pairs={args.max_pairs}"
+             if args.task else f"src_len={args.src_len} tgt_len={args.tgt_len}")
     print(f"device={device} cpu={cpu_name()!r} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} model={args.model} batch={args.batch} "
-          f"src_len={args.src_len} tgt_len={args.tgt_len} vocab={args.vocab} "
-          f"steps={args.warmup}+{args.steps} compile={args.compile}", flush=True)
+          f"torch={torch.__version__} model={args.model} batch={args.batch} {shape} "
+          f"vocab={args.vocab} steps={args.warmup}+{args.steps} compile={args.compile}", flush=True)
     print(f"{'prec':<8} {'row':<6} {'ms/step':>9} {'tokens/s':>9} {'GFLOP/step':>11} "
           f"{'GFLOP/s':>8} {'peak GF/s':>9} {'MFU':>6} {'peak MiB':>9}")
+    table = {"rows": [], "janus_over_ar": {}, "pad_fraction": None, "loop_over_step": {},
+             "settings": {k: v for k, v in vars(args).items() if k != "overrides"}}
     for precision in args.precisions.split(","):
-        rows = {"ar": lambda: run_ours("ar", precision, device, args)}
-        if precision != "autocast" or args.autocast_janus:
-            rows["janus"] = lambda: run_ours("janus", precision, device, args)
-        if not args.no_bart:
-            rows["bart"] = lambda: run_bart(precision, device, args)
-        results = {}
-        for name, run in rows.items():
-            gc.collect()
-            # Measured right before each row, so that a row and its peak see the same machine load.
-            peak = matmul_peak(device, PRECISIONS[precision][2])
-            with PeakMemory(device) as mem:
-                r = run()
-            gc.collect()
-            results[name] = r
-            achieved = r["flops"] / r["seconds"]
-            print(f"{precision:<8} {name:<6} {r['seconds'] * 1000:>9.0f} "
-                  f"{tokens / r['seconds']:>9.1f} {r['flops'] / 1e9:>11.1f} {achieved / 1e9:>8.1f} "
-                  f"{peak / 1e9:>9.1f} {achieved / peak:>6.1%} {mem.bytes / 2**20:>9.0f}", flush=True)
-        ar = results["ar"]["seconds"]
-        ratios = [f"{other}/ar step time {results[other]['seconds'] / ar:.2f}x"
-                  for other in ("janus", "bart") if other in results]
-        print(f"{precision:<8} ratios: {'; '.join(ratios)}", flush=True)
+        run_precision(precision, device, args, table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")

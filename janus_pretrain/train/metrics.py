@@ -28,6 +28,11 @@ def wandb_mode() -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def real_tokens(host: dict[str, torch.Tensor]) -> int:
+    """Non-padding source + target tokens of a collated batch: what tokens/s counts."""
+    return int((host["src"] != PAD).sum() + (host["tgt"] != PAD).sum())
+
+
 class StepStats:
     """Loss terms and token counts accumulated on the device between log intervals."""
 
@@ -50,7 +55,7 @@ class StepStats:
         values = [terms[t] if t in terms else torch.zeros((), device=self.device) for t in TERMS]
         self.step_sums += torch.stack([total.detach(), *values]).double()
         self.step_micro_batches += 1
-        self.tokens += int((host["src"] != PAD).sum() + (host["tgt"] != PAD).sum())
+        self.tokens += real_tokens(host)
         self.flops += flops
 
     def end_step(self, skipped: bool) -> None:

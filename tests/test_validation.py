@@ -1,0 +1,80 @@
+"""Validation inside the loop (train.eval_interval): eval/ lines in metrics.jsonl, and
+checkpoints/best following the best score across a resume and surviving a crash in its update."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REPO, read_metrics, rendezvous_env_restored
+
+from janus_pretrain.checkpoint import atomic, store, weights
+from janus_pretrain.config import load_config
+from janus_pretrain.train.validation import read_best
+
+DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+METRIC = "eval/fake/bleu/ar_greedy"
+
+
+def scripted(scores: list[float]):
+    """A task_eval returning the next of `scores` (higher is better) for each validation."""
+    it = iter(scores)
+    return lambda module: {METRIC: next(it), "eval/fake/bleu/nar_T4": 0.0}
+
+
+def run(shards_dir, tokenizer_path, out, task_eval, *extra, resume=False):
+    from janus_pretrain.train.loop import train
+
+    cfg = load_config(DEMO, [
+        "model=tiny", f"data.train={shards_dir}", f"data.valid={shards_dir}",
+        f"data.tokenizer={tokenizer_path}", "data.max_source_len=64", "data.max_target_len=64",
+        "data.micro_batch_size=4", "optim.warmup_steps=2", "train.log_interval=1",
+        "train.save_interval=2", "train.eval_interval=2", "train.eval_batches=2",
+        "train.keep_checkpoints=10", "train.steps=8", f"train.output_dir={out}", *extra])
+    with rendezvous_env_restored():
+        return train(cfg, resume=resume, task_eval=task_eval)
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = weights.tp_rank_weights(a, 0), weights.tp_rank_weights(b, 0)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_best_is_the_best_logged_step_across_a_resume(shards_dir, tokenizer_path, tmp_path,
+                                                      single_process, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "run"
+    run(shards_dir, tokenizer_path, out, scripted([1.0, 5.0, 3.0]), "train.exit_after=6")
+    # The resumed run must compare against the recorded 5.0, not start afresh.
+    run(shards_dir, tokenizer_path, out, scripted([4.0]), resume=True)
+    evals = [m for m in read_metrics(out) if METRIC in m]
+    assert [m["step"] for m in evals] == [2, 4, 6, 8]
+    assert all("eval/loss" in m and "eval/ce_ar" in m for m in evals)
+    best_step = max(evals, key=lambda m: m[METRIC])["step"]
+    best = out / "checkpoints" / "best"
+    assert read_best(best) == {"metric": METRIC, "score": 5.0, "step": best_step}
+    assert same_weights(best, out / "checkpoints" / "step_00000004")
+    assert not same_weights(best, out / "checkpoints" / "step_00000008")
+
+
+def test_crash_while_updating_best_keeps_the_previous_one(shards_dir, tokenizer_path, tmp_path,
+                                                          single_process, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    calls = []
+    original = atomic.publish_local
+
+    def crash_on_second(tmp, final, **manifest):  # best's files are written, not yet published
+        calls.append(final)
+        if len(calls) == 2:
+            raise RuntimeError("injected crash before publishing best")
+        return original(tmp, final, **manifest)
+
+    monkeypatch.setattr(atomic, "publish_local", crash_on_second)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected"):
+        run(shards_dir, tokenizer_path, out, scripted([1.0, 2.0]), "train.steps=4")
+    best = out / "checkpoints" / "best"
+    assert read_best(best)["step"] == 2
+    assert store.verify(best) == []
+    assert same_weights(best, out / "checkpoints" / "step_00000002")
+    from janus_pretrain.generate.api import Generator
+
+    assert len(Generator.from_checkpoint(best).generate(["a test"], mode="ar", max_len=4)) == 1

@@ -78,3 +78,21 @@ def test_crash_while_updating_best_keeps_the_previous_one(shards_dir, tokenizer_
     from janus_pretrain.generate.api import Generator
 
     assert len(Generator.from_checkpoint(best).generate(["a test"], mode="ar", max_len=4)) == 1
+
+
+@pytest.mark.parametrize("preset,keys", [
+    ("janus", ["eval/multi30k_ende/bleu/ar_greedy", "eval/multi30k_ende/bleu/nar_T4"]),
+    ("cmlm", ["eval/multi30k_ende/bleu/nar_T4"])])
+def test_task_eval_decodes_the_trained_manners(preset, keys, tokenizer_path, single_process):
+    """finetune's callback for the loop: one key per trained manner, AR (the score) first."""
+    from finetune.live_eval import task_eval
+    from finetune.tasks import get_task
+    from janus_pretrain.model import JanusModel
+    from janus_pretrain.tokenizer import PAD, load_tokenizer
+
+    cfg = load_config(REPO / "configs" / "finetune" / f"{preset}.yaml", [
+        "model=tiny", f"data.tokenizer={tokenizer_path}", "data.max_source_len=64",
+        "data.max_target_len=64"])
+    model = JanusModel(cfg.model, load_tokenizer(tokenizer_path).vocab_size, PAD)
+    scores = task_eval(get_task("multi30k_ende"), cfg, 3)(model)
+    assert list(scores) == keys and all(0 <= v <= 100 for v in scores.values())

@@ -96,3 +96,38 @@ def test_task_eval_decodes_the_trained_manners(preset, keys, tokenizer_path, sin
     model = JanusModel(cfg.model, load_tokenizer(tokenizer_path).vocab_size, PAD)
     scores = task_eval(get_task("multi30k_ende"), cfg, 3)(model)
     assert list(scores) == keys and all(0 <= v <= 100 for v in scores.values())
+
+
+def test_finetune_cli_validates_in_the_loop(tmp_path):
+    """janus-finetune train with train.eval_interval: the task metric per manner is logged and
+    best is the step with the best AR greedy BLEU (not `select`'s pick)."""
+    import sys
+
+    from conftest import SHARED_DATA, run_killable
+
+    root = tmp_path / "data" / "nmt" / "multi30k"
+    root.mkdir(parents=True)
+    for stem, n in (("train", 120), ("val", 8), ("test_2016_flickr", 4)):
+        for lang in ("en", "de"):
+            lines = (SHARED_DATA / "nmt" / "multi30k" / f"{stem}.{lang}").read_text(
+                encoding="utf-8").splitlines()[:n]
+            (root / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cli = [sys.executable, "-m", "finetune.cli", "--data-root", str(tmp_path / "data")]
+    for args in (["prepare", "--task", "multi30k_ende", "--output", str(tmp_path / "pairs"),
+                  "--vocab-size", "400", "--workers", "1"],
+                 ["train", "--task", "multi30k_ende", "--data", str(tmp_path / "pairs"),
+                  "--config", "configs/finetune/janus.yaml", "--valid-size", "4", "model=tiny",
+                  "train.steps=4", "train.save_interval=2", "train.eval_interval=2",
+                  "optim.warmup_steps=1", "data.micro_batch_size=8",
+                  f"train.output_dir={tmp_path / 'run'}"]):
+        done = run_killable([*cli, *args], 240, args[0])
+        assert done.returncode == 0, done.stderr[-3000:]
+    ar = "eval/multi30k_ende/bleu/ar_greedy"
+    evals = [m for m in read_metrics(tmp_path / "run") if ar in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert all("eval/multi30k_ende/bleu/nar_T4" in m for m in evals)
+    best = read_best(tmp_path / "run" / "checkpoints" / "best")
+    top = max(m[ar] for m in evals)
+    assert best["metric"] == ar and best["score"] == top
+    assert best["step"] == next(m["step"] for m in evals if m[ar] == top)
+    assert "select:" not in done.stdout  # the loop kept best; no selection after it

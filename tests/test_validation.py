@@ -131,3 +131,27 @@ def test_finetune_cli_validates_in_the_loop(tmp_path):
     assert best["metric"] == ar and best["score"] == top
     assert best["step"] == next(m["step"] for m in evals if m[ar] == top)
     assert "select:" not in done.stdout  # the loop kept best; no selection after it
+
+
+def test_without_a_task_best_has_the_lowest_eval_loss(shards_dir, tokenizer_path, tmp_path,
+                                                      single_process, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "run"
+    run(shards_dir, tokenizer_path, out, None, "train.steps=6", "optim.lr=3e-3")
+    evals = [m for m in read_metrics(out) if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [2, 4, 6]
+    lowest = min(evals, key=lambda m: m["eval/loss"])
+    assert read_best(out / "checkpoints" / "best") == {
+        "metric": "eval/loss", "score": -lowest["eval/loss"], "step": lowest["step"]}
+
+
+def test_eval_interval_needs_a_checkpoint_and_something_to_validate(tmp_path):
+    from janus_pretrain.errors import JanusError
+    from janus_pretrain.train.loop import train
+
+    with pytest.raises(JanusError, match="multiple of train.save_interval=4"):
+        load_config(DEMO, ["train.save_interval=4", "train.eval_interval=6"])
+    cfg = load_config(DEMO, ["data.train=t", "data.tokenizer=k.model", "train.save_interval=2",
+                             "train.eval_interval=2", f"train.output_dir={tmp_path}"])
+    with pytest.raises(JanusError, match="needs data.valid"):
+        train(cfg)

@@ -64,9 +64,15 @@ def _train(args) -> None:
         defaults.append(f"train.init_from={args.init_from}")
     cfg = load_config(args.config, [*defaults, *args.overrides])
     try:
-        result = train(cfg, resume=args.resume)
+        live = None
+        if cfg.train.eval_interval:  # validated in the loop, which also keeps checkpoints/best
+            from finetune.live_eval import task_eval
+
+            live = task_eval(task, cfg, args.valid_size, args.data_root)
+        result = train(cfg, resume=args.resume, task_eval=live)
         print(f"train: step {result.step}, checkpoint {result.checkpoint}")
-        _select(task, Path(cfg.train.output_dir), args)
+        if not cfg.train.eval_interval:
+            _select(task, Path(cfg.train.output_dir), args)
     finally:
         state.shutdown()
 

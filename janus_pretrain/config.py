@@ -133,6 +133,9 @@ class DataConfig:
     # Fine-tuning pairs: shards whose document i is the source of document i of `train` (see
     # `janus-finetune prepare`); unset, the objective derives sources (pretraining, `denoise`).
     source: Optional[str] = None
+    # Validation (train.eval_interval): target shards, and for pairs their aligned source shards.
+    valid: Optional[str] = None
+    valid_source: Optional[str] = None
     max_source_len: int = 512
     max_target_len: int = 512
     micro_batch_size: int = 8
@@ -219,11 +222,20 @@ class TrainConfig:
     compile: bool = False
     wandb_project: str = "janus-pretrain"
     wandb_name: Optional[str] = None
+    # Validate every eval_interval steps (None: never): every loss term on data.valid, and a
+    # fine-tuning task's metric; checkpoints/best follows the best score. A multiple of
+    # save_interval, so that each validated step has a checkpoint to copy to best.
+    eval_interval: Optional[int] = None
+    eval_batches: int = 50  # validation micro-batches per data-parallel rank (fewer if the set is)
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_interval", "save_interval", "keep_checkpoints",
-                     "max_bad_steps"):
+                     "max_bad_steps", "eval_batches"):
             _check(getattr(self, name) > 0, f"train.{name}", "must be positive")
+        _check(self.eval_interval is None or (self.eval_interval > 0 and
+                                              self.eval_interval % self.save_interval == 0),
+               "train.eval_interval", f"must be a positive multiple of train.save_interval="
+               f"{self.save_interval} (best is copied from the step's checkpoint)")
 
 
 @dataclass
@@ -256,6 +268,9 @@ class RunConfig:
         _check((self.data.source is None) == (self.objective.masking == "denoise"), "data.source",
                "is needed by objective.masking=span|uniform (fine-tuning pairs) and unused by "
                "denoise (pretraining derives the sources)")
+        _check(self.data.valid is None or
+               (self.data.valid_source is None) == (self.data.source is None), "data.valid_source",
+               "is needed exactly when data.source is (validation pairs like the training pairs)")
 
 
 def _read_yaml(path: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -99,21 +100,23 @@ def load_into(model: nn.Module, weights: Weights, origin: Path | str) -> None:
                          f"({str(e).splitlines()[-1].strip()}); set model= to its shape") from None
 
 
-def write_model_checkpoint(source: Path, shards: list[Weights], target: Path) -> Path:
+def write_model_checkpoint(source: Path, shards: list[Weights], target: Path, **meta) -> Path:
     """A model-only checkpoint at `target`: one weights file per TP rank (`shards`, rank order),
-    and `source`'s janus.json and tokenizer, published atomically."""
+    `source`'s janus.json (with `meta` added, also to the manifest) and tokenizer, published
+    atomically."""
     tmp = atomic.staging(target)
     for rank, shard in enumerate(shards):
         torch.save({"module": shard}, tmp / model_states_file(rank))
-    for name in (META, TOKENIZER):
-        shutil.copyfile(source / name, tmp / name)
-    return atomic.publish_local(tmp, target, source=str(source))
+    (tmp / META).write_text(json.dumps({**read_meta(source), **meta}, indent=2))
+    shutil.copyfile(source / TOKENIZER, tmp / TOKENIZER)
+    return atomic.publish_local(tmp, target, source=str(source), **meta)
 
 
-def copy_model(source: Path, target: Path) -> Path:
-    """`source`'s weights (no optimizer state) as a model-only checkpoint at `target`."""
+def copy_model(source: Path, target: Path, **meta) -> Path:
+    """`source`'s weights (no optimizer state) as a model-only checkpoint at `target`; `meta`
+    is added to its janus.json."""
     shards = [tp_rank_weights(source, r) for r in range(tp_size(source))]
-    return write_model_checkpoint(source, shards, target)
+    return write_model_checkpoint(source, shards, target, **meta)
 
 
 def average(checkpoints: list[Path], target: Path) -> Path:

@@ -7,6 +7,8 @@ step's only host sync is one all-reduce of two flags at its last micro-batch: wh
 saw a non-finite loss or gradient (the update is then skipped, see nonfinite.py) and whether any
 rank was asked to stop (see signals.py). At a log interval the loss terms are averaged over the
 data-parallel group and written to the console, W&B and `<output_dir>/metrics.jsonl` (rank 0).
+Every `train.eval_interval` steps the Validator (validation.py) scores the model and keeps
+`checkpoints/best`.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from janus_pretrain.train.engine import build_engine, read_deepspeed_json
 from janus_pretrain.train.metrics import RunLogger, StepStats
 from janus_pretrain.train.nonfinite import NonFiniteGuard
 from janus_pretrain.train.signals import StopRequest
+from janus_pretrain.train.validation import TaskEval, Validator
 
 
 def seed_everything(seed: int) -> None:
@@ -57,16 +60,28 @@ def open_corpus(path: str, tokenizer: Tokenizer) -> ShardedCorpus:
     return corpus
 
 
-def open_sources(cfg: RunConfig, tokenizer: Tokenizer, targets: ShardedCorpus
-                 ) -> Optional[ShardedCorpus]:
-    """Fine-tuning: the source shards aligned with data.train; None when pretraining."""
-    if cfg.data.source is None:
+def open_sources(source: Optional[str], tokenizer: Tokenizer, targets: ShardedCorpus,
+                 names: tuple[str, str] = ("data.source", "data.train")) -> Optional[ShardedCorpus]:
+    """Fine-tuning: the source shards aligned with the target shards; None when pretraining."""
+    if source is None:
         return None
-    sources = open_corpus(cfg.data.source, tokenizer)
+    sources = open_corpus(source, tokenizer)
     if len(sources) != len(targets):
-        raise JanusError(f"data: data.source ({cfg.data.source}) holds {len(sources)} documents, "
-                         f"data.train ({cfg.data.train}) {len(targets)}: they must be aligned pairs")
+        raise JanusError(f"data: {names[0]} ({source}) holds {len(sources)} documents, "
+                         f"{names[1]} {len(targets)}: they must be aligned pairs")
     return sources
+
+
+def validation_loader(cfg: RunConfig, tokenizer: Tokenizer, objective: JanusObjective
+                      ) -> Optional[BatchLoader]:
+    """This rank's loader over data.valid (and data.valid_source); None without data.valid."""
+    if cfg.data.valid is None:
+        return None
+    targets = open_corpus(cfg.data.valid, tokenizer)
+    return build_loader(cfg.data, targets, objective.collate, state.data_parallel_rank(),
+                        state.data_parallel_size(), open_sources(
+                            cfg.data.valid_source, tokenizer, targets,
+                            ("data.valid_source", "data.valid")))
 
 
 def init_weights(model: JanusModel, path: str, tokenizer: Tokenizer) -> None:
@@ -119,9 +134,13 @@ def optimizer_step(engine, objective: JanusObjective, loader: BatchLoader, cfg: 
     return stopping
 
 
-def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
-    """Run (or resume) a training job."""
+def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = None
+          ) -> TrainResult:
+    """Run (or resume) a training job; `task_eval` adds a task's metric to validation."""
     cfg.check_data()  # a config that cannot work fails before any process group starts
+    if cfg.train.eval_interval and cfg.data.valid is None and task_eval is None:
+        raise JanusError("config: train.eval_interval: needs data.valid (validation shards) "
+                         "or a fine-tuning task (janus-finetune train)")
     read_deepspeed_json(cfg)
     topo = state.initialize(cfg.parallel.tensor_parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -136,7 +155,7 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
         model.compile()
     engine = build_engine(model, cfg)
     loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
-                          state.data_parallel_size(), open_sources(cfg, tokenizer, corpus))
+                          state.data_parallel_size(), open_sources(cfg.data.source, tokenizer, corpus))
     output = Path(cfg.train.output_dir)
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
                                       cfg.train.keep_checkpoints)
@@ -148,7 +167,11 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
     logger = RunLogger(topo.is_main, output, cfg.train.steps, start_step, cfg.train.log_interval,
                        matmul_peak(topo.device, dtype) * dist.get_world_size(),
                        cfg.train.wandb_project, cfg.train.wandb_name, to_dict(cfg))
-    stats = StepStats(topo.device, {t for t in TERMS if getattr(cfg.objective.weights, t) > 0})
+    present = {t for t in TERMS if getattr(cfg.objective.weights, t) > 0}
+    stats = StepStats(topo.device, present)
+    validator = Validator(engine, objective, validation_loader(cfg, tokenizer, objective),
+                          cfg.train.eval_batches, cfg.train.eval_interval, checkpointer.root,
+                          present, topo.device, task_eval)
     guard = NonFiniteGuard(engine)
     last_step = min(cfg.train.steps, cfg.train.exit_after or cfg.train.steps)
     step, stopping, diverged = start_step, False, False
@@ -165,6 +188,7 @@ def train(cfg: RunConfig, resume: bool = False) -> TrainResult:
             checkpointer.after_step(step, done, lambda: {
                 "loader": loader.state_dict(), "config": to_dict(cfg),
                 "bad_steps_in_a_row": bad_in_a_row})
+            validator.after_step(step, checkpointer.last, logger)
     loader.close()
     result = TrainResult(topo.rank, start_step, step, checkpointer.last and str(checkpointer.last),
                          logger.close(),

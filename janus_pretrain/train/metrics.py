@@ -150,6 +150,15 @@ class RunLogger:
         self.bar.write(f"step {step}: {terms}")
         self.run.log(metrics, step=step)
 
+    def write_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Validation metrics (train/validation.py): a line of their own in metrics.jsonl."""
+        if not self.enabled:
+            return
+        with open(self.file, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self.run.log(metrics, step=step)
+
     def close(self) -> Optional[str]:
         """Finish; returns the W&B run directory (rank 0)."""
         if not self.enabled:

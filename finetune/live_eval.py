@@ -1,0 +1,39 @@
+"""The fine-tuning half of in-loop validation (janus_pretrain/train/validation.py, which cannot
+import finetune/): the task's first metric on the first `valid_size` validation pairs, decoded
+from the live model AR greedy and NAR mask-predict T = 4 (batched), in the manners the objective
+trains only (LossWeights.decoding_modes). The first manner's value is the score for `best`."""
+from __future__ import annotations
+
+from typing import Optional
+
+from janus_pretrain.config import RunConfig
+from janus_pretrain.errors import JanusError
+from janus_pretrain.generate.api import Generator
+from janus_pretrain.tokenizer import load_tokenizer
+from janus_pretrain.train.validation import TaskEval
+from finetune import metrics
+from finetune.tasks import TaskSpec, read_split
+
+MODES = {"ar": ("ar_greedy", dict(mode="ar", beam=1)), "nar": ("nar_T4", dict(mode="nar", iterations=4))}
+
+
+def task_eval(task: TaskSpec, cfg: RunConfig, valid_size: int, root: Optional[str] = None) -> TaskEval:
+    """-> a callable: live model -> {"eval/<task>/<metric>/<ar_greedy|nar_T4>": value}."""
+    sources, refs = read_split(task, "valid", root)
+    sources, refs = sources[:valid_size], refs[:valid_size]
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    metric = task.metrics[0]
+
+    def evaluate(module) -> dict[str, float]:
+        gen = Generator(module, tokenizer, cfg, next(module.parameters()).device)
+        out = {}
+        for mode in cfg.objective.weights.decoding_modes():
+            name, options = MODES[mode]
+            hyps = gen.generate(sources, max_len=task.decoding.max_len, **options)
+            value = metrics.score([metric], hyps, refs)[metric]
+            if value is None:
+                raise JanusError(f"train: {metric} cannot be computed here to validate {task.name}")
+            out[f"eval/{task.name}/{metric}/{name}"] = value
+        return out
+
+    return evaluate

@@ -225,7 +225,7 @@ def test_generate_cli_untrained_manner_and_bad_lines(trained_run, tmp_path):
     import sys
 
     from conftest import REPO
-    from janus_pretrain.train.consolidate import resolve_checkpoint
+    from janus_pretrain.checkpoint.weights import resolve as resolve_checkpoint
 
     ar_only = tmp_path / resolve_checkpoint(trained_run).name
     shutil.copytree(resolve_checkpoint(trained_run), ar_only)

@@ -186,7 +186,7 @@ def task_loader(cfg, objective: JanusObjective, prefetch: int):
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = open_corpus(cfg.data.train, tokenizer)
     return build_loader(dataclasses.replace(cfg.data, prefetch=prefetch), corpus, objective.collate,
-                        0, 1, open_sources(cfg, tokenizer, corpus))
+                        0, 1, open_sources(cfg.data.source, tokenizer, corpus))
 
 
 def host_batches(cfg, objective: JanusObjective, args, n: int) -> list[dict]:

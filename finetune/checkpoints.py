@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from janus_pretrain.checkpoint import store, weights
-from janus_pretrain.checkpoint.layout import MARKER
+from janus_pretrain.checkpoint.layout import AVERAGED, BEST, CHECKPOINTS, MARKER
 from janus_pretrain.errors import JanusError
 from janus_pretrain.generate.api import Generator
 from finetune import metrics
@@ -21,12 +21,12 @@ from finetune.tasks import TaskSpec, read_split
 
 def average_last(run: Path, k: int) -> Path:
     """Mean of the weights of the newest k complete checkpoints -> `<run>/checkpoints/averaged`."""
-    found = store.complete(run / "checkpoints")[:k]
+    found = store.complete(run / CHECKPOINTS)[:k]
     if len(found) < k:
         raise JanusError(f"select: --average-last {k} needs {k} checkpoints, {run}/checkpoints "
                          f"holds {len(found)} (keep more with train.keep_checkpoints and a smaller "
                          f"train.save_interval)")
-    return weights.average(found, run / "checkpoints" / "averaged")
+    return weights.average(found, run / CHECKPOINTS / AVERAGED)
 
 
 def validation_score(task: TaskSpec, path: Path, valid_size: int,
@@ -49,13 +49,13 @@ def select_best(task: TaskSpec, run: Path, valid_size: int = 200,
                 root: Optional[str] = None) -> tuple[Path, dict[str, float]]:
     """Score every complete checkpoint (and the average, if any) on validation; copy the best to
     `<run>/checkpoints/best`. Returns its path and {checkpoint name: score}."""
-    ckpts = run / "checkpoints"
+    ckpts = run / CHECKPOINTS
     candidates = store.complete(ckpts)
-    if (ckpts / "averaged" / MARKER).is_file():
-        candidates.append(ckpts / "averaged")
+    if (ckpts / AVERAGED / MARKER).is_file():
+        candidates.append(ckpts / AVERAGED)
     if not candidates:
         raise JanusError(f"select: no complete checkpoint under {ckpts}")
     scores = {p.name: validation_score(task, p, valid_size, root) for p in candidates}
     best = max(candidates, key=lambda p: scores[p.name])
-    weights.copy_model(best, ckpts / "best")
-    return ckpts / "best", scores
+    weights.copy_model(best, ckpts / BEST)
+    return ckpts / BEST, scores

@@ -21,6 +21,8 @@ MARKER = "COMPLETE"
 META = "janus.json"
 TOKENIZER = "tokenizer.model"
 LATEST = "latest"
+BEST = "best"          # model-only: the best checkpoint by validation
+AVERAGED = "averaged"  # model-only: the mean of the newest k
 STEP = re.compile(r"step_(\d{8})")
 TMP_PREFIX = ".tmp-"
 # ZeRO-3 prefixes its per-DP-rank model states with zero_pp_rank_D_.

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from janus_pretrain.checkpoint import atomic
-from janus_pretrain.checkpoint.layout import (LATEST, MARKER, META, STEP, TMP_PREFIX, TOKENIZER,
-                                              rng_file, step_name)
+from janus_pretrain.checkpoint.layout import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
+                                              TOKENIZER, rng_file, step_name)
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import Tokenizer, load_tokenizer
 
@@ -193,7 +193,7 @@ class Checkpointer:
     def __init__(self, engine, output_dir: Path, tokenizer: Tokenizer, save_interval: int,
                  keep: int):
         self.engine, self.tokenizer = engine, tokenizer
-        self.root = output_dir / "checkpoints"
+        self.root = output_dir / CHECKPOINTS
         self.save_interval, self.keep = save_interval, keep
         self.last: Optional[Path] = None
 

@@ -23,13 +23,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from janus_pretrain.checkpoint import weights
-from janus_pretrain.checkpoint.layout import MARKER, META, step_name
+from janus_pretrain.checkpoint.layout import BEST, MARKER, META, step_name
 from janus_pretrain.data.loader import BatchLoader
 from janus_pretrain.objectives.janus import TERMS, JanusObjective
 
 # The live module -> {"eval/<task>/<metric>/<mode>": value}, the score first; every rank calls it.
 TaskEval = Callable[[torch.nn.Module], dict[str, float]]
-BEST = "best"
 
 
 def read_best(path: Path) -> Optional[dict]:

@@ -164,3 +164,32 @@ def test_generate_invalid_utf8_on_stdin_is_no_traceback(tmp_path):
     assert lines == ["generate: warning: 1 input line(s) were not valid UTF-8 (first: line 1); "
                      "their bad bytes were decoded as U+FFFD",
                      f"error: checkpoint: no complete checkpoint at {tmp_path / 'nowhere'}"], lines
+
+
+class _Payload:
+    """Unpickling this calls Path.touch on `marker`: proof that the file ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("kind", ["model_states", "consolidated"])
+def test_crafted_pickle_in_a_model_file_is_refused_unrun(tmp_path, kind):
+    import torch
+
+    from janus_pretrain.checkpoint import weights
+    from janus_pretrain.checkpoint.layout import model_states_file
+
+    marker = tmp_path / "pwned"
+    if kind == "model_states":
+        torch.save({"module": _Payload(marker)}, tmp_path / model_states_file(0))
+        load = lambda: weights.tp_rank_weights(tmp_path, 0)  # noqa: E731
+    else:
+        torch.save({"model": _Payload(marker)}, tmp_path / "model.pt")
+        load = lambda: weights.load_consolidated(tmp_path / "model.pt")  # noqa: E731
+    with pytest.raises(JanusError, match="refused without running it"):
+        load()
+    assert not marker.exists()

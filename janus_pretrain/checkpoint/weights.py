@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -46,10 +47,14 @@ def resolve(path: str | Path) -> Path:
     raise JanusError(f"checkpoint: no complete checkpoint at {path}")
 
 
-def _load_pickle(path: Path) -> dict:
-    # DeepSpeed's own state files are pickles (optimizer and engine state); we only read the
-    # ones our training loop wrote. Model files meant for sharing are `consolidate`d instead.
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _load_weights_file(path: Path) -> dict:
+    """A torch file of tensors and plain values: loaded with weights_only=True, so a file from
+    someone else cannot run code (DeepSpeed's own model states load this way too)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise JanusError(f"checkpoint: {path} holds more than tensors and plain values; refused "
+                         f"without running it ({str(e).splitlines()[0][:120]})") from None
 
 
 def tp_rank_weights(checkpoint: Path, tp_rank: int) -> Weights:
@@ -58,7 +63,7 @@ def tp_rank_weights(checkpoint: Path, tp_rank: int) -> Weights:
     if not files:
         raise JanusError(f"checkpoint: no DeepSpeed model states for TP rank {tp_rank} in {checkpoint}")
     if not has_zero_shards(files):
-        saved = _load_pickle(checkpoint / model_states_file(tp_rank))
+        saved = _load_weights_file(checkpoint / model_states_file(tp_rank))
         return {k: v.float() if v.is_floating_point() else v
                 for k, v in saved["module"].items() if isinstance(v, torch.Tensor)}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -155,4 +160,4 @@ def load_consolidated(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise JanusError(f"checkpoint: consolidated file not found: {path}")
-    return _load_pickle(path)
+    return _load_weights_file(path)

@@ -15,7 +15,7 @@ from janus_pretrain.checkpoint import store, weights
 from janus_pretrain.checkpoint.layout import AVERAGED, BEST, CHECKPOINTS, MARKER
 from janus_pretrain.errors import JanusError
 from janus_pretrain.generate.api import Generator
-from finetune import metrics
+from finetune.live_eval import first_metric
 from finetune.tasks import TaskSpec, read_split
 
 
@@ -38,11 +38,7 @@ def validation_score(task: TaskSpec, path: Path, valid_size: int,
         options = dict(mode="ar", beam=1)
     else:
         options = dict(mode="nar", iterations=10)
-    hyps = gen.generate(sources, max_len=task.decoding.max_len, **options)
-    value = metrics.score(task.metrics[:1], hyps, refs)[task.metrics[0]]
-    if value is None:
-        raise JanusError(f"select: {task.metrics[0]} cannot be computed here to pick a checkpoint")
-    return value
+    return first_metric(task, gen, sources, refs, options)
 
 
 def select_best(task: TaskSpec, run: Path, valid_size: int = 200,

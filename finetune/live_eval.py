@@ -14,7 +14,8 @@ from janus_pretrain.train.validation import TaskEval
 from finetune import metrics
 from finetune.tasks import TaskSpec, read_split
 
-MODES = {"ar": ("ar_greedy", dict(mode="ar", beam=1)), "nar": ("nar_T4", dict(mode="nar", iterations=4))}
+MODES = {"ar": ("ar_greedy", dict(mode="ar", beam=1)),
+         "nar": ("nar_T4", dict(mode="nar", iterations=4))}
 
 
 def task_eval(task: TaskSpec, cfg: RunConfig, valid_size: int, root: Optional[str] = None) -> TaskEval:
@@ -26,14 +27,18 @@ def task_eval(task: TaskSpec, cfg: RunConfig, valid_size: int, root: Optional[st
 
     def evaluate(module) -> dict[str, float]:
         gen = Generator(module, tokenizer, cfg, next(module.parameters()).device)
-        out = {}
-        for mode in cfg.objective.weights.decoding_modes():
-            name, options = MODES[mode]
-            hyps = gen.generate(sources, max_len=task.decoding.max_len, **options)
-            value = metrics.score([metric], hyps, refs)[metric]
-            if value is None:
-                raise JanusError(f"train: {metric} cannot be computed here to validate {task.name}")
-            out[f"eval/{task.name}/{metric}/{name}"] = value
-        return out
+        return {f"eval/{task.name}/{metric}/{name}": first_metric(task, gen, sources, refs, options)
+                for name, options in (MODES[m] for m in cfg.objective.weights.decoding_modes())}
 
     return evaluate
+
+
+def first_metric(task: TaskSpec, gen: Generator, sources: list[str], refs: list, options: dict
+                 ) -> float:
+    """The task's first metric of `gen`'s decoding of `sources` with `options` (checkpoint
+    selection and in-loop validation alike)."""
+    hyps = gen.generate(sources, max_len=task.decoding.max_len, **options)
+    value = metrics.score(task.metrics[:1], hyps, refs)[task.metrics[0]]
+    if value is None:
+        raise JanusError(f"validation: {task.metrics[0]} cannot be computed here for {task.name}")
+    return value

@@ -66,8 +66,9 @@ class StepStats:
         self.step_sums.zero_()
         self.step_micro_batches = 0
 
-    def reduce(self) -> dict[str, float]:
-        """Average over micro-batches and data-parallel ranks (a collective), then start anew."""
+    def reduce(self, prefix: str = "train") -> dict[str, float]:
+        """Average over micro-batches and data-parallel ranks (a collective), then start anew:
+        `<prefix>/loss`, `<prefix>/<term>`, and the throughput under `perf/`."""
         counts = torch.tensor([self.tokens, self.flops], device=self.device, dtype=torch.float64)
         group = ps.get_data_parallel_group()
         dist.all_reduce(self.sums, group=group)
@@ -75,8 +76,8 @@ class StepStats:
         dp = ps.get_data_parallel_world_size()
         means = (self.sums / (self.micro_batches * dp)).tolist()
         elapsed = time.perf_counter() - self.start
-        out = {"train/loss": means[0]}
-        out.update({f"train/{t}": v for t, v in zip(TERMS, means[1:]) if t in self.present})
+        out = {f"{prefix}/loss": means[0]}
+        out.update({f"{prefix}/{t}": v for t, v in zip(TERMS, means[1:]) if t in self.present})
         tokens, flops = counts.tolist()
         out["perf/tokens_per_s"] = tokens / elapsed
         out["perf/flops_per_s"] = flops / ps.get_tensor_model_parallel_world_size() / elapsed

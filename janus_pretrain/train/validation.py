@@ -20,12 +20,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from janus_pretrain.checkpoint import weights
 from janus_pretrain.checkpoint.layout import BEST, MARKER, META, step_name
 from janus_pretrain.data.loader import BatchLoader
-from janus_pretrain.objectives.janus import TERMS, JanusObjective
+from janus_pretrain.objectives.janus import JanusObjective
+from janus_pretrain.train.metrics import StepStats
 
 # The live module -> {"eval/<task>/<metric>/<mode>": value}, the score first; every rank calls it.
 TaskEval = Callable[[torch.nn.Module], dict[str, float]]
@@ -53,6 +53,7 @@ class Validator:
         self.batches, self.interval, self.present, self.device = batches, interval, present, device
         self.best_dir = root / BEST
         self.best = read_best(self.best_dir)
+        self.host: Optional[list[dict]] = None
 
     def after_step(self, step: int, checkpoint: Optional[Path], logger) -> None:
         """Collective. `checkpoint` is the newest saved step directory (this step's)."""
@@ -75,17 +76,15 @@ class Validator:
         dist.barrier()
 
     def losses(self) -> dict[str, float]:
-        """Every loss term, averaged over the validation micro-batches and data-parallel ranks."""
-        sums = torch.zeros(len(TERMS) + 1, device=self.device, dtype=torch.float64)
-        count = min(self.batches, self.loader.batches_in_epoch(0))
-        zero = torch.zeros((), device=self.device)
-        for index in range(count):
-            host = self.loader.batch_at(0, index)
+        """Every loss term, averaged over the validation micro-batches and data-parallel ranks.
+        The batches are collated once: the same ones every time (noise included)."""
+        if self.host is None:
+            count = min(self.batches, self.loader.batches_in_epoch(0))
+            self.host = [self.loader.batch_at(0, index) for index in range(count)]
+        stats = StepStats(self.device, self.present)
+        for host in self.host:
             prep = self.objective.prepare({k: v.to(self.device) for k, v in host.items()})
             loss, terms = self.objective.loss(self.engine(**prep.model_inputs), prep)
-            sums += torch.stack([loss, *(terms.get(t, zero) for t in TERMS)]).double()
-        dist.all_reduce(sums, group=ps.get_data_parallel_group())
-        means = (sums / (count * ps.get_data_parallel_world_size())).tolist()
-        out = {"eval/loss": means[0]}
-        out.update({f"eval/{t}": v for t, v in zip(TERMS, means[1:]) if t in self.present})
-        return out
+            stats.add(loss, terms, host, 0.0)
+        stats.end_step(skipped=False)
+        return {k: v for k, v in stats.reduce("eval").items() if k.startswith("eval/")}

@@ -103,10 +103,22 @@ class ObjectiveConfig:
     source_span_lambda: float = 3.0
     # Share of the decoder mask that the encoder does see (the rest is the encoder-masked spans).
     extra_mask_share: float = 0.5
+    # `authors`: spans sampled as the JANUS authors' code does (docs/method.md, section 3: ~0.57
+    # of a target masked for ratio 0.7; pretraining spans over source_mask_ratio, each hidden from
+    # the encoder with probability 1 - extra_mask_share); `exact`: exactly ceil(ratio * n) target
+    # tokens, and for `denoise` source_mask_ratio hidden plus extra visible spans on top.
+    mask_sampler: str = "exact"
+    # `term`: every loss term is a mean over its own tokens; `target_tokens` (the authors'
+    # pretraining): each term's sum over its tokens divided by the number of target tokens.
+    loss_normalization: str = "term"
 
     def __post_init__(self):
         _check(self.masking in ("denoise", "span", "uniform"), "objective.masking",
                f"'{self.masking}' is not one of denoise, span, uniform")
+        _check(self.mask_sampler in ("authors", "exact"), "objective.mask_sampler",
+               f"'{self.mask_sampler}' is not one of authors, exact")
+        _check(self.loss_normalization in ("term", "target_tokens"), "objective.loss_normalization",
+               f"'{self.loss_normalization}' is not one of term, target_tokens")
         _check(0.0 <= self.label_smoothing < 1.0, "objective.label_smoothing", "must be in [0, 1)")
         for name in ("target_mask_ratio", "source_mask_ratio"):
             _check(0.0 < getattr(self, name) <= 1.0, f"objective.{name}", "must be in (0, 1]")

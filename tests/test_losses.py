@@ -79,12 +79,13 @@ def test_sym_kl_symmetric_zero_and_two_sided_gradients(single_process):
     assert a.grad[~targets.valid].abs().sum() == 0
 
 
-def test_janus_loss_terms_by_hand(single_process):
+@pytest.mark.parametrize("normalization", ["term", "target_tokens"])
+def test_janus_loss_terms_by_hand(single_process, normalization):
     torch.manual_seed(2)
     weights = LossWeights(ce_ar=1.0, ce_nar=0.5, ce_aux=0.5, kl_ar_nar=1.0, kl_ar_aux=3.0,
                           kl_nar_aux=1.0, length=0.1)
-    obj = JanusObjective(ObjectiveConfig(masking="span", weights=weights, label_smoothing=0.1),
-                         32, 32, 64)
+    obj = JanusObjective(ObjectiveConfig(masking="span", weights=weights, label_smoothing=0.1,
+                                         loss_normalization=normalization), 32, 32, 64)
     cfg = ModelConfig(encoder_layers=1, decoder_layers=1, hidden_size=16, ffn_hidden_size=32,
                       num_heads=2, max_positions=64, length_classes=64, dropout=0.0,
                       attention_dropout=0.0)
@@ -128,6 +129,9 @@ def test_janus_loss_terms_by_hand(single_process):
         "kl_nar_aux": skl(nar, aux),
         "length": F.cross_entropy(out["length"], n_tokens),
     }
+    if normalization == "target_tokens":  # sums over the masked slots / target tokens
+        for name in ("ce_nar", "ce_aux", "kl_ar_nar", "kl_ar_aux", "kl_nar_aux"):
+            expected[name] = expected[name] * len(labels) / int(ar_valid.sum())
     for name, value in expected.items():
         torch.testing.assert_close(terms[name], value.detach(), msg=name)
     weighted = sum(getattr(weights, n) * v for n, v in expected.items())

@@ -64,3 +64,50 @@ def test_collate_never_masks_bos_eos_or_pad(masking):
     assert not masked[tgt == BOS].any() and not masked[tgt == EOS].any()
     assert not masked[tgt == PAD].any()
     assert masked.sum(1).min() >= 1
+
+
+def test_authors_target_mask_statistics():
+    """The authors' fine-tuning sampler: ~0.57 of a target masked on average at ratio 0.7 (not
+    the exact sampler's >= 0.7), varying per sentence, never more than the budget."""
+    rng = np.random.default_rng(5)
+    shares = []
+    for n in rng.integers(5, 30, size=3000):
+        m = noise.authors_target_mask(rng, int(n), 0.7, 2.0)
+        assert 1 <= m.sum() <= math.ceil(0.7 * (n + 2))
+        shares.append(m.mean())
+    assert 0.54 < np.mean(shares) < 0.60
+    assert np.std(shares) > 0.05
+
+
+def test_authors_spans_overlap_and_zero_lengths():
+    """Starts are drawn independently, so some draws cover fewer tokens than the budget."""
+    rng = np.random.default_rng(6)
+    covered = [(noise.authors_spans(rng, 40, 0.7, 2.0) > 0).sum() for _ in range(200)]
+    assert max(covered) <= math.ceil(0.7 * 42) and min(covered) < math.ceil(0.7 * 42) - 2
+
+
+def test_authors_denoising_statistics():
+    """Pretraining: the decoder masks ~30% (less where spans overlap), about half of it hidden
+    from the encoder, each hidden span one [MASK]; the visible tokens keep their order."""
+    rng = np.random.default_rng(7)
+    tokens = np.arange(10, 130)
+    masked_share, hidden_share = [], []
+    for _ in range(400):
+        source, masked = noise.authors_denoising(rng, tokens, 0.3, 3.0, 0.5, MASK)
+        kept = source[source != MASK]
+        assert set(kept) >= set(tokens[~masked])
+        assert list(kept) == sorted(kept)
+        masked_share.append(masked.mean())
+        hidden_share.append(1 - len(kept) / len(tokens))
+    assert 0.24 < np.mean(masked_share) <= 0.30
+    assert 0.4 < np.mean(hidden_share) / np.mean(masked_share) < 0.6
+
+
+@pytest.mark.parametrize("masking", ["denoise", "span"])
+def test_collate_authors_sampler(masking):
+    obj = JanusObjective(ObjectiveConfig(masking=masking, mask_sampler="authors"), 64, 64, 64)
+    rng = np.random.default_rng(8)
+    batch = obj.collate([(np.arange(5, 25), np.arange(7, 7 + n)) for n in (1, 10, 50)], rng)
+    tgt, masked = batch["tgt"], batch["masked"]
+    assert not masked[(tgt == BOS) | (tgt == EOS) | (tgt == PAD)].any()
+    assert masked.sum(1).min() >= 1

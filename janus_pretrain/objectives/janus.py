@@ -44,6 +44,7 @@ class Prepared:
     ar_valid: Optional[torch.Tensor]
     streams: Optional[TwoStream]
     length_target: Optional[torch.Tensor]
+    target_tokens: torch.Tensor  # scalar: the batch's predicted target tokens (with EOS)
 
 
 class JanusObjective:
@@ -70,11 +71,19 @@ class JanusObjective:
         for src, tgt in examples:
             tgt = np.asarray(tgt)[: self.max_target_len - 2]
             n = len(tgt)
-            if cfg.masking == "denoise":
+            authors = cfg.mask_sampler == "authors"
+            if cfg.masking == "denoise" and authors:
+                src, m = noise.authors_denoising(rng, tgt, cfg.source_mask_ratio,
+                                                 cfg.source_span_lambda,
+                                                 1.0 - cfg.extra_mask_share, MASK)
+            elif cfg.masking == "denoise":
                 src, hidden = noise.text_infilling(rng, tgt, cfg.source_mask_ratio,
                                                    cfg.source_span_lambda, MASK)
                 m = noise.denoising_target_mask(rng, hidden, cfg.extra_mask_share,
                                                 cfg.source_span_lambda)
+            elif cfg.masking == "span" and authors:
+                m = noise.authors_target_mask(rng, n, cfg.target_mask_ratio,
+                                              cfg.target_span_lambda)
             elif cfg.masking == "span":
                 m = noise.target_span_mask(rng, n, cfg.target_mask_ratio, cfg.target_span_lambda)
             else:
@@ -113,7 +122,8 @@ class JanusObjective:
         if self.needs_length:
             inputs["length"] = True
             length_target = ((tgt != PAD).sum(1) - 2).clamp(max=self.length_classes - 1)
-        return Prepared(inputs, ar_labels, ar_valid, streams, length_target)
+        target_tokens = (tgt[:, 1:] != PAD).sum()
+        return Prepared(inputs, ar_labels, ar_valid, streams, length_target, target_tokens)
 
     def loss(self, outputs: dict[str, torch.Tensor], prep: Prepared
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -131,5 +141,10 @@ class JanusObjective:
         if self.needs_length:
             lp_len = torch.log_softmax(outputs["length"].float(), dim=-1)
             terms["length"] = -lp_len.gather(1, prep.length_target[:, None]).mean()
+        if self.cfg.loss_normalization == "target_tokens" and s is not None:
+            # Sums over the masked slots / target tokens = the slot mean * |M| / N.
+            share = s.valid.sum() / prep.target_tokens.clamp(min=1)
+            for name in terms.keys() - {"ce_ar", "length"}:
+                terms[name] = terms[name] * share
         total = sum(getattr(w, name) * value for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}

@@ -91,7 +91,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequence[str],
-             hardware: dict, plot_name: str) -> str:
+             hardware: dict, plot_name: str, curves: Path | None = None) -> str:
     quoted_same = [p for p in PUBLISHED if p.task == task]
     quoted_other = [p for p in PUBLISHED if p.task != task]
     out = [f"# {task}: JANUS AR/NAR vs ablations and published baselines", ""]
@@ -106,6 +106,8 @@ def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequen
                       [[r["system"], r["setting"], *[r[m] for m in metric_names], r["latency_ms"],
                         r["sentences_per_s"], r["speedup_vs_ar_beam"]] for r in rows]))
     out += ["", f"![quality vs latency]({plot_name})", ""]
+    if curves:
+        out += [f"![validation {metric_names[0]} against updates]({curves.name})", ""]
     out += ["## Published (quoted, not measured here)", ""]
     if quoted_same:
         out.append(_table(["system", "manner", *metric_names, "source"],
@@ -153,6 +155,39 @@ def plot(task: str, metric: str, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(task: str, metric: str, results: list[dict], path: Path) -> bool:
+    """Validation `metric` against updates for every run with an in-loop validation curve, one
+    line per decoding manner; the selected (best) step marked. False when no run has one."""
+    runs = [r for r in results if r.get("validation_curve")]
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        modes = sorted({k.split("/", 1)[1] for point in r["validation_curve"] for k in point
+                        if k.startswith(f"{metric}/")})
+        for mode in modes:
+            points = [(p["step"], p[f"{metric}/{mode}"]) for p in r["validation_curve"]
+                      if f"{metric}/{mode}" in p]
+            line, = ax.plot(*zip(*points), ".-", label=f"{r['system']} {mode}")
+            best = r.get("selected") or {}
+            if best.get("step") in dict(points):
+                ax.plot(best["step"], dict(points)[best["step"]], "o", mfc="none", ms=9,
+                        color=line.get_color())
+    ax.set_xlabel("updates")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{task}: in-loop validation (circle: the selected checkpoint)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def compare(result_files: Sequence[str | Path], output_dir: str | Path,
             notes: Sequence[str] = ()) -> dict[str, Path]:
     """Write `<output_dir>/<task>.md`, `.json` and `.png`; returns their paths."""
@@ -163,9 +198,12 @@ def compare(result_files: Sequence[str | Path], output_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     paths = {kind: out / f"{task}.{kind}" for kind in ("md", "json", "png")}
     plot(task, metric_names[0], rows, paths["png"])
+    curves = out / f"{task}.curves.png"
+    if plot_curves(task, metric_names[0], results, curves):
+        paths["curves"] = curves
     all_notes = [*notes, *sorted({n for r in results for n in r.get("notes", [])})]
     paths["md"].write_text(markdown(task, metric_names, rows, all_notes, results[0]["hardware"],
-                                    paths["png"].name))
+                                    paths["png"].name, paths.get("curves")))
     paths["json"].write_text(json.dumps(
         {"task": task, "notes": all_notes, "measured": rows,
          "published": [asdict(p) for p in PUBLISHED if p.task == task],

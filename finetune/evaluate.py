@@ -5,7 +5,8 @@ checkpoint is only decoded in the manners its objective trained (the `ar` ablati
 stream worth decoding, `cmlm` no AR one). Two timings per setting, on this machine:
 `latency_ms` is wall time per sentence decoding one sentence at a time (the first
 `latency_sentences` of the split), `sentences_per_s` is the throughput of decoding the whole
-split in batches. Results go to one JSON file, with the hardware they were measured on.
+split in batches. Results go to one JSON file, with the hardware they were measured on, and
+the run's in-loop validation curve (`train.eval_interval`) when its metrics.jsonl has one.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from janus_pretrain.checkpoint.weights import resolve
 from janus_pretrain.generate.api import DecodeOptions, Generator
+from janus_pretrain.train.validation import read_best
 from finetune import metrics
 from finetune.tasks import TaskSpec, read_split
 
@@ -48,6 +50,19 @@ def hardware() -> dict:
     return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "cpu": cpu, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "torch": torch.__version__}
+
+
+def validation_curve(task: TaskSpec, checkpoint: Path) -> list[dict]:
+    """The in-loop validation lines (`eval/<task>/...`, with their step) of the run a checkpoint
+    belongs to (`<run>/checkpoints/<name>`), oldest first; [] where it has none."""
+    log = checkpoint.parent.parent / "metrics.jsonl"
+    if not log.is_file():
+        return []
+    prefix = f"eval/{task.name}/"
+    lines = (json.loads(line) for line in log.read_text().splitlines() if line.strip())
+    return [{"step": d["step"], **{k[len(prefix):]: v for k, v in d.items()
+                                   if k.startswith(prefix)}}
+            for d in lines if any(k.startswith(prefix) for k in d)]
 
 
 def evaluate(task: TaskSpec, checkpoint: str, split: str = "test", limit: Optional[int] = None,
@@ -84,7 +99,8 @@ def evaluate(task: TaskSpec, checkpoint: str, split: str = "test", limit: Option
             "system": name or ckpt.parent.parent.name, "checkpoint": str(ckpt),
             "objective": gen.cfg.objective.masking, "weights": vars(gen.cfg.objective.weights),
             "metrics": list(task.metrics), "settings": results, "notes": notes,
-            "hardware": hardware()}
+            "hardware": hardware(), "validation_curve": validation_curve(task, ckpt),
+            "selected": read_best(ckpt)}
 
 
 def write(results: dict, path: str | Path) -> Path:

@@ -2,6 +2,8 @@
 
     janus-finetune tasks
     janus-finetune prepare  --task multi30k_ende --output runs/m30k/data [--tokenizer pre.model]
+    janus-finetune distill  --task multi30k_ende --teacher runs/m30k/ar --output runs/m30k/kd
+    janus-finetune prepare  --task multi30k_ende --distilled runs/m30k/kd --output runs/m30k/kd_data
     janus-finetune train    --task multi30k_ende --data runs/m30k/data \
                             --config configs/finetune/janus.yaml [--init-from ckpt] [key=value ...]
     janus-finetune evaluate --task multi30k_ende --checkpoint runs/m30k/janus --output r.json
@@ -36,9 +38,28 @@ def _prepare(args) -> None:
     from finetune.tasks import get_task
 
     s = prepare_pairs(get_task(args.task), args.output, args.tokenizer, args.vocab_size,
-                      args.max_pairs, args.workers, args.data_root)
-    print(f"prepare: {s['pairs']} {args.task} training pairs (dropped {s['dropped_empty']} with an "
+                      args.max_pairs, args.workers, args.data_root, args.distilled)
+    kind = " distilled" if args.distilled else ""
+    print(f"prepare: {s['pairs']} {args.task}{kind} training pairs (dropped {s['dropped_empty']} with an "
           f"empty side), vocabulary {s['vocab_size']} -> {args.output}")
+
+
+def _distill(args) -> None:
+    from janus_pretrain.parallel import state
+    from finetune.distill import TARGETS, distill
+    from finetune.tasks import get_task
+
+    try:
+        r = distill(get_task(args.task), args.teacher, args.output, args.beam, args.batch_size,
+                    args.max_pairs, args.valid_size, args.chunk_batches, args.max_chunks,
+                    args.data_root)
+    finally:
+        state.shutdown()
+    if r is not None:
+        score = "not measured" if r["valid_score"] is None else f"{r['valid_score']:.2f}"
+        print(f"distill: {r['lines']} lines -> {Path(args.output) / TARGETS} in "
+              f"{r['decode_s']:.0f} s; teacher validation {r['metric']} (beam {r['beam']}, "
+              f"{r['valid_size']} pairs): {score}")
 
 
 def _select(task, run: Path, args) -> None:
@@ -132,7 +153,24 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--vocab-size", type=int, default=8000, help="when training a tokenizer")
     pr.add_argument("--max-pairs", type=int, default=None)
     pr.add_argument("--workers", type=int, default=2)
+    pr.add_argument("--distilled", help="targets from this `distill` output, not the references")
     pr.set_defaults(handler=_prepare)
+
+    di = sub.add_parser("distill", help="decode the training sources with a teacher's AR manner "
+                                        "(sequence-level distillation; resumable)")
+    di.add_argument("--task", required=True)
+    di.add_argument("--teacher", required=True, help="run dir, checkpoints/best or a step dir")
+    di.add_argument("--output", required=True, help="directory for targets.txt and teacher.json")
+    di.add_argument("--beam", type=int, default=5)
+    di.add_argument("--batch-size", type=int, default=64)
+    di.add_argument("--max-pairs", type=int, default=None, help="the first N training sources only")
+    di.add_argument("--valid-size", type=int, default=200,
+                    help="validation pairs decoded to score the teacher (0: none)")
+    di.add_argument("--chunk-batches", type=int, default=16,
+                    help="batches between two progress records")
+    di.add_argument("--max-chunks", type=int, default=None,
+                    help="stop after this many chunks; rerun to continue")
+    di.set_defaults(handler=_distill)
 
     tr = sub.add_parser("train", help="fine-tune through the training loop, then pick the best checkpoint")
     tr.add_argument("--task", required=True)

@@ -5,7 +5,8 @@ Sources and targets go through `janus-pretrain data prepare` separately, into `<
 training loop reads when `data.source` is set. `data prepare` drops empty and non-UTF-8 lines,
 so pairs with an empty side are dropped here first (and counted), and the two corpora are checked
 to hold the same number of documents. Without a given tokenizer, one is trained on both sides of
-the training pairs (a joint vocabulary, as the shared embeddings need).
+the training pairs (a joint vocabulary, as the shared embeddings need). With `distilled`, the
+targets are a teacher's outputs (`janus-finetune distill`) in place of the task's references.
 """
 from __future__ import annotations
 
@@ -23,12 +24,18 @@ from finetune.tasks import TaskSpec, read_split
 
 def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] = None,
                   vocab_size: int = 8000, max_pairs: Optional[int] = None, workers: int = 2,
-                  root: Optional[str] = None) -> dict:
+                  root: Optional[str] = None, distilled: Optional[str | Path] = None) -> dict:
     """Write `<output>/{source,target}/` shards and `<output>/tokenizer.model`; returns the
-    summary also written to `<output>/pairs.json`."""
+    summary also written to `<output>/pairs.json`. `distilled`: a `distill` output directory
+    whose lines replace the targets (of the training sources it covers)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     sources, targets = read_split(task, "train", root)
+    if distilled is not None:
+        from finetune.distill import distilled_targets  # imports torch, which prepare need not
+
+        targets = distilled_targets(task, distilled, sources)
+        sources = sources[:len(targets)]
     kept = [(s, t) for s, t in zip(sources, targets) if s and t][:max_pairs]
     if not kept:
         raise JanusError(f"task {task.name}: no training pair with a non-empty source and target")
@@ -49,6 +56,7 @@ def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] =
         raise JanusError(f"task {task.name}: source and target shards disagree on the number of "
                          f"pairs ({counts}); a line break or invalid UTF-8 inside an example?")
     summary = {"task": task.name, "pairs": counts["source"],
+               "distilled": None if distilled is None else str(distilled),
                "dropped_empty": len(sources) - len([1 for s, t in zip(sources, targets) if s and t]),
                "tokenizer": str(tok_path), "vocab_size": load_tokenizer(tok_path).vocab_size}
     (output / "pairs.json").write_text(json.dumps(summary, indent=2))

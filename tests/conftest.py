@@ -113,6 +113,16 @@ def launch_training(shards_dir, tokenizer_path):
     return run
 
 
+@pytest.fixture(scope="session")
+def trained_run(launch_training, tmp_path_factory):
+    """A run directory holding a 2-step checkpoint of the demo objective (both manners)."""
+    run = tmp_path_factory.mktemp("generate") / "run"
+    result = launch_training(run, nproc=1, extra=("train.steps=2",
+                                                  "parallel.deepspeed_config=configs/deepspeed/zero0.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
 def child_env() -> dict:
     """The environment for a child job: one thread, W&B offline, and not this process's
     rendezvous (`single_process` exports RANK, MASTER_PORT, ...)."""

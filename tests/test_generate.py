@@ -182,16 +182,6 @@ def test_trained_model_copies_with_ar_and_nar(copy_model):
     assert exact_match(reranked, src) >= 0.9
 
 
-@pytest.fixture(scope="module")
-def trained_run(launch_training, tmp_path_factory):
-    """A run directory holding a 2-step checkpoint of the demo objective (both manners)."""
-    run = tmp_path_factory.mktemp("generate") / "run"
-    result = launch_training(run, nproc=1, extra=("train.steps=2",
-                                                  "parallel.deepspeed_config=configs/deepspeed/zero0.json"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run
-
-
 def test_generate_cli_both_modes(trained_run, tmp_path, corpus_file):
     import subprocess
     import sys

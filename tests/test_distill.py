@@ -113,3 +113,13 @@ def test_interrupted_distill_resumes_to_the_same_file_and_prepare_uses_it(
         assert [corpus[i].tolist() for i in range(len(corpus))] == tok.encode(texts), side
     with pytest.raises(JanusError, match="other multi30k_ende training sources"):
         distilled_targets(TASK, whole, ["another sentence", *sources[1:]])
+
+
+def test_selfkd_preset_is_the_janus_loss_continued():
+    from janus_pretrain.config import load_config
+
+    base = ["data.train=t", "data.source=s", "data.tokenizer=k.model", "data.max_target_len=64"]
+    janus, selfkd = (load_config(REPO / "configs" / "finetune" / f"{name}.yaml", base)
+                     for name in ("janus", "janus_selfkd"))
+    assert selfkd.objective == janus.objective and selfkd.model == janus.model
+    assert selfkd.train.steps < janus.train.steps and selfkd.optim.lr < janus.optim.lr

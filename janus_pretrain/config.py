@@ -111,6 +111,9 @@ class ObjectiveConfig:
     # `term`: every loss term is a mean over its own tokens; `target_tokens` (the authors'
     # pretraining): each term's sum over its tokens divided by the number of target tokens.
     loss_normalization: str = "term"
+    # Ours, not the authors' (they weigh the KL terms fully from step 0): the symmetric-KL weights
+    # ramp linearly from 0 to their value over the first kl_warmup_steps updates; 0: no warm-up.
+    kl_warmup_steps: int = 0
 
     def __post_init__(self):
         _check(self.masking in ("denoise", "span", "uniform"), "objective.masking",
@@ -119,6 +122,7 @@ class ObjectiveConfig:
                f"'{self.mask_sampler}' is not one of authors, exact")
         _check(self.loss_normalization in ("term", "target_tokens"), "objective.loss_normalization",
                f"'{self.loss_normalization}' is not one of term, target_tokens")
+        _check(self.kl_warmup_steps >= 0, "objective.kl_warmup_steps", "must be >= 0")
         _check(0.0 <= self.label_smoothing < 1.0, "objective.label_smoothing", "must be in [0, 1)")
         for name in ("target_mask_ratio", "source_mask_ratio"):
             _check(0.0 < getattr(self, name) <= 1.0, f"objective.{name}", "must be in (0, 1]")

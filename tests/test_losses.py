@@ -146,3 +146,23 @@ def test_zero_weights_skip_streams(single_process):
     rng = np.random.default_rng(0)
     prep = ar_only.prepare(ar_only.collate([(np.arange(5, 9), np.arange(5, 12))], rng))
     assert "nar_tokens" not in prep.model_inputs and "ar_tokens" in prep.model_inputs
+
+
+def test_kl_warmup_scales_only_the_kl_terms(single_process):
+    weights = LossWeights(ce_ar=1.0, ce_nar=0.5, ce_aux=0.5, kl_ar_nar=1.0, kl_ar_aux=3.0,
+                          kl_nar_aux=1.0)
+    obj = JanusObjective(ObjectiveConfig(masking="span", weights=weights, kl_warmup_steps=10),
+                         16, 16, 32)
+    cfg = ModelConfig(encoder_layers=1, decoder_layers=1, hidden_size=16, ffn_hidden_size=32,
+                      num_heads=2, max_positions=32, length_classes=32, dropout=0.0,
+                      attention_dropout=0.0)
+    model = JanusModel(cfg, 40, PAD)
+    rng = np.random.default_rng(1)
+    prep = obj.prepare(obj.collate([(rng.integers(5, 40, 5), rng.integers(5, 40, 7))], rng))
+    out = model(**prep.model_inputs)
+    full, terms = obj.loss(out, prep)  # validation: no step, full weights
+    kl = sum(getattr(weights, t) * terms[t] for t in terms if t.startswith("kl_"))
+    assert float(kl) > 0
+    for step, scale in ((1, 0.1), (4, 0.4), (10, 1.0), (50, 1.0)):
+        total, _ = obj.loss(out, prep, step)
+        torch.testing.assert_close(total, full - (1 - scale) * kl)

@@ -125,9 +125,11 @@ class JanusObjective:
         target_tokens = (tgt[:, 1:] != PAD).sum()
         return Prepared(inputs, ar_labels, ar_valid, streams, length_target, target_tokens)
 
-    def loss(self, outputs: dict[str, torch.Tensor], prep: Prepared
+    def loss(self, outputs: dict[str, torch.Tensor], prep: Prepared, step: Optional[int] = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (weighted total, {term: detached value}) for the terms with non-zero weight."""
+        """-> (weighted total, {term: detached value}) for the terms with non-zero weight. `step`
+        (the update being computed, from 1) scales the KL weights during `kl_warmup_steps`;
+        None (validation) weighs them fully."""
         w = self.cfg.weights
         ran = {"ar" if "ar" in outputs else None, "nar" if "nar" in outputs else None}
         names = tuple(t for t in VOCAB_TERMS if getattr(w, t) > 0 and STREAMS_OF[t] <= ran)
@@ -146,5 +148,8 @@ class JanusObjective:
             share = s.valid.sum() / prep.target_tokens.clamp(min=1)
             for name in terms.keys() - {"ce_ar", "length"}:
                 terms[name] = terms[name] * share
-        total = sum(getattr(w, name) * value for name, value in terms.items())
+        warm = self.cfg.kl_warmup_steps
+        kl_scale = min(1.0, step / warm) if warm and step is not None else 1.0
+        total = sum(getattr(w, name) * (kl_scale if name.startswith("kl_") else 1.0) * value
+                    for name, value in terms.items())
         return total, {name: value.detach() for name, value in terms.items()}

@@ -115,14 +115,15 @@ class TrainResult:
 
 def optimizer_step(engine, objective: JanusObjective, loader: BatchLoader, cfg: RunConfig,
                    guard: NonFiniteGuard, stats: StepStats, stop_requested: bool,
-                   device: torch.device) -> bool:
-    """One optimizer step of `train.grad_accum` micro-batches; returns whether any rank must
-    stop. `guard.skip` then says whether the update was skipped (non-finite on some rank)."""
+                   device: torch.device, step: Optional[int] = None) -> bool:
+    """One optimizer step (update `step`) of `train.grad_accum` micro-batches; returns whether
+    any rank must stop. `guard.skip` then says whether the update was skipped (non-finite on some
+    rank)."""
     stopping = False
     for micro in range(cfg.train.grad_accum):
         host = next(loader)
         prep = objective.prepare({k: v.to(device, non_blocking=True) for k, v in host.items()})
-        loss, terms = objective.loss(engine(**prep.model_inputs), prep)
+        loss, terms = objective.loss(engine(**prep.model_inputs), prep, step)
         guard.add_loss(loss)
         engine.backward(loss)
         if micro == cfg.train.grad_accum - 1:
@@ -180,7 +181,7 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
         while step < last_step and not (stopping or diverged):
             step += 1
             stopping = optimizer_step(engine, objective, loader, cfg, guard, stats,
-                                      stop_request.requested, topo.device)
+                                      stop_request.requested, topo.device, step)
             bad_in_a_row = bad_in_a_row + 1 if guard.skip else 0
             diverged = bad_in_a_row >= cfg.train.max_bad_steps
             done = step == last_step or stopping or diverged

@@ -111,6 +111,17 @@ def _precision(saved: dict) -> str:
     return next((p for p in ("bf16", "fp16") if config.get(p, {}).get("enabled")), "fp32")
 
 
+def _flat_states(shards: list[dict], g: int, fp32: str, optim: str, steps: set) -> list[dict]:
+    """Group `g`'s flat fp32 master and moments on each DP rank (ZeRO names them per stage);
+    adds their Adam step counts to `steps`."""
+    flats = []
+    for sd in shards:
+        opt = sd[optim]["state"][g]
+        flats.append({"fp32": sd[fp32][g], **{key: opt[key] for key in MOMENTS}})
+        steps.add(float(opt["step"]))
+    return flats
+
+
 def _zero12(checkpoint: Path, tp_rank: int) -> tuple[dict, float]:
     """ZeRO 1/2: each DP rank holds a contiguous slice of every group's flat buffer; a parameter's
     fragments, in DP rank order, make the parameter (DeepSpeed's `param_slice_mappings`)."""
@@ -119,12 +130,8 @@ def _zero12(checkpoint: Path, tp_rank: int) -> tuple[dict, float]:
     full = {key: {} for key in ("fp32", *MOMENTS)}
     steps = set()
     for g, group in enumerate(shapes):
-        flats = []
-        for sd in shards:
-            opt = sd["base_optimizer_state"]["state"][g]
-            flats.append({"fp32": sd["single_partition_of_fp32_groups"][g],
-                          **{key: opt[key] for key in MOMENTS}})
-            steps.add(float(opt["step"]))
+        flats = _flat_states(shards, g, "single_partition_of_fp32_groups", "base_optimizer_state",
+                             steps)
         for name, shape in group.items():
             where = [(flat, sd["param_slice_mappings"][g][name])
                      for flat, sd in zip(flats, shards) if name in sd["param_slice_mappings"][g]]
@@ -143,11 +150,7 @@ def _zero3(checkpoint: Path, tp_rank: int) -> tuple[dict, float]:
     full = {key: {} for key in ("fp32", *MOMENTS)}
     steps = set()
     for g, group in enumerate(shapes):
-        flats = []
-        for sd in shards:
-            opt = sd["optimizer_state_dict"]["state"][g]
-            flats.append({"fp32": sd["fp32_flat_groups"][g], **{key: opt[key] for key in MOMENTS}})
-            steps.add(float(opt["step"]))
+        flats = _flat_states(shards, g, "fp32_flat_groups", "optimizer_state_dict", steps)
         offset = 0
         for name, shape in group.items():
             numel = shape.numel()
@@ -184,15 +187,19 @@ def read(checkpoint: Path, written: Layout, model: nn.Module) -> FullState:
     return FullState(**merged, step=_one_step(steps, checkpoint), engine=engine)
 
 
-def _init_moments(base: torch.optim.Optimizer, step: float) -> None:
-    """Give every tensor the base optimizer updates (parameters without ZeRO, flat partitions with
-    it) zero moments and the step count, through torch's load_state_dict (its device and dtype
-    rules: a fused AdamW keeps the step as fp32 on the parameter's device)."""
-    sd = base.state_dict()
-    params = [p for group in base.param_groups for p in group["params"]]
-    sd["state"] = {i: {"step": torch.tensor(step), **{k: torch.zeros_like(p) for k in MOMENTS}}
-                   for i, p in enumerate(params)}
-    base.load_state_dict(sd)
+def _init_moments(engine, step: float) -> None:
+    """Zero moments and the step count for every tensor the base optimizer updates: the
+    parameters without ZeRO, the flat partitions with it (ZeRO-3 keeps them out of the param
+    groups between steps, as its own universal loader knows). The step is a tensor as torch's
+    AdamW makes it: fp32, on the parameter's device when fused or capturable."""
+    base = engine.basic_optimizer
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    tensors = flats if flats is not None else [p for g in base.param_groups for p in g["params"]]
+    on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+    for t in tensors:
+        base.state[t] = {"step": torch.tensor(step, dtype=torch.float32,
+                                              device=t.device if on_device else "cpu"),
+                         **{key: torch.zeros_like(t) for key in MOMENTS}}
 
 
 def _write(engine, full: FullState) -> None:
@@ -201,9 +208,13 @@ def _write(engine, full: FullState) -> None:
     mine = {key: reshard.shard_for_this_rank(getattr(full, key), module)
             for key in ("fp32", *MOMENTS)}
     base = engine.basic_optimizer
-    _init_moments(base, full.step)
+    _init_moments(engine, full.step)
     for name, p in module.named_parameters():
         weight = mine["fp32"][name]
+        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+        if weight.shape != shape:
+            raise JanusError(f"checkpoint: {name} is {tuple(weight.shape)} in the checkpoint, "
+                             f"{tuple(shape)} here; set model= to the checkpoint's shape")
         if hasattr(p, "ds_id"):  # ZeRO-3: the module holds this rank's partition only
             safe_set_full_fp32_param(p, weight)
             local = safe_get_local_fp32_param(p)

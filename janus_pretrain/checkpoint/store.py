@@ -165,7 +165,7 @@ def check_tokenizer(checkpoint: Path, tokenizer: Tokenizer) -> None:
 
 
 def read_meta(checkpoint: Path) -> dict:
-    """janus.json of a step (or model-only) directory: step, loader position, run config."""
+    """janus.json of a step (or model-only) directory: step, loader position, layout, run config."""
     path = checkpoint / META
     if not path.is_file():
         raise JanusError(f"checkpoint: {checkpoint} is not a janus-pretrain checkpoint (no {META})")

@@ -328,7 +328,7 @@ def test_token_batches_resume(k, dp_size):
     for loader in original:
         _take(loader, k)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in original]
-    assert all(set(s) == {"epoch", "index", "seed"} for s in states)
+    assert all(set(s) == {"epoch", "index", "seed", "dp_size", "micro_batch_size"} for s in states)
     resumed = _budget_loaders(dp_size, budget)
     for loader, state in zip(resumed, states):
         loader.load_state_dict(state)

@@ -3,22 +3,26 @@
 the LR schedule and the data position equal those of the run continued at the original layout.
 
 Dropout is off, so every layout consumes the same random numbers; DP = 1 layouts accumulate two
-micro-batches, so the global batch stays the same. Tolerances are those of fp32 sums taken in
-another order (TP splits, DP all-reduce against accumulation)."""
+micro-batches, so the global batch stays the same. What differs is the order of fp32 sums (TP
+splits, DP all-reduce against accumulation): losses agree within 1e-5, gradient norms within 1e-4
+relative, and every weight and moment tensor within 1e-3 of what the continued steps changed in it
+(measured: at most 4e-5)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
-import torch
 from conftest import read_metrics
 
 from janus_pretrain.checkpoint.relayout import Layout, read
 from janus_pretrain.config import from_dict
-from janus_pretrain.data.loader import BatchLoader
 from janus_pretrain.data.batching import TokenBudget
+from janus_pretrain.data.loader import BatchLoader
 from janus_pretrain.errors import JanusError
+from janus_pretrain.model import JanusModel
+from janus_pretrain.tokenizer import PAD, load_tokenizer
 
 STEPS, SAVED = 4, 2
 SHAPE = ("model.dropout=0.0", "optim.clip_grad=0.3", f"train.steps={STEPS}",
@@ -52,9 +56,6 @@ def final_state(checkpoint, layout: Layout):
     meta = json.loads((checkpoint / "janus.json").read_text())
     assert meta["layout"] == layout.as_dict()
     model_cfg = from_dict(meta["config"]).model
-    from janus_pretrain.model import JanusModel
-    from janus_pretrain.tokenizer import PAD, load_tokenizer
-
     skeleton = JanusModel(model_cfg, load_tokenizer(checkpoint / "tokenizer.model").vocab_size, PAD)
     return read(checkpoint, layout, skeleton), meta
 
@@ -66,6 +67,7 @@ def test_resume_at_another_layout_continues_the_same_run(original, launch_traini
     shutil.copytree(original / "checkpoints" / step, tmp_path / "checkpoints" / step)
     resumed = run(launch_training, tmp_path, target, resume=True)
     assert f"written at {SOURCE}, at {target}" in resumed.stdout
+    assert "global batch" not in resumed.stderr  # kept: micro-batches x accumulation x DP
 
     ref, got = read_metrics(original), read_metrics(tmp_path)
     assert [m["step"] for m in got] == list(range(SAVED + 1, STEPS + 1))
@@ -77,13 +79,14 @@ def test_resume_at_another_layout_continues_the_same_run(original, launch_traini
     last = f"checkpoints/step_{STEPS:08d}"
     (want, want_meta), (have, have_meta) = final_state(original / last, SOURCE), \
         final_state(tmp_path / last, target)
+    before, _ = final_state(original / "checkpoints" / step, SOURCE)
     assert have.step == want.step == STEPS
     for key in ("fp32", "exp_avg", "exp_avg_sq"):
-        a, b = getattr(have, key), getattr(want, key)
+        a, b, start = getattr(have, key), getattr(want, key), getattr(before, key)
         assert a.keys() == b.keys()
         for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{key} {name}: {m}")
+            off, moved = (a[name] - b[name]).abs().max(), (b[name] - start[name]).abs().max()
+            assert off <= 1e-3 * moved, (key, name, float(off), float(moved))
     assert have.engine["lr_scheduler"] == want.engine["lr_scheduler"]
     assert have.engine["global_steps"] == want.engine["global_steps"] == STEPS
     # The data position: the same examples of the same epoch consumed.
@@ -127,4 +130,13 @@ def test_position_that_cannot_move_is_one_error():
     state = _loaders(2, budget)[0].state_dict()
     with pytest.raises(JanusError, match="data.max_tokens") as info:
         _loaders(1, budget)[0].load_state_dict(state)
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoint_of_another_shape_is_one_error(original, single_process):
+    checkpoint = original / "checkpoints" / f"step_{SAVED:08d}"
+    config = from_dict(json.loads((checkpoint / "janus.json").read_text())["config"]).model
+    deeper = dataclasses.replace(config, encoder_layers=config.encoder_layers + 1)
+    with pytest.raises(JanusError, match="does not fit this model") as info:
+        read(checkpoint, SOURCE, JanusModel(deeper, 1000, PAD))
     assert "\n" not in str(info.value)

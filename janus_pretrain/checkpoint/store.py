@@ -182,6 +182,12 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
         relayout.load(engine, path, written)
         if dist.get_rank() == 0:
             print(f"checkpoint: resuming from {path}, written at {written}, at {here}", flush=True)
+        saved = meta["config"]
+        batch = (saved["data"]["micro_batch_size"] * saved["train"]["grad_accum"]
+                 * written.data_parallel)
+        if batch != engine.train_batch_size():
+            _warn(f"checkpoint: the global batch (data.micro_batch_size x train.grad_accum x DP) "
+                  f"changes from {batch} to {engine.train_batch_size()}")
         return meta
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:

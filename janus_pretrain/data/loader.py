@@ -4,9 +4,9 @@ Epoch e's global micro-batches come from a plan drawn from (seed, e) (see `batch
 number of examples each, or a token budget); data-parallel rank r of D takes global batch
 g = i*D + r as its i-th micro-batch. The noise (masking) of a micro-batch is drawn from a
 generator seeded by (seed, e, g), so a batch is a pure function of the position (epoch, i): saving
-those two numbers (the same on every rank) is enough to resume exactly. At another DP size or
-micro-batch size the position is the number of examples of the epoch consumed, i * D * size, the
-same global micro-batches (see `BatchLoader._rescaled`).
+those two numbers (the same on every rank) is enough to resume exactly. A run at another DP size
+or micro-batch size resumes after the same i * D * micro_batch_size examples of the epoch
+(`BatchLoader._rescaled`).
 
 With `prefetch` > 0 a background thread collates (and noises) the next batches while the step
 runs; it computes the same pure function, so the batches are those of synchronous collation, and
@@ -162,7 +162,8 @@ class BatchLoader:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         dp_size = state.get("dp_size", self.dp_size)
         micro_batch_size = state.get("micro_batch_size", self.micro_batch_size)
-        if dp_size != self.dp_size or (self.budget is None and micro_batch_size != self.micro_batch_size):
+        resized = self.budget is None and micro_batch_size != self.micro_batch_size
+        if dp_size != self.dp_size or resized:
             self.index = self._rescaled(dp_size, micro_batch_size)
 
     def _rescaled(self, dp_size: int, micro_batch_size: Optional[int]) -> int:

@@ -1,8 +1,10 @@
 """Resume a training checkpoint at another (TP, DP, ZeRO stage) layout.
 
 DeepSpeed resumes its checkpoints at the layout that wrote them: ZeRO shards are slices of flat
-per-rank buffers, and its universal checkpoints (ds_to_universal) change the data-parallel side
-only, for ZeRO 1-3, given Megatron-DeepSpeed's description of the TP splits. Here every rank
+per-rank buffers. Its universal checkpoints (ds_to_universal, an on-disk conversion loaded by an
+engine started with `checkpoint.load_universal`) re-partition ZeRO 1-3 state, and re-split TP
+only for models that describe their splits in Megatron-DeepSpeed's `universal_checkpoint_info`;
+ZeRO-0 (plain torch optimizer state) is outside them. Here every rank
 instead rebuilds, per parameter, the full (unsplit, unpartitioned) fp32 master weight and AdamW
 moments from the old files (the same slicing ds_to_universal reads: `param_slice_mappings` for
 ZeRO 1/2, equal per-parameter partitions for ZeRO 3, the torch state without ZeRO), merges and

@@ -328,7 +328,7 @@ def test_token_batches_resume(k, dp_size):
     for loader in original:
         _take(loader, k)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in original]
-    assert all(set(s) == {"epoch", "index", "seed"} for s in states)
+    assert all(set(s) == {"epoch", "index", "seed", "dp_size", "micro_batch_size"} for s in states)
     resumed = _budget_loaders(dp_size, budget)
     for loader, state in zip(resumed, states):
         loader.load_state_dict(state)
@@ -402,7 +402,8 @@ def test_prefetch_gives_synchronous_batches_across_resume(budget):
         n = sync.batches_per_epoch + 3
         assert _take(ahead, 3) == _take(sync, 3)
         time.sleep(0.05)  # let the worker fill its queue: the state is what the caller took
-        assert ahead.state_dict() == sync.state_dict() == {"epoch": 0, "index": 3, "seed": 5}
+        assert ahead.state_dict() == sync.state_dict() == {"epoch": 0, "index": 3, "seed": 5,
+                                                             "dp_size": 1, "micro_batch_size": 4}
         resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
         expected = _take(sync, n)
         assert _take(resumed, n) == expected and _take(ahead, n) == expected

@@ -5,7 +5,7 @@
             mp_rank_XX_model_states.pt           DeepSpeed: model (+ optimizer without ZeRO), per TP rank
             *zero_pp_rank_D_mp_rank_XX_optim_states.pt   DeepSpeed: ZeRO optimizer shards
             rng_rankRRRRR.pt                     every RNG of global rank R
-            janus.json                           step, loader position, run config
+            janus.json                           step, loader position, layout, run config
             tokenizer.model                      the tokenizer the embedding rows belong to
             COMPLETE                             written last: the sha256 of every other file
         best/, averaged/   model-only checkpoints (weights per TP rank, janus.json, tokenizer, COMPLETE)

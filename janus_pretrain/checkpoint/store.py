@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import atomic
+from janus_pretrain.checkpoint import atomic, relayout
 from janus_pretrain.checkpoint.layout import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
                                               TOKENIZER, rng_file, step_name)
 from janus_pretrain.errors import JanusError
@@ -80,7 +80,8 @@ def save(engine, root: Path, step: int, client_state: dict, tokenizer: Tokenizer
     if rank == 0:
         if os.environ.get(KILL_IN_SAVE) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
-        (tmp / META).write_text(json.dumps({"step": step, **client_state}, indent=2))
+        (tmp / META).write_text(json.dumps({"step": step, **client_state,
+                                            "layout": relayout.of_engine(engine).as_dict()}, indent=2))
         (tmp / TOKENIZER).write_bytes(tokenizer.model_bytes())
     dist.barrier()
     # Each rank hashes (and fsyncs) its share of the files; rank 0 publishes the manifest.
@@ -164,7 +165,7 @@ def check_tokenizer(checkpoint: Path, tokenizer: Tokenizer) -> None:
 
 
 def read_meta(checkpoint: Path) -> dict:
-    """janus.json of a step (or model-only) directory: step, loader position, run config."""
+    """janus.json of a step (or model-only) directory: step, loader position, layout, run config."""
     path = checkpoint / META
     if not path.is_file():
         raise JanusError(f"checkpoint: {checkpoint} is not a janus-pretrain checkpoint (no {META})")
@@ -172,8 +173,22 @@ def read_meta(checkpoint: Path) -> dict:
 
 
 def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
-    """Collective: restore engine state and this rank's RNG; returns janus.json's contents."""
+    """Collective: restore engine state and this rank's RNG; returns janus.json's contents.
+    A checkpoint written at another (TP, DP, ZeRO) layout goes through relayout.py."""
     check_tokenizer(path, tokenizer)
+    meta = read_meta(path)
+    written, here = relayout.recorded(meta), relayout.of_engine(engine)
+    if written not in (None, here):
+        relayout.load(engine, path, written)
+        if dist.get_rank() == 0:
+            print(f"checkpoint: resuming from {path}, written at {written}, at {here}", flush=True)
+        saved = meta["config"]
+        batch = (saved["data"]["micro_batch_size"] * saved["train"]["grad_accum"]
+                 * written.data_parallel)
+        if batch != engine.train_batch_size():
+            _warn(f"checkpoint: the global batch (data.micro_batch_size x train.grad_accum x DP) "
+                  f"changes from {batch} to {engine.train_batch_size()}")
+        return meta
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise JanusError(f"checkpoint: DeepSpeed could not load {path}")
@@ -183,7 +198,7 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
     if rng.is_file():
         # Our own file, next to DeepSpeed's pickles (which need pickle too); never a model file.
         set_rng_state(torch.load(rng, weights_only=False))
-    return read_meta(path)
+    return meta
 
 
 class Checkpointer:

@@ -4,7 +4,9 @@ Epoch e's global micro-batches come from a plan drawn from (seed, e) (see `batch
 number of examples each, or a token budget); data-parallel rank r of D takes global batch
 g = i*D + r as its i-th micro-batch. The noise (masking) of a micro-batch is drawn from a
 generator seeded by (seed, e, g), so a batch is a pure function of the position (epoch, i): saving
-those two numbers is enough to resume exactly, for any number of ranks.
+those two numbers (the same on every rank) is enough to resume exactly. A run at another DP size
+or micro-batch size resumes after the same i * D * micro_batch_size examples of the epoch
+(`BatchLoader._rescaled`).
 
 With `prefetch` > 0 a background thread collates (and noises) the next batches while the step
 runs; it computes the same pure function, so the batches are those of synchronous collation, and
@@ -147,14 +149,39 @@ class BatchLoader:
             self._worker = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "dp_size": self.dp_size, "micro_batch_size": self.micro_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at a position; one saved at another DP size or micro-batch size resumes after
+        the same examples of the epoch (`_rescaled`)."""
         if state["seed"] != self.seed:
             raise JanusError(f"data: checkpoint was written with data.seed={state['seed']}, "
                              f"this run has data.seed={self.seed}")
         self.close()
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        dp_size = state.get("dp_size", self.dp_size)
+        micro_batch_size = state.get("micro_batch_size", self.micro_batch_size)
+        resized = self.budget is None and micro_batch_size != self.micro_batch_size
+        if dp_size != self.dp_size or resized:
+            self.index = self._rescaled(dp_size, micro_batch_size)
+
+    def _rescaled(self, dp_size: int, micro_batch_size: Optional[int]) -> int:
+        """This rank's index after the examples that `dp_size` ranks of `micro_batch_size`
+        consumed in the epoch: global micro-batch g holds the plan's examples
+        [g * size, (g + 1) * size) whatever the DP size, so the position is examples consumed.
+        (Only the epoch's last, incomplete global batch depends on the DP size.)"""
+        if self.budget is not None:
+            raise JanusError(f"data: a checkpoint written at {dp_size} data-parallel ranks resumes "
+                             f"with data.max_tokens at {dp_size} ranks only (its batches are "
+                             f"planned per DP size); this run has {self.dp_size}")
+        consumed = self.index * dp_size * micro_batch_size
+        size = self.dp_size * self.micro_batch_size
+        if consumed % size:
+            raise JanusError(f"data: the checkpoint consumed {consumed} examples of epoch "
+                             f"{self.epoch}, not a whole number of global micro-batches of {size} "
+                             f"(data.micro_batch_size {self.micro_batch_size} x {self.dp_size} ranks)")
+        return consumed // size
 
 
 def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,

@@ -78,14 +78,22 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     }
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; biases, norms and position tables are not decayed."""
+def decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the decayed and of the not decayed parameters (biases, norms, position tables),
+    in model order: the optimizer's two groups, whatever the TP size (checkpoint/relayout.py)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name or "_pos" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "norm" in name or "_pos" in name else decay).append(name)
+    return decay, no_decay
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over `decay_groups`."""
+    params = dict(model.named_parameters())
+    decay, no_decay = decay_groups(model)
     o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [params[n] for n in decay], "weight_decay": o.weight_decay},
+              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
     # fused: one kernel over all tensors (CPU and GPU) instead of a Python loop over parameters,
     # ~3x less optimizer time for the base model on CPU.
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)

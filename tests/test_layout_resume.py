@@ -1,0 +1,142 @@
+"""A checkpoint written at TP = 2 x DP = 2 under ZeRO-2 resumes at other (TP, DP, ZeRO) layouts
+(checkpoint/relayout.py): the continued losses, the final weights and AdamW moments, the Adam step,
+the LR schedule and the data position equal those of the run continued at the original layout.
+
+Dropout is off, so every layout consumes the same random numbers; DP = 1 layouts accumulate two
+micro-batches, so the global batch stays the same. What differs is the order of fp32 sums (TP
+splits, DP all-reduce against accumulation): losses agree within 1e-5, gradient norms within 1e-4
+relative, and every weight and moment tensor within 1e-3 of what the continued steps changed in it
+(measured: at most 4e-5)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+from conftest import read_metrics
+
+from janus_pretrain.checkpoint.relayout import Layout, read
+from janus_pretrain.config import from_dict
+from janus_pretrain.data.batching import TokenBudget
+from janus_pretrain.data.loader import BatchLoader
+from janus_pretrain.errors import JanusError
+from janus_pretrain.model import JanusModel
+from janus_pretrain.tokenizer import PAD, load_tokenizer
+
+STEPS, SAVED = 4, 2
+SHAPE = ("model.dropout=0.0", "optim.clip_grad=0.3", f"train.steps={STEPS}",
+         "model.encoder_layers=1", "model.decoder_layers=1", "model.hidden_size=64",
+         "model.ffn_hidden_size=128", "model.num_heads=2", "data.max_source_len=32",
+         "data.max_target_len=32", "data.micro_batch_size=2")
+SOURCE = Layout(2, 2, 2)
+MICRO_BATCHES = 2  # per optimizer step, over all DP ranks
+
+
+def run(launch_training, out, layout: Layout, *extra, resume=False):
+    result = launch_training(
+        out, nproc=layout.tensor_parallel * layout.data_parallel, resume=resume, timeout=400,
+        extra=(*SHAPE, f"parallel.tensor_parallel={layout.tensor_parallel}",
+               f"parallel.deepspeed_config=configs/deepspeed/zero{layout.zero_stage}.json",
+               f"train.grad_accum={MICRO_BATCHES // layout.data_parallel}", *extra))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def original(launch_training, tmp_path_factory):
+    """The run at the original layout, uninterrupted (a resume at the same layout is the same run
+    bit for bit: test_zero_tp.py), with checkpoints at step 2 and at the end."""
+    out = tmp_path_factory.mktemp("original")
+    run(launch_training, out, SOURCE, f"train.save_interval={SAVED}")
+    return out
+
+
+def final_state(checkpoint, layout: Layout):
+    meta = json.loads((checkpoint / "janus.json").read_text())
+    assert meta["layout"] == layout.as_dict()
+    model_cfg = from_dict(meta["config"]).model
+    skeleton = JanusModel(model_cfg, load_tokenizer(checkpoint / "tokenizer.model").vocab_size, PAD)
+    return read(checkpoint, layout, skeleton), meta
+
+
+@pytest.mark.parametrize("target", [Layout(1, 2, 1), Layout(1, 1, 0), Layout(2, 1, 3)], ids=str)
+def test_resume_at_another_layout_continues_the_same_run(original, launch_training, tmp_path,
+                                                         single_process, target):
+    step = f"step_{SAVED:08d}"
+    shutil.copytree(original / "checkpoints" / step, tmp_path / "checkpoints" / step)
+    resumed = run(launch_training, tmp_path, target, resume=True)
+    assert f"written at {SOURCE}, at {target}" in resumed.stdout
+    assert "global batch" not in resumed.stderr  # kept: micro-batches x accumulation x DP
+
+    ref, got = read_metrics(original), read_metrics(tmp_path)
+    assert [m["step"] for m in got] == list(range(SAVED + 1, STEPS + 1))
+    for a, b in zip(got, ref[SAVED:]):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-5), (a, b)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4), (a, b)
+        assert a["train/lr"] == b["train/lr"]
+
+    last = f"checkpoints/step_{STEPS:08d}"
+    (want, want_meta), (have, have_meta) = final_state(original / last, SOURCE), \
+        final_state(tmp_path / last, target)
+    before, _ = final_state(original / "checkpoints" / step, SOURCE)
+    assert have.step == want.step == STEPS
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        a, b, start = getattr(have, key), getattr(want, key), getattr(before, key)
+        assert a.keys() == b.keys()
+        for name in a:
+            off, moved = (a[name] - b[name]).abs().max(), (b[name] - start[name]).abs().max()
+            assert off <= 1e-3 * moved, (key, name, float(off), float(moved))
+    assert have.engine["lr_scheduler"] == want.engine["lr_scheduler"]
+    assert have.engine["global_steps"] == want.engine["global_steps"] == STEPS
+    # The data position: the same examples of the same epoch consumed.
+    consumed = [(m["loader"]["epoch"], m["loader"]["index"] * m["loader"]["dp_size"]
+                 * m["loader"]["micro_batch_size"]) for m in (have_meta, want_meta)]
+    assert consumed[0] == consumed[1] == (0, STEPS * MICRO_BATCHES * 2)
+
+
+def _loaders(dp_size, budget=None, size=2):
+    corpus = [list(range(3 + i % 5)) for i in range(64)]
+    collate = lambda examples, rng: [list(t) for _, t in examples]  # noqa: E731
+    return [BatchLoader(corpus, collate, size, seed=3, dp_rank=r, dp_size=dp_size, budget=budget)
+            for r in range(dp_size)]
+
+
+@pytest.mark.parametrize("dp_size,size", [(1, 2), (4, 2), (1, 4), (2, 1)])
+def test_position_moves_to_another_dp_size_as_examples_consumed(dp_size, size):
+    """Two ranks took 4 micro-batches of 2 (16 examples): the resumed ranks, however many and
+    however large their micro-batches, go on with the 17th example of the same plan."""
+    before = _loaders(2)
+    for loader in before:
+        for _ in range(4):
+            next(loader)
+    state = json.loads(json.dumps(before[0].state_dict()))
+    after = _loaders(dp_size, size=size)
+    for loader in after:
+        loader.load_state_dict(state)
+    assert [loader.index for loader in after] == [16 // (dp_size * size)] * dp_size
+    plan = [e for batch in before[0]._plan(0) for e in batch.tolist()]
+    corpus = before[0].corpus
+    taken = [example for loader in after for example in next(loader)]
+    assert taken == [corpus[i] for i in plan[16:16 + dp_size * size]]
+
+
+def test_position_that_cannot_move_is_one_error():
+    state = {**_loaders(2)[0].state_dict(), "index": 3}
+    with pytest.raises(JanusError, match="not a whole number of global micro-batches") as info:
+        _loaders(4)[0].load_state_dict(state)
+    assert "\n" not in str(info.value)
+    budget = TokenBudget(20, 8, 8)
+    state = _loaders(2, budget)[0].state_dict()
+    with pytest.raises(JanusError, match="data.max_tokens") as info:
+        _loaders(1, budget)[0].load_state_dict(state)
+    assert "\n" not in str(info.value)
+
+
+def test_checkpoint_of_another_shape_is_one_error(original, single_process):
+    checkpoint = original / "checkpoints" / f"step_{SAVED:08d}"
+    config = from_dict(json.loads((checkpoint / "janus.json").read_text())["config"]).model
+    deeper = dataclasses.replace(config, encoder_layers=config.encoder_layers + 1)
+    with pytest.raises(JanusError, match="does not fit this model") as info:
+        read(checkpoint, SOURCE, JanusModel(deeper, 1000, PAD))
+    assert "\n" not in str(info.value)

@@ -56,10 +56,11 @@ def _distill(args) -> None:
     finally:
         state.shutdown()
     if r is not None:
-        score = "not measured" if r["valid_score"] is None else f"{r['valid_score']:.2f}"
+        score = ("not scored (--valid-size 0)" if r["valid_score"] is None else
+                 f"validation {r['metric']} {r['valid_score']:.2f} (beam {r['beam']}, "
+                 f"{r['valid_size']} pairs)")
         print(f"distill: {r['lines']} lines -> {Path(args.output) / TARGETS} in "
-              f"{r['decode_s']:.0f} s; teacher validation {r['metric']} (beam {r['beam']}, "
-              f"{r['valid_size']} pairs): {score}")
+              f"{r['decode_s']:.0f} s; teacher {score}")
 
 
 def _select(task, run: Path, args) -> None:

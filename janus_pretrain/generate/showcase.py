@@ -5,10 +5,10 @@
 
 Each of the first `count` non-empty paragraphs, cut to `max-tokens` tokens, is noised exactly as
 pretraining noised its targets (the checkpoint's own objective: text infilling, spans replaced by
-one [MASK]) and the model reconstructs it with AR beam search and NAR mask-predict; both outputs
-are printed with the wall time per sentence at batch 1 (after one untimed warm-up decode).
-A model pretrained for minutes reconstructs little; this shows both manners running, not how
-good they get.
+one [MASK]) and the model reconstructs it with AR beam search and NAR mask-predict, at most
+`max-tokens` tokens; both outputs are printed with the wall time per sentence at batch 1 (after
+one untimed warm-up decode). A model pretrained for minutes reconstructs little; this shows both
+manners running, not how good they get.
 """
 from __future__ import annotations
 
@@ -54,10 +54,10 @@ def reconstruct(gen, texts: list[str], max_tokens: int, beam: int, iterations: i
     originals = [np.asarray(ids[:max_tokens], dtype=np.int64) for ids in gen.tokenizer.encode(texts)]
     batch = objective.collate([(None, ids) for ids in originals], np.random.default_rng(seed))
     sources = [row[row != PAD].numpy() for row in batch["src"]]
-    settings = {f"AR beam {beam}": DecodeOptions(mode="ar", beam=beam,
-                                                 max_len=cfg.data.max_target_len),
+    # Outputs no longer than the originals: a poor model would otherwise run to max_target_len.
+    settings = {f"AR beam {beam}": DecodeOptions(mode="ar", beam=beam, max_len=max_tokens),
                 f"NAR T={iterations}": DecodeOptions(mode="nar", iterations=iterations,
-                                                     max_len=cfg.data.max_target_len)}
+                                                     max_len=max_tokens)}
     for opts in settings.values():
         gen.check_mode(opts.mode)
         gen.decode_ids(sources[:1], opts)  # warm-up, untimed

@@ -114,7 +114,7 @@ $(foreach a,$(ABLATIONS),$(eval $(call train_rule,$(a),janus,data,$(ABLATION_$(a
 
 # training targets distilled by <teacher>'s AR manner (beam 5), with the original tokenizer
 $(R)/data_kd_%/pairs.json: $(R)/%/done
-	rm -rf $(R)/distill_$* $(R)/data_kd_$*
+	rm -rf $(R)/data_kd_$*
 	$(call timed,$(FINETUNE) distill $(M30K) --teacher $(R)/$*/checkpoints/best \
 		--output $(R)/distill_$* $(LIMIT_PAIRS),distill_$*)
 	$(FINETUNE) prepare $(M30K) --distilled $(R)/distill_$* --tokenizer $(R)/data/tokenizer.model \

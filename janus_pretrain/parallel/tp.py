@@ -8,6 +8,16 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """cuda:<local_rank> when CUDA is present, else the CPU: the one place a device is chosen."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
 
 def megatron_state():
     """megatron-core's parallel_state when it has been initialised, else None (then nothing has

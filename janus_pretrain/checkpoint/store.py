@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -160,9 +161,12 @@ def find_resumable(root: Path, fallback: bool) -> Optional[Path]:
 def check_tokenizer(checkpoint: Path, tokenizer: Tokenizer) -> None:
     """A checkpoint's embedding rows only mean something with the tokenizer it was trained with:
     the same pieces (`Tokenizer.identity`), whatever the bytes of the file."""
-    saved = load_tokenizer(checkpoint)
+    require_same_tokenizer(load_tokenizer(checkpoint), tokenizer, checkpoint)
+
+
+def require_same_tokenizer(saved: Tokenizer, tokenizer: Tokenizer, origin: Path) -> None:
     if saved.identity != tokenizer.identity:
-        raise JanusError(f"checkpoint: {checkpoint} was trained with {saved.path} "
+        raise JanusError(f"checkpoint: {origin} was trained with {saved.path} "
                          f"(vocab {saved.vocab_size}), a different tokenizer from "
                          f"{tokenizer.path} (vocab {tokenizer.vocab_size})")
 
@@ -185,10 +189,19 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
         print(f"checkpoint: resuming from {path}", flush=True)
     rng = path / rng_file(dist.get_rank())
     if rng.is_file():
-        # weights_only: tensors, plain values and the numpy arrays of numpy's state, no code.
-        with torch.serialization.safe_globals(_NUMPY_STATE):
-            set_rng_state(torch.load(rng, weights_only=True))
+        set_rng_state(read_rng_file(rng))
     return read_meta(path)
+
+
+def read_rng_file(path: Path) -> dict:
+    """An RNG file, loaded with weights_only=True (tensors, plain values and the arrays of
+    numpy's state): one from elsewhere cannot run code."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_STATE):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise JanusError(f"checkpoint: {path} holds more than an RNG state; refused without "
+                         f"running it ({str(e).splitlines()[0][:120]})") from None
 
 
 class Checkpointer:

@@ -137,7 +137,7 @@ class DataConfig:
 
     # Required to train (RunConfig.check_data), not to describe a model or an objective.
     train: Optional[str] = None  # shard directory written by `janus-pretrain data prepare`
-    tokenizer: Optional[str] = None  # sentencepiece .model file
+    tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json, or a directory holding one
     # Fine-tuning pairs: shards whose document i is the source of document i of `train` (see
     # `janus-finetune prepare`); unset, the objective derives sources (pretraining, `denoise`).
     source: Optional[str] = None

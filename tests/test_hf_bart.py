@@ -112,7 +112,8 @@ def hf_logits(model, tok, src: torch.Tensor, prev: torch.Tensor) -> torch.Tensor
 
 def our_logits(gen: Generator, src: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return gen.model(src, ar_tokens=prev)["ar"][..., :gen.model.vocab_size]
+        logits = gen.model(src.to(gen.device), ar_tokens=prev.to(gen.device))["ar"]
+    return logits[..., :gen.model.vocab_size].cpu()
 
 
 def decoder_inputs(seed: int, rows: int, length: int = 9) -> torch.Tensor:
@@ -243,10 +244,13 @@ def test_janus_flavour_has_no_hf_form(hf_tokenizer_dir):
         hf.hf_config(ModelConfig(arch="janus"), load_tokenizer(hf_tokenizer_dir))
 
 
-def test_trained_bart_flavour_exports_to_hf(launch_training, single_process, hf_tokenizer_dir,
-                                            corpus_file, tmp_path):
-    """Shards prepared and a bart-flavour model trained (ZeRO-2) with the HF tokenizer, then
-    `convert to-hf`: transformers gives the trained model's logits."""
+def test_trained_bart_flavour_exports_to_hf(launch_training, single_process, hf_bart_dir,
+                                            hf_tokenizer_dir, corpus_file, tmp_path):
+    """Shards prepared with the HF tokenizer, a bart-flavour model trained from the HF BART
+    directory (train.init_from, ZeRO-2) for a few steps, then `convert to-hf`: transformers gives
+    the trained model's logits."""
+    from safetensors.torch import load_file
+
     from janus_pretrain.data.prepare import prepare
 
     tokenizer = hf_tokenizer_dir / "tokenizer.json"
@@ -254,13 +258,18 @@ def test_trained_bart_flavour_exports_to_hf(launch_training, single_process, hf_
     prepare([str(corpus_file)], str(tokenizer), shards, num_workers=1, max_docs=400)
     assert (shards / "tokenizer.json").is_file()
     result = launch_training(run, base=False, extra=(
-        *_train_overrides(shards, tokenizer, run), "model.arch=bart", "model.dropout=0.0",
-        "train.steps=3"))
+        *_train_overrides(shards, tokenizer, run), "model.arch=bart", "model.hidden_size=32",
+        "model.ffn_hidden_size=64", "model.max_positions=64", "model.scale_embedding=true",
+        "model.dropout=0.0", f"train.init_from={hf_bart_dir}", "train.steps=3"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run / "checkpoints" / "step_00000003" / "tokenizer.json").is_file()
     cli = run_killable([sys.executable, "-m", "janus_pretrain.cli", "convert", "to-hf", str(run),
                         "--output", str(out)], 300, "convert to-hf")
     assert cli.returncode == 0, cli.stderr[-3000:]
+    # Trained from the HF weights: three Adam steps of lr <= 1e-3 away from them, not equal.
+    start, trained = (load_file(str(d / "model.safetensors"))["model.shared.weight"]
+                      for d in (hf_bart_dir, out))
+    assert 0 < (trained - start).abs().max() < 0.01
     gen = Generator.from_checkpoint(run)
     hf_model = transformers.BartForConditionalGeneration.from_pretrained(str(out)).eval()
     src = pad_batch(source_rows(3))

@@ -18,10 +18,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from janus_pretrain.checkpoint import consolidated
-from janus_pretrain.config import LossWeights, ModelConfig, RunConfig, from_dict, to_dict
+from janus_pretrain.config import (DataConfig, LossWeights, ModelConfig, ObjectiveConfig, RunConfig,
+                                   from_dict, to_dict)
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model.layers import INIT_STD
 from janus_pretrain.tokenizer import BOS, EOS, MASK, PAD, UNK, HFTokenizer, Tokenizer, load_tokenizer
@@ -204,13 +206,16 @@ def load(source: str | Path, seed: int = 0) -> consolidated.Consolidated:
     transformers = _transformers()
     path = Path(source)
     where = str(source)
-    if not path.exists():  # a hub name: fetch once into the HF cache
+    if not path.exists():  # a hub name: fetched once into the HF cache
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(str(source)))
+        try:
+            path = Path(snapshot_download(str(source)))
+        except Exception as e:  # noqa: BLE001 - network and hub errors come in many types
+            raise JanusError(f"convert: {source} is no directory, and not a hub model this "
+                             f"machine can fetch ({type(e).__name__})") from None
     tokenizer = load_tokenizer(path)
-    hf_model = transformers.BartForConditionalGeneration.from_pretrained(str(path),
-                                                                         dtype=torch.float32)
+    hf_model = transformers.BartForConditionalGeneration.from_pretrained(str(path))
     shape = model_config(hf_model.config)
     side = path / SIDE_FILE
     if side.is_file():
@@ -228,16 +233,12 @@ def load(source: str | Path, seed: int = 0) -> consolidated.Consolidated:
 
 
 def _side_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
 
 
 def _ar_only():
     """A BART model was trained to decode AR only: `generate` refuses NAR unless forced."""
-    from janus_pretrain.config import ObjectiveConfig
-
     weights = LossWeights(ce_ar=1.0, ce_nar=0.0, ce_aux=0.0, kl_ar_nar=0.0, kl_ar_aux=0.0,
                           kl_nar_aux=0.0, length=0.0)
     return ObjectiveConfig(weights=weights)
@@ -245,8 +246,6 @@ def _ar_only():
 
 def _fitting_data(cfg: ModelConfig):
     """Default lengths, cut to the model's positions."""
-    from janus_pretrain.config import DataConfig
-
     longest = min(DataConfig.max_source_len, cfg.max_positions)
     return DataConfig(max_source_len=longest, max_target_len=longest)
 

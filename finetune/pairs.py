@@ -11,23 +11,23 @@ targets are a teacher's outputs (`janus-finetune distill`) in place of the task'
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 from janus_pretrain.data.prepare import prepare
 from janus_pretrain.errors import JanusError
-from janus_pretrain.tokenizer import load_tokenizer, train_tokenizer
+from janus_pretrain.tokenizer import SentencePieceTokenizer, load_tokenizer, train_tokenizer
 from finetune.tasks import TaskSpec, read_split
 
 
 def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] = None,
                   vocab_size: int = 8000, max_pairs: Optional[int] = None, workers: int = 2,
                   root: Optional[str] = None, distilled: Optional[str | Path] = None) -> dict:
-    """Write `<output>/{source,target}/` shards and `<output>/tokenizer.model`; returns the
-    summary also written to `<output>/pairs.json`. `distilled`: a `distill` output directory
-    whose lines replace the targets (of the training sources it covers)."""
+    """Write `<output>/{source,target}/` shards and the tokenizer (`<output>/tokenizer.model`,
+    or `tokenizer.json` when `tokenizer` is a Hugging Face one); returns the summary also written
+    to `<output>/pairs.json`. `distilled`: a `distill` output directory whose lines replace the
+    targets (of the training sources it covers)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     sources, targets = read_split(task, "train", root)
@@ -39,14 +39,15 @@ def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] =
     kept = [(s, t) for s, t in zip(sources, targets) if s and t][:max_pairs]
     if not kept:
         raise JanusError(f"task {task.name}: no training pair with a non-empty source and target")
-    tok_path = output / "tokenizer.model"
+    reused = load_tokenizer(tokenizer) if tokenizer else None
+    tok_path = output / (reused or SentencePieceTokenizer).filename
     with tempfile.TemporaryDirectory(dir=output, prefix=".pairs-") as tmp:
         files = {}
         for side, texts in (("source", [s for s, _ in kept]), ("target", [t for _, t in kept])):
             files[side] = Path(tmp) / f"{side}.txt"
             files[side].write_text("".join(x + "\n" for x in texts), encoding="utf-8")
-        if tokenizer:
-            shutil.copyfile(load_tokenizer(tokenizer).path, tok_path)
+        if reused:
+            tok_path.write_bytes(reused.model_bytes())
         else:
             train_tokenizer([files["source"], files["target"]], tok_path, vocab_size)
         metas = {side: prepare([str(path)], str(tok_path), output / side, workers)
@@ -68,6 +69,6 @@ def data_overrides(task: TaskSpec, output: str | Path) -> list[str]:
     the task's lengths (`janus-finetune train` and `bench train --task` read the same data)."""
     output = Path(output)
     return [f"data.train={output / 'target'}", f"data.source={output / 'source'}",
-            f"data.tokenizer={output / 'tokenizer.model'}",
+            f"data.tokenizer={output}",  # the directory: its tokenizer.model or tokenizer.json
             f"data.max_source_len={task.max_source_len}",
             f"data.max_target_len={task.max_target_len}"]

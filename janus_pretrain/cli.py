@@ -4,7 +4,9 @@
     janus-pretrain data prepare --input corpus.txt --tokenizer tok.model --output shards/
     janus-pretrain train --config configs/pretrain/demo.yaml [--resume] [key=value ...]
     janus-pretrain generate --checkpoint runs/demo/train --mode ar|nar < sources.txt
-    janus-pretrain checkpoint consolidate --checkpoint runs/demo/train --output model.pt
+    janus-pretrain checkpoint consolidate --checkpoint runs/demo/train --output model.safetensors
+    janus-pretrain convert from-hf facebook/bart-base --output bart.safetensors
+    janus-pretrain convert to-hf runs/demo/train --output hf_model/
 
 `train` runs as one process or under `torchrun` / `deepspeed --no_local_rank --module
 janus_pretrain.cli train ...`. User errors print one line and exit with status 2.
@@ -64,6 +66,18 @@ def _checkpoint_consolidate(args) -> None:
     print(f"consolidated: {consolidate(args.checkpoint, args.output)}")
 
 
+def _convert_from_hf(args) -> None:
+    from janus_pretrain.checkpoint.hf import from_hf
+
+    print(f"converted: {from_hf(args.source, args.output)}")
+
+
+def _convert_to_hf(args) -> None:
+    from janus_pretrain.checkpoint.hf import export
+
+    print(f"exported: {export(args.source, args.output)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="janus-pretrain", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,8 +115,22 @@ def parser() -> argparse.ArgumentParser:
     ck_sub = ck.add_subparsers(dest="action", required=True)
     c = ck_sub.add_parser("consolidate", help="any TP x DP x ZeRO checkpoint -> one fp32 file")
     c.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ dir or step_* dir")
-    c.add_argument("--output", required=True, help="the file to write (loads at any TP size)")
+    c.add_argument("--output", required=True,
+                   help="the safetensors file to write (loads at any TP size)")
     c.set_defaults(run=_checkpoint_consolidate)
+
+    cv = sub.add_parser("convert", help="Hugging Face BART in and out (model.arch=bart)")
+    cv_sub = cv.add_subparsers(dest="action", required=True)
+    f = cv_sub.add_parser("from-hf", help="a BART save_pretrained directory (or hub name) -> "
+                                          "a consolidated file")
+    f.add_argument("source", help="directory with config.json, weights and tokenizer files")
+    f.add_argument("--output", required=True, help="the safetensors file to write")
+    f.set_defaults(run=_convert_from_hf)
+    h = cv_sub.add_parser("to-hf", help="a checkpoint or consolidated file -> a directory "
+                                        "BartForConditionalGeneration.from_pretrained loads")
+    h.add_argument("source", help="run dir, checkpoints/ dir, step_* dir or consolidated file")
+    h.add_argument("--output", required=True, help="the directory to write")
+    h.set_defaults(run=_convert_to_hf)
 
     generate_cli.add_parser(sub)
     return p

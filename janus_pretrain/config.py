@@ -27,8 +27,13 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """Encoder-decoder shape (docs/method.md, section 7); the vocabulary size comes from the tokenizer."""
+    """Encoder-decoder shape (docs/method.md, section 7); the vocabulary size comes from the tokenizer.
 
+    `arch` picks the layer flavour: "janus" (pre-LN, a final LayerNorm per stack) or "bart"
+    (Hugging Face / fairseq BART: post-LN, a LayerNorm on the embeddings, positions offset by 2, a
+    final-logits bias), so BART weights load and export unchanged (checkpoint/hf.py)."""
+
+    arch: str = "janus"
     encoder_layers: int = 6
     decoder_layers: int = 6
     hidden_size: int = 768
@@ -37,6 +42,8 @@ class ModelConfig:
     max_positions: int = 1024
     dropout: float = 0.1
     attention_dropout: float = 0.1
+    activation_dropout: float = 0.0  # after the feed-forward activation (BART's activation_dropout)
+    scale_embedding: bool = False  # token embeddings times sqrt(hidden_size) (BART's scale_embedding)
     length_classes: int = 256
     # Megatron pads the vocabulary so every tensor-parallel shard has the same size.
     vocab_divisible_by: int = 128
@@ -51,7 +58,8 @@ class ModelConfig:
             _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size",
                f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
-        for name in ("dropout", "attention_dropout"):
+        _check(self.arch in ("janus", "bart"), "model.arch", f"{self.arch!r} is not one of janus, bart")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "must be in [0, 1)")
         _check(self.activation_checkpointing in ("none", "full"), "model.activation_checkpointing",
                f"{self.activation_checkpointing!r} is not one of none, full")
@@ -145,7 +153,7 @@ class DataConfig:
 
     # Required to train (RunConfig.check_data), not to describe a model or an objective.
     train: Optional[str] = None  # shard directory written by `janus-pretrain data prepare`
-    tokenizer: Optional[str] = None  # sentencepiece .model file
+    tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json, or a directory holding one
     # Fine-tuning pairs: shards whose document i is the source of document i of `train` (see
     # `janus-finetune prepare`); unset, the objective derives sources (pretraining, `denoise`).
     source: Optional[str] = None

@@ -176,20 +176,27 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-@pytest.mark.parametrize("kind", ["model_states", "consolidated"])
+@pytest.mark.parametrize("kind", ["model_states", "consolidated", "rng"])
 def test_crafted_pickle_in_a_model_file_is_refused_unrun(tmp_path, kind):
     import torch
 
-    from janus_pretrain.checkpoint import weights
-    from janus_pretrain.checkpoint.layout import model_states_file
+    from janus_pretrain.checkpoint import consolidated, store, weights
+    from janus_pretrain.checkpoint.layout import model_states_file, rng_file
 
     marker = tmp_path / "pwned"
+    payload = _Payload(marker)
     if kind == "model_states":
-        torch.save({"module": _Payload(marker)}, tmp_path / model_states_file(0))
+        torch.save({"module": payload}, tmp_path / model_states_file(0))
         load = lambda: weights.tp_rank_weights(tmp_path, 0)  # noqa: E731
+    elif kind == "consolidated":  # a torch pickle where a safetensors file belongs
+        torch.save({"model": payload}, tmp_path / "model.safetensors")
+        load = lambda: consolidated.read(tmp_path / "model.safetensors")  # noqa: E731
     else:
-        torch.save({"model": _Payload(marker)}, tmp_path / "model.pt")
-        load = lambda: weights.load_consolidated(tmp_path / "model.pt")  # noqa: E731
+        torch.save({**store.rng_state(), "torch": payload}, tmp_path / rng_file(0))
+        load = lambda: store.read_rng_file(tmp_path / rng_file(0))  # noqa: E731
     with pytest.raises(JanusError, match="refused without running it"):
         load()
     assert not marker.exists()
+    # Without the guard the file does run code: the test can fail.
+    torch.load(io.BytesIO(next(tmp_path.glob("*.*")).read_bytes()), weights_only=False)
+    assert marker.exists()

@@ -48,6 +48,8 @@ def test_model_preset_override():
     assert cfg.model.hidden_size == 384 and cfg.model.ffn_hidden_size == 3072
     cfg = load_config(DEMO, ["model=large"])
     assert cfg.model.hidden_size == 1024 and cfg.model.num_heads == 16
+    cfg = load_config(DEMO, ["model=bart_base"])
+    assert (cfg.model.arch, cfg.model.hidden_size, cfg.model.activation_dropout) == ("bart", 768, 0.1)
 
 
 def test_round_trip_dict():
@@ -63,6 +65,8 @@ def test_round_trip_dict():
     (["model=base", "model.hidden_size=100"], "model.hidden_size"),
     (["model=nope"], "model"),
     (["parallel.precision=fp8"], "parallel.precision"),
+    (["model.arch=gpt"], "model.arch"),
+    (["model.activation_dropout=1.0"], "model.activation_dropout"),
     (["optim.decay=step"], "optim.decay"),
     (["objective.masking=random"], "objective.masking"),
     (["train.steps=0"], "train.steps"),

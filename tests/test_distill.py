@@ -12,7 +12,6 @@ from finetune.distill import PARTIAL, RECORD, TARGETS, distill, distilled_target
 from finetune.live_eval import first_metric
 from finetune.pairs import prepare_pairs
 from finetune.tasks import get_task, read_split
-from janus_pretrain.checkpoint.layout import TOKENIZER
 from janus_pretrain.checkpoint.weights import resolve
 from janus_pretrain.data.shards import ShardedCorpus
 from janus_pretrain.errors import JanusError

@@ -1,7 +1,7 @@
 """Helper of the tensor-parallel tests, run under torchrun: one JANUS forward + backward (all three
 streams, every loss term) at the launched TP size, then AR and NAR decoding; rank 0 saves the loss
-terms, the full gradients (TP shards gathered along their partition dimension) and the hypotheses
-to argv[2], and the vocabulary terms and logit gradients of the fused loss and of the unfused
+terms, the full gradients (TP shards gathered along their partition dimension), the AR logits with
+their inputs (tests/test_hf_bart.py) and the hypotheses to argv[2], and the vocabulary terms and logit gradients of the fused loss and of the unfused
 reference (tests/loss_reference.py) on the same logits.
 
 argv[3], optional, says where the weights come from: `step:<dir>` a training checkpoint written
@@ -92,11 +92,13 @@ def main(tp: int, out: str, weights: str = "init") -> None:
     loss, terms = obj.loss(outputs, prep)
     loss.backward()
     both = fused_and_reference(obj, prep, outputs)
+    ar_logits = gather_vocab(outputs["ar"].detach())[..., :vocab]
     grads = {name: full_grad(p) for name, p in model.named_parameters()}
     hyps = decode(model, batch["src"])
     if topo.rank == 0:
         torch.save({"loss": loss.detach(), "terms": terms, "grads": grads, "hyps": hyps,
-                    "fused_vs_reference": both}, out)
+                    "fused_vs_reference": both, "ar_logits": ar_logits,
+                    "inputs": {k: prep.model_inputs[k] for k in ("src_tokens", "ar_tokens")}}, out)
     state.shutdown()
 
 

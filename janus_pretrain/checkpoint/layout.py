@@ -6,7 +6,8 @@
             *zero_pp_rank_D_mp_rank_XX_optim_states.pt   DeepSpeed: ZeRO optimizer shards
             rng_rankRRRRR.pt                     every RNG of global rank R
             janus.json                           step, loader position, layout, run config
-            tokenizer.model                      the tokenizer the embedding rows belong to
+            tokenizer.model | tokenizer.json     the tokenizer the embedding rows belong to
+                                                 (sentencepiece | Hugging Face; tokenizer.py)
             COMPLETE                             written last: the sha256 of every other file
         best/, averaged/   model-only checkpoints (weights per TP rank, janus.json, tokenizer, COMPLETE)
         latest             the name of the newest complete step directory (for people and tools)
@@ -19,7 +20,6 @@ from pathlib import Path
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 META = "janus.json"
-TOKENIZER = "tokenizer.model"
 LATEST = "latest"
 BEST = "best"          # model-only: the best checkpoint by validation
 AVERAGED = "averaged"  # model-only: the mean of the newest k

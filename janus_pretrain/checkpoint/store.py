@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from janus_pretrain.checkpoint import atomic, relayout
 from janus_pretrain.checkpoint.layout import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
-                                              TOKENIZER, rng_file, step_name)
+                                              rng_file, step_name)
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import Tokenizer, load_tokenizer
 
@@ -43,6 +44,10 @@ def _gather(local: list) -> list:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
     return [x for part in parts for x in part]
+
+
+# What np.random.get_state() pickles as, beyond plain values: allowed in RNG files.
+_NUMPY_STATE = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.empty(0).__reduce__()[0]]
 
 
 def rng_state() -> dict:
@@ -82,7 +87,7 @@ def save(engine, root: Path, step: int, client_state: dict, tokenizer: Tokenizer
             os.kill(os.getpid(), signal.SIGKILL)
         (tmp / META).write_text(json.dumps({"step": step, **client_state,
                                             "layout": relayout.of_engine(engine).as_dict()}, indent=2))
-        (tmp / TOKENIZER).write_bytes(tokenizer.model_bytes())
+        (tmp / tokenizer.filename).write_bytes(tokenizer.model_bytes())
     dist.barrier()
     # Each rank hashes (and fsyncs) its share of the files; rank 0 publishes the manifest.
     names = atomic.files(tmp)
@@ -157,9 +162,12 @@ def find_resumable(root: Path, fallback: bool) -> Optional[Path]:
 def check_tokenizer(checkpoint: Path, tokenizer: Tokenizer) -> None:
     """A checkpoint's embedding rows only mean something with the tokenizer it was trained with:
     the same pieces (`Tokenizer.identity`), whatever the bytes of the file."""
-    saved = load_tokenizer(checkpoint / TOKENIZER)
+    require_same_tokenizer(load_tokenizer(checkpoint), tokenizer, checkpoint)
+
+
+def require_same_tokenizer(saved: Tokenizer, tokenizer: Tokenizer, origin: Path) -> None:
     if saved.identity != tokenizer.identity:
-        raise JanusError(f"checkpoint: {checkpoint} was trained with {saved.path} "
+        raise JanusError(f"checkpoint: {origin} was trained with {saved.path} "
                          f"(vocab {saved.vocab_size}), a different tokenizer from "
                          f"{tokenizer.path} (vocab {tokenizer.vocab_size})")
 
@@ -196,9 +204,19 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
         print(f"checkpoint: resuming from {path}", flush=True)
     rng = path / rng_file(dist.get_rank())
     if rng.is_file():
-        # Our own file, next to DeepSpeed's pickles (which need pickle too); never a model file.
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(read_rng_file(rng))
     return meta
+
+
+def read_rng_file(path: Path) -> dict:
+    """An RNG file, loaded with weights_only=True (tensors, plain values and the arrays of
+    numpy's state): one from elsewhere cannot run code."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_STATE):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise JanusError(f"checkpoint: {path} holds more than an RNG state; refused without "
+                         f"running it ({str(e).splitlines()[0][:120]})") from None
 
 
 class Checkpointer:

@@ -1,5 +1,6 @@
 """Model weights out of checkpoints: resolve a path, read the weights for any TP size, write
-model-only checkpoints (averaged, best), and consolidate to one file.
+model-only checkpoints (averaged, best), and consolidate to one safetensors file
+(checkpoint/consolidated.py).
 
 DeepSpeed's zero_to_fp32 rebuilds fp32 weights from ZeRO shards, but for one model-parallel rank
 at a time; we hand it each TP rank's files in turn (a symlinked view) and merge or split the TP
@@ -13,22 +14,20 @@ import io
 import json
 import os
 import pickle
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state as ps
 from torch import nn
 
-from janus_pretrain.checkpoint import atomic
-from janus_pretrain.checkpoint.layout import (CHECKPOINTS, MARKER, META, TOKENIZER, has_zero_shards,
+from janus_pretrain.checkpoint import atomic, consolidated
+from janus_pretrain.checkpoint.layout import (CHECKPOINTS, MARKER, META, has_zero_shards,
                                               model_states_file, tp_rank_files, tp_size)
 from janus_pretrain.checkpoint.store import complete, read_meta
 from janus_pretrain.config import from_dict
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
-from janus_pretrain.parallel import reshard, state
+from janus_pretrain.parallel import reshard, tp
 from janus_pretrain.tokenizer import PAD, load_tokenizer
 
 Weights = dict[str, torch.Tensor]
@@ -85,9 +84,8 @@ def full_weights(checkpoint: Path, model: nn.Module) -> Weights:
 
 def weights_for_this_rank(checkpoint: Path, model: nn.Module) -> Weights:
     """The weights this TP rank's `model` holds, whatever TP size wrote the checkpoint."""
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    if tp_size(checkpoint) == tp:
-        return tp_rank_weights(checkpoint, rank)
+    if tp_size(checkpoint) == tp.world_size():
+        return tp_rank_weights(checkpoint, tp.rank())
     return reshard.shard_for_this_rank(full_weights(checkpoint, model), model)
 
 
@@ -113,7 +111,8 @@ def write_model_checkpoint(source: Path, shards: list[Weights], target: Path, **
     for rank, shard in enumerate(shards):
         torch.save({"module": shard}, tmp / model_states_file(rank))
     (tmp / META).write_text(json.dumps({**read_meta(source), **meta}, indent=2))
-    shutil.copyfile(source / TOKENIZER, tmp / TOKENIZER)
+    tokenizer = load_tokenizer(source)
+    (tmp / tokenizer.filename).write_bytes(tokenizer.model_bytes())
     return atomic.publish_local(tmp, target, source=str(source), **meta)
 
 
@@ -138,26 +137,26 @@ def average(checkpoints: list[Path], target: Path) -> Path:
     return write_model_checkpoint(checkpoints[0], shards, target)
 
 
-def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write `output` (one torch file: weights, run config, tokenizer) from any checkpoint
-    (see `resolve`); returns its path."""
+def model_tensors(model: nn.Module) -> Weights:
+    """The tensors of `model`'s state dict (megatron-core adds empty `_extra_state` entries)."""
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def full_model(checkpoint: str | Path) -> consolidated.Consolidated:
+    """Any checkpoint (see `resolve`) -> its full (TP = 1) weights, run config and tokenizer."""
+    from janus_pretrain.parallel import state
+
     checkpoint = resolve(checkpoint)
     config = read_meta(checkpoint)["config"]
-    tokenizer = load_tokenizer(checkpoint / TOKENIZER)
+    tokenizer = load_tokenizer(checkpoint)
     state.initialize(1)
     skeleton = JanusModel(from_dict(config).model, tokenizer.vocab_size, PAD)
-    full = full_weights(checkpoint, skeleton)
-    load_into(skeleton, full, checkpoint)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": skeleton.state_dict(), "config": config,
-                "tokenizer": tokenizer.model_bytes(), "source": str(checkpoint)}, output)
-    return output
+    load_into(skeleton, full_weights(checkpoint, skeleton), checkpoint)
+    return consolidated.Consolidated(model_tensors(skeleton), config, tokenizer, str(checkpoint))
 
 
-def load_consolidated(path: str | Path) -> dict:
-    """A consolidated file -> {"model", "config", "tokenizer", "source"} (weights on the CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise JanusError(f"checkpoint: consolidated file not found: {path}")
-    return _load_weights_file(path)
+def consolidate(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write `output` (one safetensors file: weights, run config, tokenizer) from any checkpoint
+    (see `resolve`); returns its path."""
+    full = full_model(checkpoint)
+    return consolidated.write(output, full.weights, full.config, full.tokenizer, full.source)

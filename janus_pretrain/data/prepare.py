@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -102,10 +101,10 @@ def prepare(inputs: Sequence[str], tokenizer: str, output: str | Path, num_worke
         shards = [write_shard(output / f"shard_{i:05d}",
                               (row["ids"] for row in ds.shard(num_shards, i, contiguous=True)), dtype)
                   for i in range(num_shards)]
-    shutil.copyfile(tok.path, output / "tokenizer.model")
+    (output / tok.filename).write_bytes(tok.model_bytes())
     meta = {"shards": shards, "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards), "vocab_size": tok.vocab_size,
-            "tokenizer_sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest(),
+            "tokenizer_sha256": hashlib.sha256(tok.model_bytes()).hexdigest(),
             "tokenizer_identity": tok.identity,
             "skipped": skipped, "inputs": [str(p) for p in inputs]}
     (output / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -1,7 +1,7 @@
 """Load a JANUS checkpoint once, then decode batches of source strings AR or NAR.
 
     gen = Generator.from_checkpoint("runs/demo/train")        # a run dir or a step_* dir
-    gen = Generator.from_consolidated("model.pt")             # `checkpoint consolidate` output
+    gen = Generator.from_consolidated("model.safetensors")    # `checkpoint consolidate` output
     gen.generate(["a source sentence"], mode="ar", beam=5)
     gen.generate(["a source sentence"], mode="nar", iterations=4)
 
@@ -9,6 +9,9 @@ Sources are sorted by length and decoded in batches of `batch_size`, then return
 order; an empty source gives an empty hypothesis. Sources longer than data.max_source_len are cut
 (counted on stderr). A manner the checkpoint's objective never trained is refused unless
 `force=True`. Under tensor parallelism every rank calls `generate` with the same inputs.
+
+A consolidated file decoded at TP = 1 needs torch alone: no process group, and neither
+megatron-core nor DeepSpeed is imported (model/layers.py, parallel/tp.py).
 """
 from __future__ import annotations
 
@@ -19,10 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from megatron.core import parallel_state as ps
 
-from janus_pretrain.checkpoint import store, weights
-from janus_pretrain.checkpoint.layout import TOKENIZER
+from janus_pretrain.checkpoint import consolidated, store, weights
 from janus_pretrain.config import DECODING_TERMS, RunConfig, from_dict
 from janus_pretrain.data.padding import pad_batch, with_bos_eos
 from janus_pretrain.errors import JanusError
@@ -30,8 +31,8 @@ from janus_pretrain.generate.ar import beam_search, greedy
 from janus_pretrain.generate.hypothesis import Hypothesis
 from janus_pretrain.generate.nar import mask_predict
 from janus_pretrain.model import JanusModel
-from janus_pretrain.parallel import reshard, state
-from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer, tokenizer_from_bytes
+from janus_pretrain.parallel import reshard, tp
+from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -68,9 +69,11 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, tensor_parallel: int = 1) -> "Generator":
+        from janus_pretrain.parallel import state
+
         ckpt = weights.resolve(path)
         cfg = from_dict(store.read_meta(ckpt)["config"])
-        tokenizer = load_tokenizer(ckpt / TOKENIZER)
+        tokenizer = load_tokenizer(ckpt)
         topo = state.initialize(tensor_parallel)
         model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
         weights.load_into(model, weights.weights_for_this_rank(ckpt, model), ckpt)
@@ -78,14 +81,19 @@ class Generator:
 
     @classmethod
     def from_consolidated(cls, path: str | Path, tensor_parallel: int = 1) -> "Generator":
-        """Load a file written by `janus-pretrain checkpoint consolidate`, at any TP size."""
-        saved = weights.load_consolidated(path)
-        cfg = from_dict(saved["config"])
-        tokenizer = tokenizer_from_bytes(saved["tokenizer"], f"{path} (its tokenizer)")
-        topo = state.initialize(tensor_parallel)
-        model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
-        model.load_state_dict(reshard.shard_for_this_rank(saved["model"], model))
-        return cls(model.to(topo.device), tokenizer, cfg, topo.device)
+        """Load a file written by `checkpoint consolidate` or `convert from-hf`, at any TP size.
+        At TP = 1 in a process without tensor parallelism set up, this is torch alone."""
+        saved = consolidated.read(path)
+        cfg = from_dict(saved.config)
+        if tensor_parallel > 1 or tp.megatron_state() is not None:
+            from janus_pretrain.parallel import state
+
+            device = state.initialize(tensor_parallel).device
+        else:
+            device = tp.pick_device(0)
+        model = JanusModel(cfg.model, saved.tokenizer.vocab_size, PAD)
+        weights.load_into(model, reshard.shard_for_this_rank(saved.weights, model), path)
+        return cls(model.to(device), saved.tokenizer, cfg, device)
 
     def check_mode(self, mode: str, force: bool = False) -> None:
         """Refuse a manner the objective never trained (LossWeights.decoding_modes): its stream
@@ -106,7 +114,7 @@ class Generator:
         keep = self.cfg.data.max_source_len - 2
         ids = self.tokenizer.encode(sources)
         cut = sum(len(x) > keep for x in ids)
-        if cut and ps.get_tensor_model_parallel_rank() == 0:
+        if cut and tp.rank() == 0:
             print(f"generate: warning: {cut} of {len(ids)} sources were longer than {keep} tokens "
                   f"and were cut to their first {keep} (data.max_source_len="
                   f"{self.cfg.data.max_source_len} with BOS and EOS)", file=sys.stderr, flush=True)

@@ -118,12 +118,13 @@ def beam_search(model, memory, memory_mask, beam: int = 5, max_len: int = 200,
         top_scores_l, top_beam_l, top_tok_l = top_scores.tolist(), top_beam.tolist(), top_tok.tolist()
         for a, src in enumerate(active):
             picked = []
-            for s, bm, tok in zip(top_scores_l[a], top_beam_l[a], top_tok_l[a]):
+            for rank, (s, bm, tok) in enumerate(zip(top_scores_l[a], top_beam_l[a], top_tok_l[a])):
                 if s == float("-inf"):
                     break
                 row = a * beam + bm
                 if tok == EOS:
-                    if len(finished[src]) < beam:
+                    # Only the top `beam` candidates may finish (fairseq, and HF generate alike).
+                    if rank < beam and len(finished[src]) < beam:
                         n = t + 1  # tokens generated, EOS included
                         finished[src].append(Hypothesis(prefix[row, 1:].tolist(), s / n ** length_penalty, s))
                 else:

@@ -15,7 +15,8 @@ from typing import BinaryIO
 
 def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="decode sources with a checkpoint (AR or NAR)")
-    g.add_argument("--checkpoint", required=True, help="run dir, checkpoints/ dir or step_* dir")
+    g.add_argument("--checkpoint", required=True,
+                   help="run dir, checkpoints/ dir, step_* dir or consolidated .safetensors file")
     g.add_argument("--mode", choices=["ar", "nar"], default="ar")
     g.add_argument("--input", default="-", help="source file, one per line (default: stdin)")
     g.add_argument("--output", default="-", help="hypothesis file (default: stdout)")
@@ -59,7 +60,8 @@ def run(args) -> None:
     if bad:
         print(f"generate: warning: {len(bad)} input line(s) were not valid UTF-8 (first: line "
               f"{bad[0]}); their bad bytes were decoded as U+FFFD", file=sys.stderr, flush=True)
-    gen = Generator.from_checkpoint(args.checkpoint)
+    consolidated = Path(args.checkpoint).is_file()
+    gen = (Generator.from_consolidated if consolidated else Generator.from_checkpoint)(args.checkpoint)
     try:
         hyps = gen.generate(sources, force=args.force_mode, mode=args.mode, beam=args.beam,
                             max_len=args.max_len, length_penalty=args.length_penalty,

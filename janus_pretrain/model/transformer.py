@@ -1,54 +1,31 @@
-"""The JANUS encoder-decoder: a pre-LN transformer built from megatron-core tensor-parallel layers.
+"""The JANUS encoder-decoder: a transformer built from tensor-parallel layers (model/layers.py).
 
 The model is plain PyTorch apart from the parallel linear layers; it knows nothing of DeepSpeed or
 of the JANUS objective. The decoder takes an arbitrary boolean self-attention mask (True = may
 attend) and explicit positions, which is all the two-stream NAR/AUX pass needs
 (janus_pretrain.objectives.streams builds both). Shapes are batch-first: `[batch, seq, hidden]`.
+
+Two flavours share every code path (`model.arch`): "janus", pre-LN with a final LayerNorm per
+stack, and "bart", the post-LN layout of Hugging Face / fairseq BART (a LayerNorm on the summed
+embeddings, learned positions offset by 2, a final-logits bias), whose weights map one to one
+onto BartForConditionalGeneration's (checkpoint/hf.py).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel as mtp
-from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from janus_pretrain.config import ModelConfig
 from janus_pretrain.model.checkpointing import run_layer
 from janus_pretrain.model.flex import FlexMask, causal_mask
+from janus_pretrain.model.layers import Layers, init_normal, linear, to_tensor_parallel
 
-INIT_STD = 0.02
-
-
-def _init_normal(weight: torch.Tensor) -> torch.Tensor:
-    return nn.init.normal_(weight, mean=0.0, std=INIT_STD)
-
-
-def megatron_config(tensor_parallel: int) -> ModelParallelConfig:
-    # CPU initialisation builds the full master weight and then slices it, so a TP = 2 model
-    # holds exactly the shards of the TP = 1 model with the same seed, on CPU and GPU alike.
-    return ModelParallelConfig(
-        tensor_model_parallel_size=tensor_parallel,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=False,
-    )
-
-
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a megatron-core Column/RowParallelLinear (bias added, output not gathered).
-
-    With one TP rank the layer is a plain linear, and F.linear on its own weight and bias is the
-    same function, but faster and autocast-aware: one addmm instead of a matmul and a separate bias
-    pass, and CPU autocast reaches it (megatron-core's autograd function adds the fp32 bias after
-    the autocast matmul, which promotes the output back to fp32, and its backward runs outside
-    autocast, all in fp32).
-    """
-    if layer.tp_group.size() == 1:
-        return F.linear(x, layer.weight, layer.bias)
-    return layer(x)[0]
+# BART's learned position tables start with two rows its position ids never reach.
+BART_POSITION_OFFSET = 2
 
 
 class Attention(nn.Module):
@@ -58,24 +35,19 @@ class Attention(nn.Module):
     of the fused projection hands each TP rank whole heads.
     """
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, cross: bool):
+    def __init__(self, cfg: ModelConfig, layers: Layers, cross: bool):
         super().__init__()
-        tp = mp.tensor_model_parallel_size
         self.cross = cross
-        self.heads = cfg.num_heads // tp
+        self.heads = cfg.num_heads // layers.tp_size
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.dropout = cfg.attention_dropout
         h = cfg.hidden_size
-        column = dict(config=mp, init_method=_init_normal, bias=True, gather_output=False,
-                      tp_group=ps.get_tensor_model_parallel_group())
         if cross:
-            self.q = mtp.ColumnParallelLinear(h, h, **column)
-            self.kv = mtp.ColumnParallelLinear(h, 2 * h, **column)
+            self.q = layers.column(h, h)
+            self.kv = layers.column(h, 2 * h)
         else:
-            self.qkv = mtp.ColumnParallelLinear(h, 3 * h, **column)
-        self.out = mtp.RowParallelLinear(h, h, config=mp, init_method=_init_normal, bias=True,
-                                         input_is_parallel=True, skip_bias_add=False,
-                                         tp_group=ps.get_tensor_model_parallel_group())
+            self.qkv = layers.column(h, 3 * h)
+        self.out = layers.row(h, h)
 
     def forward(self, x: torch.Tensor, mask=None, causal: bool = False,
                 memory: Optional[torch.Tensor] = None, cache: Optional[dict] = None) -> torch.Tensor:
@@ -112,53 +84,63 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, layers: Layers):
         super().__init__()
-        group = ps.get_tensor_model_parallel_group()
-        self.up = mtp.ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, config=mp,
-                                           init_method=_init_normal, bias=True, gather_output=False,
-                                           tp_group=group)
-        self.down = mtp.RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, config=mp,
-                                          init_method=_init_normal, bias=True,
-                                          input_is_parallel=True, skip_bias_add=False,
-                                          tp_group=group)
+        self.up = layers.column(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.down = layers.row(cfg.ffn_hidden_size, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.activation_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.down, F.gelu(linear(self.up, x)))
+        return linear(self.down, self.drop(F.gelu(linear(self.up, x))))
+
+
+class Residual(nn.Module):
+    """The residual wiring of both flavours: pre-LN (janus) normalises the sublayer's input,
+    post-LN (bart) the residual sum."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.post_norm = cfg.arch == "bart"
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer: Callable) -> torch.Tensor:
+        if self.post_norm:
+            return norm(x + self.drop(sublayer(x)))
+        return x + self.drop(sublayer(norm(x)))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, layers: Layers):
         super().__init__()
         self.norm_attn = nn.LayerNorm(cfg.hidden_size)
-        self.attn = Attention(cfg, mp, cross=False)
+        self.attn = Attention(cfg, layers, cross=False)
         self.norm_ffn = nn.LayerNorm(cfg.hidden_size)
-        self.ffn = FeedForward(cfg, mp)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = FeedForward(cfg, layers)
+        self.residual = Residual(cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm_attn(x), mask=mask))
-        return x + self.drop(self.ffn(self.norm_ffn(x)))
+        x = self.residual(x, self.norm_attn, lambda h: self.attn(h, mask=mask))
+        return self.residual(x, self.norm_ffn, self.ffn)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, layers: Layers):
         super().__init__()
         self.norm_self = nn.LayerNorm(cfg.hidden_size)
-        self.self_attn = Attention(cfg, mp, cross=False)
+        self.self_attn = Attention(cfg, layers, cross=False)
         self.norm_cross = nn.LayerNorm(cfg.hidden_size)
-        self.cross_attn = Attention(cfg, mp, cross=True)
+        self.cross_attn = Attention(cfg, layers, cross=True)
         self.norm_ffn = nn.LayerNorm(cfg.hidden_size)
-        self.ffn = FeedForward(cfg, mp)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = FeedForward(cfg, layers)
+        self.residual = Residual(cfg)
 
     def forward(self, x, self_mask, causal, memory, memory_mask, cache=None):
         self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
-        x = x + self.drop(self.self_attn(self.norm_self(x), mask=self_mask, causal=causal,
-                                         cache=self_cache))
-        x = x + self.drop(self.cross_attn(self.norm_cross(x), mask=memory_mask, memory=memory,
-                                          cache=cross_cache))
-        return x + self.drop(self.ffn(self.norm_ffn(x)))
+        x = self.residual(x, self.norm_self, lambda h: self.self_attn(
+            h, mask=self_mask, causal=causal, cache=self_cache))
+        x = self.residual(x, self.norm_cross, lambda h: self.cross_attn(
+            h, mask=memory_mask, memory=memory, cache=cross_cache))
+        return self.residual(x, self.norm_ffn, self.ffn)
 
 
 class JanusModel(nn.Module):
@@ -175,8 +157,8 @@ class JanusModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int):
         super().__init__()
-        tp = ps.get_tensor_model_parallel_world_size()
-        mp = megatron_config(tp)
+        layers = Layers()
+        tp = layers.tp_size
         # Padded independently of the TP size (which must divide the multiple), so that one
         # checkpoint reshards between layouts without touching the vocabulary.
         multiple = cfg.vocab_divisible_by
@@ -186,38 +168,58 @@ class JanusModel(nn.Module):
         # Added to this rank's logit shard: 0 in the columns of real tokens, -inf in those that
         # pad the table (a bias, so the matmul applies it in the same pass).
         v_local = self.padded_vocab_size // tp
-        first = ps.get_tensor_model_parallel_rank() * v_local
+        first = layers.tp_rank * v_local
         columns = torch.arange(first, first + v_local)
         self.register_buffer("padding_bias", torch.zeros(v_local).masked_fill(
             columns >= vocab_size, float("-inf")), persistent=False)
         self.pad_id = pad_id
         self.cfg = cfg
-        self.embed = mtp.VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size,
-                                                init_method=_init_normal, config=mp,
-                                                tp_group=ps.get_tensor_model_parallel_group())
-        self.enc_pos = nn.Embedding(cfg.max_positions, cfg.hidden_size)
-        self.dec_pos = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.embed = layers.embedding(self.padded_vocab_size, cfg.hidden_size)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embedding else 1.0
+        bart = cfg.arch == "bart"
+        self.pos_offset = BART_POSITION_OFFSET if bart else 0
+        self.enc_pos = nn.Embedding(cfg.max_positions + self.pos_offset, cfg.hidden_size)
+        self.dec_pos = nn.Embedding(cfg.max_positions + self.pos_offset, cfg.hidden_size)
         for emb in (self.enc_pos, self.dec_pos):
-            _init_normal(emb.weight)
+            init_normal(emb.weight)
         self.drop = nn.Dropout(cfg.dropout)
-        self.encoder = nn.ModuleList(EncoderLayer(cfg, mp) for _ in range(cfg.encoder_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(cfg, mp) for _ in range(cfg.decoder_layers))
-        self.enc_norm = nn.LayerNorm(cfg.hidden_size)
-        self.dec_norm = nn.LayerNorm(cfg.hidden_size)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg, layers) for _ in range(cfg.encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(cfg, layers) for _ in range(cfg.decoder_layers))
+        # pre-LN ends each stack with a LayerNorm; post-LN normalises the embeddings instead.
+        norm = lambda: nn.LayerNorm(cfg.hidden_size)  # noqa: E731
+        self.enc_norm, self.dec_norm = (None, None) if bart else (norm(), norm())
+        self.enc_emb_norm, self.dec_emb_norm = (norm(), norm()) if bart else (None, None)
+        # BART's final_logits_bias, vocab-parallel like the logits (a trained parameter here).
+        self.final_logits_bias = None
+        if bart:
+            self.final_logits_bias = nn.Parameter(torch.zeros(v_local))
+            for attribute, value in (("tensor_model_parallel", True), ("partition_dim", 0),
+                                     ("partition_stride", 1)):
+                setattr(self.final_logits_bias, attribute, value)
         self.length_head = nn.Linear(cfg.hidden_size, cfg.length_classes)
-        _init_normal(self.length_head.weight)
+        init_normal(self.length_head.weight)
         nn.init.zeros_(self.length_head.bias)
+
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, table: nn.Embedding,
+                     norm: Optional[nn.LayerNorm]) -> torch.Tensor:
+        """Token plus position embeddings (normalised in the bart flavour), with dropout."""
+        x = self.embed(tokens) * self.embed_scale + table(positions + self.pos_offset)
+        return self.drop(norm(x) if norm is not None else x)
+
+    @staticmethod
+    def final_norm(x: torch.Tensor, norm: Optional[nn.LayerNorm]) -> torch.Tensor:
+        return norm(x) if norm is not None else x
 
     def run_encoder(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """src_tokens [B, S] -> (memory [B, S, H], memory_mask [B, 1, 1, S], True = real token)."""
         key_mask = (src_tokens != self.pad_id)[:, None, None, :]
         s = src_tokens.shape[1]
         pos = torch.arange(s, device=src_tokens.device)
-        x = self.drop(self.embed(src_tokens) + self.enc_pos(pos))
+        x = self.embed_tokens(src_tokens, pos, self.enc_pos, self.enc_emb_norm)
         attn_mask = FlexMask(key_mask, s, s) if self.use_flex(src_tokens) else key_mask
         for layer in self.encoder:
             x = run_layer(layer, self.checkpointing, x, attn_mask)
-        return self.enc_norm(x), key_mask
+        return self.final_norm(x, self.enc_norm), key_mask
 
     def decode(self, tokens: torch.Tensor, positions: Optional[torch.Tensor],
                memory: torch.Tensor, memory_mask: torch.Tensor,
@@ -230,7 +232,7 @@ class JanusModel(nn.Module):
             start = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         mask = self_mask[:, None] if self_mask is not None else None
-        x = self.drop(self.embed(tokens) + self.dec_pos(positions))
+        x = self.embed_tokens(tokens, positions, self.dec_pos, self.dec_emb_norm)
         if cache is None and self.use_flex(tokens):
             b, t = tokens.shape
             if causal:
@@ -246,7 +248,7 @@ class JanusModel(nn.Module):
         else:
             for layer in self.decoder:
                 x = run_layer(layer, self.checkpointing, x, mask, causal, memory, memory_mask)
-        return self.dec_norm(x)
+        return self.final_norm(x, self.dec_norm)
 
     @property
     def checkpointing(self) -> bool:
@@ -272,10 +274,12 @@ class JanusModel(nn.Module):
         """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding),
         -inf in the padding columns of the table (the last shard's tail): no token, probability 0
         in every softmax, no share of label smoothing, no gradient."""
-        hidden = mtp.copy_to_tensor_model_parallel_region(
-            hidden, group=ps.get_tensor_model_parallel_group())
+        hidden = to_tensor_parallel(hidden)
         # A buffer: DeepSpeed's bf16/fp16 modes cast only the parameters.
-        return F.linear(hidden, self.embed.weight, self.padding_bias.to(self.embed.weight.dtype))
+        bias = self.padding_bias.to(self.embed.weight.dtype)
+        if self.final_logits_bias is not None:
+            bias = bias + self.final_logits_bias
+        return F.linear(hidden, self.embed.weight, bias)
 
     def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder output -> [B, length_classes]."""

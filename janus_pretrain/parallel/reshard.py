@@ -9,10 +9,10 @@ other reshaping is needed.
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state as ps
 from torch import nn
 
 from janus_pretrain.errors import JanusError
+from janus_pretrain.parallel import tp
 
 
 def split_dims(model: nn.Module) -> dict[str, int]:
@@ -39,7 +39,7 @@ def merge(shards: list[dict[str, torch.Tensor]], dims: dict[str, int]) -> dict[s
 
 def shard_for_this_rank(full: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict -> this TP rank's part of it, ready for `model.load_state_dict`."""
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    size, rank = tp.world_size(), tp.rank()
     dims = split_dims(model)
-    return {name: value.chunk(tp, dim=dims[name])[rank].clone() if name in dims else value
+    return {name: value.chunk(size, dim=dims[name])[rank].clone() if name in dims else value
             for name, value in full.items()}

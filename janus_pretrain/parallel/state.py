@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from janus_pretrain.errors import JanusError
+from janus_pretrain.parallel.tp import pick_device
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def pick_device(local_rank: int) -> torch.device:
-    """cuda:<local_rank> when CUDA is present, else the CPU: the one place a device is chosen."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def initialize(tensor_parallel: int = 1) -> Topology:

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+from janus_pretrain.parallel import tp
 
 
 def tp_sum(x: torch.Tensor) -> torch.Tensor:
     """All-reduce over the TP group in the forward pass, identity in the backward pass."""
-    return reduce_from_tensor_model_parallel_region(x, group=ps.get_tensor_model_parallel_group())
+    if tp.world_size() == 1:
+        return x
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(x, group=tp.group())
 
 
 class _VocabParallelLogSoftmax(torch.autograd.Function):
@@ -31,7 +35,7 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
-        group = ps.get_tensor_model_parallel_group()
+        group = tp.group()
         peak = logits.amax(-1, keepdim=True)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - peak
@@ -45,13 +49,13 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (out,) = ctx.saved_tensors
         total = grad.sum(-1, keepdim=True)
-        dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
+        dist.all_reduce(total, group=tp.group())
         return grad - out.exp() * total
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Vocab-parallel log-softmax: [..., V_local] -> fp32 log-probs [..., V_local]."""
-    if ps.get_tensor_model_parallel_world_size() == 1:
+    if tp.world_size() == 1:
         # The whole vocabulary is here: torch's fused kernel (forward and backward) does in one
         # pass over the [rows, vocab] logits what the written-out version does in five.
         return torch.log_softmax(logits.float(), dim=-1)
@@ -65,7 +69,7 @@ def vocab_sum(x: torch.Tensor) -> torch.Tensor:
 
 def shard_start(v_local: int) -> int:
     """First global vocabulary column of this rank's shard of width v_local."""
-    return ps.get_tensor_model_parallel_rank() * v_local
+    return tp.rank() * v_local
 
 
 def label_log_prob(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -81,9 +85,9 @@ def gather_vocab(local: torch.Tensor) -> torch.Tensor:
     """Concatenate the vocabulary shards of the TP group: [..., V_local] -> [..., V] (search runs
     without autograd; this also avoids megatron-core's gather, which allocates its buffer on a
     CUDA device)."""
-    tp = ps.get_tensor_model_parallel_world_size()
-    if tp == 1:
+    size = tp.world_size()
+    if size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=tp.group())
     return torch.cat(parts, dim=-1)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import store, weights
+from janus_pretrain.checkpoint import consolidated, hf, store, weights
 from janus_pretrain.config import RunConfig, to_dict
 from janus_pretrain.data.loader import BatchLoader, build_loader
 from janus_pretrain.data.shards import ShardedCorpus
@@ -29,7 +29,7 @@ from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
 from janus_pretrain.model.flops import matmul_peak
 from janus_pretrain.objectives.janus import TERMS, JanusObjective
-from janus_pretrain.parallel import state
+from janus_pretrain.parallel import reshard, state
 from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
 from janus_pretrain.train.engine import build_engine, read_deepspeed_json
 from janus_pretrain.train.metrics import RunLogger, StepStats
@@ -85,7 +85,14 @@ def validation_loader(cfg: RunConfig, tokenizer: Tokenizer, objective: JanusObje
 
 
 def init_weights(model: JanusModel, path: str, tokenizer: Tokenizer) -> None:
-    """Model weights only, from a (pretrained) checkpoint trained with the same tokenizer."""
+    """Model weights only, from a (pretrained) checkpoint, a consolidated file or a Hugging Face
+    BART directory (checkpoint/hf.py), trained with the same tokenizer."""
+    source = Path(path)
+    if source.is_file() or hf.is_hf_dir(source):
+        full = consolidated.read(source) if source.is_file() else hf.load(source)
+        store.require_same_tokenizer(full.tokenizer, tokenizer, source)
+        weights.load_into(model, reshard.shard_for_this_rank(full.weights, model), source)
+        return
     ckpt = weights.resolve(path)
     store.check_tokenizer(ckpt, tokenizer)
     weights.load_into(model, weights.weights_for_this_rank(ckpt, model), ckpt)

@@ -101,7 +101,7 @@ def test_interrupted_distill_resumes_to_the_same_file_and_prepare_uses_it(
     monkeypatch.setattr(Generator, "decode_ids", None)  # a finished directory decodes nothing
     assert distill(TASK, trained_run, part, **kw) == record
 
-    tokenizer = resolve(trained_run) / TOKENIZER
+    tokenizer = resolve(trained_run)  # the checkpoint directory holds its tokenizer file
     summary = prepare_pairs(TASK, tmp_path / "pairs", str(tokenizer), workers=1, root=data_root,
                             distilled=whole)
     kept = [(s, t) for s, t in zip(sources, lines) if s and t]

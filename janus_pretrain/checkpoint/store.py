@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import atomic, relayout
+from janus_pretrain.checkpoint import atomic
 from janus_pretrain.checkpoint.layout import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
                                               rng_file, step_name)
 from janus_pretrain.errors import JanusError
@@ -74,6 +74,8 @@ def _warn(message: str) -> None:
 def save(engine, root: Path, step: int, client_state: dict, tokenizer: Tokenizer,
          keep: int) -> Path:
     """Collective: every rank calls it. Keeps the newest `keep` checkpoints; returns the new one."""
+    from janus_pretrain.checkpoint import relayout  # DeepSpeed: training only, not decoding
+
     rank, world = dist.get_rank(), dist.get_world_size()
     final = root / step_name(step)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
@@ -183,6 +185,8 @@ def read_meta(checkpoint: Path) -> dict:
 def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
     """Collective: restore engine state and this rank's RNG; returns janus.json's contents.
     A checkpoint written at another (TP, DP, ZeRO) layout goes through relayout.py."""
+    from janus_pretrain.checkpoint import relayout  # DeepSpeed: training only, not decoding
+
     check_tokenizer(path, tokenizer)
     meta = read_meta(path)
     written, here = relayout.recorded(meta), relayout.of_engine(engine)

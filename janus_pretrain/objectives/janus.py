@@ -59,6 +59,7 @@ class JanusObjective:
         self.needs_nar = any(x > 0 for x in (w.ce_nar, w.ce_aux, w.kl_ar_nar, w.kl_ar_aux,
                                              w.kl_nar_aux))
         self.needs_length = w.length > 0
+        self.terms = {t for t in TERMS if getattr(w, t) > 0}  # the terms `loss` reports
 
     def collate(self, examples: Sequence[tuple[Optional[np.ndarray], np.ndarray]],
                 rng: np.random.Generator) -> dict[str, torch.Tensor]:

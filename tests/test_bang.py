@@ -187,3 +187,50 @@ def test_generator_and_evaluate_use_the_modes_trained(model):
             else:
                 with pytest.raises(JanusError, match=f"objective.kind={kind}"):
                     gen.check_mode(mode)
+
+
+def test_pretrain_bang_then_finetune_evaluate_and_generate_bang_nar(
+        launch_training, tokenizer_path, single_process, tmp_path):
+    """BANG pretraining on two data-parallel ranks under ZeRO-2 (demo.yaml), its weights
+    fine-tuned as bang_nar ([MASK] vector kept), evaluated in the one manner it trains (with
+    latencies), and decoded by the Generator in the mode `generate --mode bang_nar` selects."""
+    import sys
+
+    from conftest import SHARED_DATA, read_metrics, run_killable
+    from finetune.evaluate import evaluate
+    from finetune.pairs import prepare_pairs
+    from finetune.tasks import get_task
+    from janus_pretrain.cli import parser
+    from janus_pretrain.generate.api import Generator
+
+    pre = tmp_path / "pre"
+    result = launch_training(pre, nproc=2, extra=("objective.kind=bang", "objective.streams=2",
+                                                  "train.steps=2", "train.save_interval=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(pre)[-1]["train/ce_bang"] > 0
+
+    root = tmp_path / "data" / "nmt" / "multi30k"
+    root.mkdir(parents=True)
+    for stem, n in (("train", 64), ("val", 4), ("test_2016_flickr", 4)):
+        for lang in ("en", "de"):
+            lines = (SHARED_DATA / "nmt" / "multi30k" / f"{stem}.{lang}").read_text(
+                encoding="utf-8").splitlines()[:n]
+            (root / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    task = get_task("multi30k_ende")
+    data_root = str(tmp_path / "data")
+    prepare_pairs(task, tmp_path / "pairs", str(tokenizer_path), workers=1, root=data_root)
+    run = tmp_path / "nar"
+    done = run_killable([sys.executable, "-m", "finetune.cli", "--data-root", data_root, "train",
+                         "--task", task.name, "--data", str(tmp_path / "pairs"), "--config",
+                         "configs/finetune/bang_nar.yaml", "--init-from", str(pre),
+                         "--valid-size", "4", "model=tiny", "train.steps=2",
+                         "train.save_interval=2", "data.micro_batch_size=8",
+                         f"train.output_dir={run}"], 240, "finetune train")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    results = evaluate(task, str(run), limit=4, latency_sentences=2, root=data_root)
+    assert results["kind"] == "bang_nar" and set(results["settings"]) == {"bang_nar"}
+    assert results["settings"]["bang_nar"]["latency_ms"] > 0
+    args = parser().parse_args(["generate", "--checkpoint", str(run), "--mode", "bang_nar"])
+    hyps = Generator.from_checkpoint(run).generate(["a dog runs", ""], mode=args.mode, max_len=8)
+    assert len(hyps) == 2 and hyps[1] == ""

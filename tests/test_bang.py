@@ -196,7 +196,7 @@ def test_pretrain_bang_then_finetune_evaluate_and_generate_bang_nar(
     latencies), and decoded by the Generator in the mode `generate --mode bang_nar` selects."""
     import sys
 
-    from conftest import SHARED_DATA, read_metrics, run_killable
+    from conftest import multi30k_slice, read_metrics, run_killable
     from finetune.evaluate import evaluate
     from finetune.pairs import prepare_pairs
     from finetune.tasks import get_task
@@ -209,15 +209,8 @@ def test_pretrain_bang_then_finetune_evaluate_and_generate_bang_nar(
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(pre)[-1]["train/ce_bang"] > 0
 
-    root = tmp_path / "data" / "nmt" / "multi30k"
-    root.mkdir(parents=True)
-    for stem, n in (("train", 64), ("val", 4), ("test_2016_flickr", 4)):
-        for lang in ("en", "de"):
-            lines = (SHARED_DATA / "nmt" / "multi30k" / f"{stem}.{lang}").read_text(
-                encoding="utf-8").splitlines()[:n]
-            (root / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
     task = get_task("multi30k_ende")
-    data_root = str(tmp_path / "data")
+    data_root = str(multi30k_slice(tmp_path / "data", 64, 4, 4))
     prepare_pairs(task, tmp_path / "pairs", str(tokenizer_path), workers=1, root=data_root)
     run = tmp_path / "nar"
     done = run_killable([sys.executable, "-m", "finetune.cli", "--data-root", data_root, "train",

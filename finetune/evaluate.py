@@ -2,12 +2,13 @@
 
 Settings are AR beam search (the task's beam), NAR mask-predict with T = 1, 4 and 10 and BANG's
 one-pass NAR (`bang_nar`); a checkpoint is only decoded in the manners its objective trained
-(ObjectiveConfig.decoding_modes: the `ar` ablation has no NAR stream worth decoding, `cmlm` no
-AR one, `bang_ar` decodes AR with its predicting stream, `bang_nar` only in one pass). Two timings per setting, on this machine:
-`latency_ms` is wall time per sentence decoding one sentence at a time (the first
-`latency_sentences` of the split), `sentences_per_s` is the throughput of decoding the whole
-split in batches. Results go to one JSON file, with the hardware they were measured on, and
-the run's in-loop validation curve (`train.eval_interval`) when its metrics.jsonl has one.
+(ObjectiveConfig.decoding_modes: the `ar` ablation has no NAR stream worth decoding, `cmlm`
+no AR one, `bang_ar` decodes AR with its predicting stream, `bang_nar` only in one pass).
+Two timings per setting, on this machine: `latency_ms` is wall time per sentence decoding one
+sentence at a time (the first `latency_sentences` of the split), `sentences_per_s` is the
+throughput of decoding the whole split in batches. Results go to one JSON file, with the
+hardware they were measured on, and the run's in-loop validation curve (`train.eval_interval`)
+when its metrics.jsonl has one.
 """
 from __future__ import annotations
 

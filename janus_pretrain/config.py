@@ -82,9 +82,9 @@ class LossWeights:
     length: float = 0.0
 
     def decoding_modes(self) -> list[str]:
-        """The manners ("ar", "nar") these weights train: a stream without its cross-entropy term
-        was never taught to produce text (the KL terms only pull it towards another).
-        `evaluate` decodes these; `generate` refuses the others."""
+        """The manners ("ar", "nar") these weights train (objective.kind=janus; see
+        ObjectiveConfig.decoding_modes): a stream without its cross-entropy term was never
+        taught to produce text (the KL terms only pull it towards another)."""
         return [mode for mode, term in DECODING_TERMS.items() if getattr(self, term) > 0]
 
 
@@ -129,7 +129,8 @@ class ObjectiveConfig:
     # Ours, not the authors' (they weigh the KL terms fully from step 0): the symmetric-KL weights
     # ramp linearly from 0 to their value over the first kl_warmup_steps updates; 0: no warm-up.
     kl_warmup_steps: int = 0
-    # kind=bang: the number N of predicting streams (stream k predicts y_t with y_t-k+1..y_t unseen).
+    # kind=bang: the number N of predicting streams (stream k predicts y_t with the k - 1
+    # tokens before it unseen).
     streams: int = 4
 
     def __post_init__(self):

@@ -1,5 +1,6 @@
 """Tensor parallelism: a TP = 2 JANUS step (all streams, all loss terms, vocab-sharded KL), and a
-BANG step, equal the TP = 1 steps with the same full weights and decode the same hypotheses, the fused loss
+BANG step, equal the TP = 1 steps with the same full weights and decode the same hypotheses, the
+fused loss
 equals the unfused reference at both sizes, and a TP x ZeRO checkpoint consolidates into one file
 that loads at TP = 1 and TP = 2 with identical outputs."""
 import os

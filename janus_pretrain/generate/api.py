@@ -72,7 +72,7 @@ class DecodeOptions:
 
 
 class Generator:
-    """Decodes with one model in the manners its objective trained (ObjectiveConfig.decoding_modes)."""
+    """Decodes with one model, in the manners its objective trained (see check_mode)."""
 
     def __init__(self, model: JanusModel, tokenizer: Tokenizer, cfg: RunConfig,
                  device: torch.device):

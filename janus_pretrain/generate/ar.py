@@ -44,8 +44,8 @@ class _Stepper:
         """BANG: [main rows of the prefix (or only the newest, cached) | [MASK] at position t]."""
         t, device = prefix.shape[1], prefix.device
         if self.cache is None:
-            tokens, positions = torch.cat([prefix, prefix[:, -1:]], 1), torch.arange(t + 1, device=device)
-            query = positions == t
+            positions = torch.arange(t + 1, device=device)
+            tokens, query = torch.cat([prefix, prefix[:, -1:]], 1), positions == t
             return self.model.decode(tokens, positions, self.memory, self.memory_mask,
                                      causal=True, query=query)
         tokens, positions = prefix[:, -1:].repeat(1, 2), torch.arange(t - 1, t + 1, device=device)

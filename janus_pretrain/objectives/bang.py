@@ -1,4 +1,4 @@
-"""The BANG objective (Qi et al., 2021), trained by the same loop as JANUS: docs/method.md, section 9.
+"""The BANG objective (Qi et al., 2021), trained by the JANUS loop: docs/method.md, section 9.
 
 Target rows are `[BOS y1 .. yn EOS PAD..]` (y_t at position t, y_0 = BOS), T = L - 1 decoder rows
 per stream, row r predicting target position r + 1 as in the AR pass.
@@ -38,7 +38,8 @@ TERMS = ("ce_bang",)
 
 @dataclass
 class BangStreams:
-    tokens: torch.Tensor      # [B, R] token ids (PAD on the predicting rows: their input is the vector)
+    tokens: torch.Tensor      # [B, R] token ids (PAD on the predicting rows, whose input is the
+                              # learned [MASK] vector)
     positions: torch.Tensor   # [B, R]
     query: torch.Tensor       # [R] bool: the predicting rows, in stream order
     mask: Optional[torch.Tensor]  # [B, R, R] bool, True = may attend; None: causal
@@ -89,7 +90,7 @@ class Prepared:
 
 
 class BangObjective:
-    """kind=bang or bang_nar, with the interface of JanusObjective (collate, prepare, loss, flops)."""
+    """kind=bang or bang_nar, with JanusObjective's interface (collate, prepare, loss, flops)."""
 
     terms = set(TERMS)
 

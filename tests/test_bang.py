@@ -11,7 +11,7 @@ from janus_pretrain.generate.bang import collapse, one_pass
 from janus_pretrain.generate.vocab import full_log_probs
 from janus_pretrain.model import JanusModel
 from janus_pretrain.objectives.bang import BangObjective, stream_mask
-from janus_pretrain.tokenizer import BOS, EOS, PAD
+from janus_pretrain.tokenizer import BOS, EOS, MASK, PAD
 from conftest import REPO
 
 VOCAB = 50
@@ -141,6 +141,21 @@ def test_one_pass_is_the_argmax_of_the_trained_rows(model):
     for i, h in enumerate(hyps):
         assert h.tokens == collapse(best[i].tolist())
         assert abs(h.log_prob - float(best_lp[i].sum())) < 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["authors", "exact"])
+def test_pretraining_sources_are_janus_sources(sampler):
+    from janus_pretrain.objectives.janus import JanusObjective
+
+    rng = np.random.default_rng(5)
+    examples = [(None, rng.integers(5, VOCAB, n)) for n in (30, 12, 21)]
+    cfg = dict(masking="denoise", mask_sampler=sampler)
+    bang = BangObjective(ObjectiveConfig(kind="bang", **cfg), 32, 32).collate(
+        examples, np.random.default_rng(6))
+    janus = JanusObjective(ObjectiveConfig(**cfg), 32, 32, 64).collate(
+        examples, np.random.default_rng(6))
+    assert torch.equal(bang["src"], janus["src"]) and torch.equal(bang["tgt"], janus["tgt"])
+    assert (bang["src"] == MASK).sum(1).min() > 0  # every source noised
 
 
 def test_collapse_skips_a_leading_eos_cuts_at_the_next_and_drops_repeats():

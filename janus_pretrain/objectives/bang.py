@@ -107,13 +107,13 @@ class BangObjective:
     def collate(self, examples: Sequence[tuple[Optional[np.ndarray], np.ndarray]],
                 rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """(source ids or None, target ids) pairs, bare ids -> src [B, S], tgt [B, L] with
-        BOS/EOS; `denoise` makes the source by text infilling of the target, as for JANUS."""
+        BOS/EOS; `denoise` makes the source from the target as JANUS does (the same sources for
+        the same generator: noise.pretraining_noise), and BANG uses no decoder mask."""
         sources, targets = [], []
         for src, tgt in examples:
             tgt = np.asarray(tgt)[: self.max_target_len - 2]
             if self.cfg.masking == "denoise":
-                src, _ = noise.text_infilling(rng, tgt, self.cfg.source_mask_ratio,
-                                              self.cfg.source_span_lambda, MASK)
+                src, _ = noise.pretraining_noise(rng, tgt, self.cfg, MASK)
             sources.append(with_bos_eos(np.asarray(src)[: self.max_source_len - 2]))
             targets.append(with_bos_eos(tgt))
         return {"src": pad_batch(sources), "tgt": pad_batch(targets)}

@@ -136,9 +136,10 @@ class BangObjective:
                   "bang_positions": s.positions, "bang_query": s.query, "bang_mask": s.mask}
         return Prepared(inputs, s)
 
-    def loss(self, outputs: dict[str, torch.Tensor], prep: Prepared
+    def loss(self, outputs: dict[str, torch.Tensor], prep: Prepared, step: Optional[int] = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (mean token CE over the valid predicting rows, {"ce_bang": its detached value})."""
+        """-> (mean token CE over the valid predicting rows, {"ce_bang": its detached value}).
+        `step` is JanusObjective.loss's (its KL warm-up); BANG's loss does not change with it."""
         s = prep.streams
         ce = losses.token_cross_entropy(outputs["bang"], s.labels, s.valid,
                                         self.cfg.label_smoothing)

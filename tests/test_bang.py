@@ -204,6 +204,7 @@ def test_generator_and_evaluate_use_the_modes_trained(model):
                     gen.check_mode(mode)
 
 
+@pytest.mark.distributed
 def test_pretrain_bang_then_finetune_evaluate_and_generate_bang_nar(
         launch_training, tokenizer_path, single_process, tmp_path):
     """BANG pretraining on two data-parallel ranks under ZeRO-2 (demo.yaml), its weights

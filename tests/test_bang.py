@@ -100,9 +100,21 @@ def test_bang_nar_rows_see_no_target_and_not_the_length(model):
     torch.testing.assert_close(b[:, :, :rows], a, rtol=0, atol=1e-5)
 
 
-def test_ar_decoding_reads_the_trained_predicting_stream(model):
+@pytest.fixture(scope="module")
+def bart_model(single_process):
+    """The bart flavour (post-LN, embedding scale, offset positions) with the [MASK] vector."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(encoder_layers=2, decoder_layers=2, hidden_size=32, ffn_hidden_size=64,
+                      num_heads=4, max_positions=64, dropout=0.0, attention_dropout=0.0,
+                      arch="bart", scale_embedding=True)
+    return JanusModel(cfg, VOCAB, PAD, mask_vector=True).eval()
+
+
+@pytest.mark.parametrize("flavour", ["model", "bart_model"])
+def test_ar_decoding_reads_the_trained_predicting_stream(flavour, request):
     """Greedy and beam search through stream 1, cached or not, agree; the greedy hypothesis's
     log-probability equals stream 1's teacher-forced log-probabilities of it (N = 3 training)."""
+    model = request.getfixturevalue(flavour)
     obj = objective()
     batch = make_batch(obj, seed=3)
     with torch.no_grad():

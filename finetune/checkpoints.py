@@ -3,8 +3,8 @@
 Both are model-only checkpoints beside the step directories (`<run>/checkpoints/averaged`,
 `<run>/checkpoints/best`), written by janus_pretrain.checkpoint.weights. Their names are not
 `step_*`, so resuming and pruning never touch them. Selection decodes the first `valid_size`
-validation pairs with AR greedy search (NAR mask-predict T = 10 for a model without an AR stream)
-and scores the task's first metric.
+validation pairs with AR greedy search (for a model without an AR stream NAR mask-predict T = 10,
+or BANG's one-pass NAR) and scores the task's first metric.
 """
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ def validation_score(task: TaskSpec, path: Path, valid_size: int,
     sources, refs = read_split(task, "valid", root)
     sources, refs = sources[:valid_size], refs[:valid_size]
     gen = Generator.from_checkpoint(path)
-    if "ar" in gen.cfg.objective.weights.decoding_modes():
+    modes = gen.cfg.objective.decoding_modes()
+    if "ar" in modes:
         options = dict(mode="ar", beam=1)
-    else:
+    elif "nar" in modes:
         options = dict(mode="nar", iterations=10)
+    else:
+        options = dict(mode="bang_nar")
     return first_metric(task, gen, sources, refs, options)
 
 

@@ -1,12 +1,14 @@
 """`janus-finetune evaluate`: decode a task's test split in every setting, score it, time it.
 
-Settings are AR beam search (the task's beam) and NAR mask-predict with T = 1, 4 and 10; a
-checkpoint is only decoded in the manners its objective trained (the `ar` ablation has no NAR
-stream worth decoding, `cmlm` no AR one). Two timings per setting, on this machine:
-`latency_ms` is wall time per sentence decoding one sentence at a time (the first
-`latency_sentences` of the split), `sentences_per_s` is the throughput of decoding the whole
-split in batches. Results go to one JSON file, with the hardware they were measured on, and
-the run's in-loop validation curve (`train.eval_interval`) when its metrics.jsonl has one.
+Settings are AR beam search (the task's beam), NAR mask-predict with T = 1, 4 and 10 and BANG's
+one-pass NAR (`bang_nar`); a checkpoint is only decoded in the manners its objective trained
+(ObjectiveConfig.decoding_modes: the `ar` ablation has no NAR stream worth decoding, `cmlm`
+no AR one, `bang_ar` decodes AR with its predicting stream, `bang_nar` only in one pass).
+Two timings per setting, on this machine: `latency_ms` is wall time per sentence decoding one
+sentence at a time (the first `latency_sentences` of the split), `sentences_per_s` is the
+throughput of decoding the whole split in batches. Results go to one JSON file, with the
+hardware they were measured on, and the run's in-loop validation curve (`train.eval_interval`)
+when its metrics.jsonl has one.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ NAR_ITERATIONS = (1, 4, 10)
 
 def settings(task: TaskSpec, gen: Generator) -> dict[str, dict]:
     """Setting name (the W&B mode names: README, Logging) -> DecodeOptions keywords."""
-    d, modes = task.decoding, gen.cfg.objective.weights.decoding_modes()
+    d, modes = task.decoding, gen.cfg.objective.decoding_modes()
     out = {}
     if "ar" in modes:
         out[f"ar_beam{d.beam}"] = dict(mode="ar", beam=d.beam, length_penalty=d.length_penalty,
@@ -38,6 +40,8 @@ def settings(task: TaskSpec, gen: Generator) -> dict[str, dict]:
     if "nar" in modes:
         out.update({f"nar_T{t}": dict(mode="nar", iterations=t, max_len=d.max_len)
                     for t in NAR_ITERATIONS})
+    if "bang_nar" in modes:
+        out["bang_nar"] = dict(mode="bang_nar", max_len=d.max_len)
     return out
 
 
@@ -97,7 +101,8 @@ def evaluate(task: TaskSpec, checkpoint: str, split: str = "test", limit: Option
     notes = sorted({n for r in results.values() for n in metrics.unavailable(r)})
     return {"task": task.name, "split": split, "sentences": len(sources),
             "system": name or ckpt.parent.parent.name, "checkpoint": str(ckpt),
-            "objective": gen.cfg.objective.masking, "weights": vars(gen.cfg.objective.weights),
+            "objective": gen.cfg.objective.masking, "kind": gen.cfg.objective.kind,
+            "weights": vars(gen.cfg.objective.weights),
             "metrics": list(task.metrics), "settings": results, "notes": notes,
             "hardware": hardware(), "validation_curve": validation_curve(task, ckpt),
             "selected": read_best(ckpt)}

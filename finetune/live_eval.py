@@ -1,7 +1,8 @@
 """The fine-tuning half of in-loop validation (janus_pretrain/train/validation.py, which cannot
 import finetune/): the task's first metric on the first `valid_size` validation pairs, decoded
-from the live model AR greedy and NAR mask-predict T = 4 (batched), in the manners the objective
-trains only (LossWeights.decoding_modes). The first manner's value is the score for `best`."""
+from the live model AR greedy, NAR mask-predict T = 4 and BANG's one-pass NAR (batched), in the
+manners the objective trains only (ObjectiveConfig.decoding_modes). The first manner's value
+is the score for `best`."""
 from __future__ import annotations
 
 from typing import Optional
@@ -15,11 +16,12 @@ from finetune import metrics
 from finetune.tasks import TaskSpec, read_split
 
 MODES = {"ar": ("ar_greedy", dict(mode="ar", beam=1)),
-         "nar": ("nar_T4", dict(mode="nar", iterations=4))}
+         "nar": ("nar_T4", dict(mode="nar", iterations=4)),
+         "bang_nar": ("bang_nar", dict(mode="bang_nar"))}
 
 
 def task_eval(task: TaskSpec, cfg: RunConfig, valid_size: int, root: Optional[str] = None) -> TaskEval:
-    """-> a callable: live model -> {"eval/<task>/<metric>/<ar_greedy|nar_T4>": value}."""
+    """-> a callable: live model -> {"eval/<task>/<metric>/<ar_greedy|nar_T4|bang_nar>": value}."""
     sources, refs = read_split(task, "valid", root)
     sources, refs = sources[:valid_size], refs[:valid_size]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -28,7 +30,7 @@ def task_eval(task: TaskSpec, cfg: RunConfig, valid_size: int, root: Optional[st
     def evaluate(module) -> dict[str, float]:
         gen = Generator(module, tokenizer, cfg, next(module.parameters()).device)
         return {f"eval/{task.name}/{metric}/{name}": first_metric(task, gen, sources, refs, options)
-                for name, options in (MODES[m] for m in cfg.objective.weights.decoding_modes())}
+                for name, options in (MODES[m] for m in cfg.objective.decoding_modes())}
 
     return evaluate
 

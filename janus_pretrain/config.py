@@ -82,24 +82,31 @@ class LossWeights:
     length: float = 0.0
 
     def decoding_modes(self) -> list[str]:
-        """The manners ("ar", "nar") these weights train: a stream without its cross-entropy term
-        was never taught to produce text (the KL terms only pull it towards another).
-        `evaluate` decodes these; `generate` refuses the others."""
+        """The manners ("ar", "nar") these weights train (objective.kind=janus; see
+        ObjectiveConfig.decoding_modes): a stream without its cross-entropy term was never
+        taught to produce text (the KL terms only pull it towards another)."""
         return [mode for mode, term in DECODING_TERMS.items() if getattr(self, term) > 0]
 
 
 # The cross-entropy term that trains each decoding manner.
 DECODING_TERMS = {"ar": "ce_ar", "nar": "ce_nar"}
+# objective.kind -> what it builds (docs/method.md, sections 1-4 and 9).
+OBJECTIVE_KINDS = ("janus", "bang", "bang_nar")
 
 
 @dataclass
 class ObjectiveConfig:
-    """How a batch is masked and which loss terms apply.
+    """Which objective, how a batch is masked and which loss terms apply.
 
+    `kind`: `janus` (the weighted JANUS terms below), `bang` (BANG's main stream plus `streams`
+    cross-visible predicting streams of [MASK]; streams=1 is BANG's AR fine-tuning) or
+    `bang_nar` (BANG's NAR fine-tuning: all-[MASK] input, causal); docs/method.md, section 9.
     `denoise` is BART text infilling on the encoder with the union mask on the decoder
-    (pretraining); `span` and `uniform` mask only the target (fine-tuning).
+    (pretraining); `span` and `uniform` mask only the target (fine-tuning); `none` masks nothing
+    (BANG fine-tuning, whose decoder input does not depend on a target mask).
     """
 
+    kind: str = "janus"
     masking: str = "denoise"
     weights: LossWeights = field(default_factory=LossWeights)
     label_smoothing: float = 0.0
@@ -122,10 +129,17 @@ class ObjectiveConfig:
     # Ours, not the authors' (they weigh the KL terms fully from step 0): the symmetric-KL weights
     # ramp linearly from 0 to their value over the first kl_warmup_steps updates; 0: no warm-up.
     kl_warmup_steps: int = 0
+    # kind=bang: the number N of predicting streams (stream k predicts y_t with the k - 1
+    # tokens before it unseen).
+    streams: int = 4
 
     def __post_init__(self):
-        _check(self.masking in ("denoise", "span", "uniform"), "objective.masking",
-               f"'{self.masking}' is not one of denoise, span, uniform")
+        _check(self.kind in OBJECTIVE_KINDS, "objective.kind",
+               f"'{self.kind}' is not one of {', '.join(OBJECTIVE_KINDS)}")
+        maskings = ("denoise", "none") if self.is_bang else ("denoise", "span", "uniform")
+        _check(self.masking in maskings, "objective.masking",
+               f"'{self.masking}' is not one of {', '.join(maskings)} (objective.kind={self.kind})")
+        _check(self.streams >= 1, "objective.streams", "must be at least 1")
         _check(self.mask_sampler in ("authors", "exact"), "objective.mask_sampler",
                f"'{self.mask_sampler}' is not one of authors, exact")
         _check(self.loss_normalization in ("term", "target_tokens"), "objective.loss_normalization",
@@ -140,6 +154,21 @@ class ObjectiveConfig:
         for w in dataclasses.fields(LossWeights):
             _check(getattr(self.weights, w.name) >= 0, f"objective.weights.{w.name}",
                    "must be >= 0")
+
+    @property
+    def is_bang(self) -> bool:
+        """BANG's objectives feed [MASK] as one learned input vector (JanusModel.mask_vector)."""
+        return self.kind != "janus"
+
+    def decoding_modes(self) -> list[str]:
+        """The manners this objective trains (`evaluate` decodes these, `generate` refuses the
+        others): JANUS's from its weights; BANG's AR predicting stream is decoded as `ar`, its
+        NAR fine-tuning as `bang_nar` (one pass)."""
+        if self.kind == "bang":
+            return ["ar"]
+        if self.kind == "bang_nar":
+            return ["bang_nar"]
+        return self.weights.decoding_modes()
 
 
 @dataclass
@@ -290,8 +319,8 @@ class RunConfig:
         for name in ("train", "tokenizer"):
             _check(getattr(self.data, name) is not None, f"data.{name}", "required value is missing")
         _check((self.data.source is None) == (self.objective.masking == "denoise"), "data.source",
-               "is needed by objective.masking=span|uniform (fine-tuning pairs) and unused by "
-               "denoise (pretraining derives the sources)")
+               "is needed by objective.masking=span|uniform|none (fine-tuning pairs) and unused "
+               "by denoise (pretraining derives the sources)")
         _check(self.data.valid is None or
                (self.data.valid_source is None) == (self.data.source is None), "data.valid_source",
                "is needed exactly when data.source is (validation pairs like the training pairs)")

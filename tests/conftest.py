@@ -145,6 +145,19 @@ def run_killable(cmd: list, timeout: int, what: str):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def multi30k_slice(data_root: Path, train: int, valid: int, test: int) -> Path:
+    """The first lines of the shipped Multi30k splits under a data root of a test's own (so that
+    `janus-finetune` steps stay small); returns the data root."""
+    root = data_root / "nmt" / "multi30k"
+    root.mkdir(parents=True)
+    for stem, n in (("train", train), ("val", valid), ("test_2016_flickr", test)):
+        for lang in ("en", "de"):
+            lines = (SHARED_DATA / "nmt" / "multi30k" / f"{stem}.{lang}").read_text(
+                encoding="utf-8").splitlines()[:n]
+            (root / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return data_root
+
+
 def read_metrics(output: Path) -> list[dict]:
     import json
 

@@ -10,7 +10,7 @@ import pytest
 
 from finetune.tasks import TASKS, data_root, get_task, read_split
 from janus_pretrain.errors import JanusError
-from conftest import REPO, SHARED_DATA, run_killable
+from conftest import REPO, SHARED_DATA, multi30k_slice, run_killable
 
 GLGE = {"cnndm", "gigaword", "xsum", "msnews", "squadqg", "msqg", "coqa", "personachat"}
 NMT = {"wmt14_ende", "wmt16_enro", "iwslt14_deen"}
@@ -86,14 +86,7 @@ def test_cli_missing_task_file_exits_2(tmp_path):
 
 
 def test_tiny_finetune_evaluate_compare(tmp_path):
-    # A 240-pair Multi30k slice under a data root of our own, so every step stays small.
-    root = tmp_path / "data" / "nmt" / "multi30k"
-    root.mkdir(parents=True)
-    for stem, n in (("train", 240), ("val", 16), ("test_2016_flickr", 12)):
-        for lang in ("en", "de"):
-            lines = (SHARED_DATA / "nmt" / "multi30k" / f"{stem}.{lang}").read_text(
-                encoding="utf-8").splitlines()[:n]
-            (root / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    multi30k_slice(tmp_path / "data", 240, 16, 12)  # a 240-pair slice: every step stays small
     data_arg = ["--data-root", str(tmp_path / "data")]
     _cli(*data_arg, "prepare", "--task", "multi30k_ende", "--output", str(tmp_path / "pairs"),
          "--vocab-size", "400", "--workers", "1")

@@ -1,5 +1,6 @@
-"""Tensor parallelism: a TP = 2 JANUS step (all streams, all loss terms, vocab-sharded KL)
-equals the TP = 1 step with the same full weights and decodes the same hypotheses, the fused loss
+"""Tensor parallelism: a TP = 2 JANUS step (all streams, all loss terms, vocab-sharded KL), and a
+BANG step, equal the TP = 1 steps with the same full weights and decode the same hypotheses, the
+fused loss
 equals the unfused reference at both sizes, and a TP x ZeRO checkpoint consolidates into one file
 that loads at TP = 1 and TP = 2 with identical outputs."""
 import os
@@ -48,6 +49,16 @@ def test_tp2_step_equals_tp1(tmp_path):
     # Decoding at TP = 2 (ranks in lockstep on gathered log-probs) finds the same hypotheses.
     assert two["hyps"] == one["hyps"]
     assert any(one["hyps"]["greedy"]) and any(one["hyps"]["nar"])
+    # BANG (N = 2 streams, the learned [MASK] vector): loss, every gradient, its decodings.
+    b1, b2 = one["bang"], two["bang"]
+    torch.testing.assert_close(b2["loss"], b1["loss"], rtol=0, atol=1e-5)
+    # Every parameter but the length head (BANG has no length loss) gets a gradient.
+    assert set(b1["grads"]) == set(one["grads"]) - {"length_head.weight", "length_head.bias"} | {
+        "mask_vector"} and b1["grads"].keys() == b2["grads"].keys()
+    for name, grad in b1["grads"].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(b2["grads"][name], grad, rtol=0, atol=1e-5, msg=f"bang {name}")
+    assert b2["hyps"] == b1["hyps"] and any(b1["hyps"]["greedy"]) and any(b1["hyps"]["one_pass"])
 
 
 @pytest.mark.parametrize("zero", [1, 3])

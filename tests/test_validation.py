@@ -103,15 +103,9 @@ def test_finetune_cli_validates_in_the_loop(tmp_path):
     best is the step with the best AR greedy BLEU (not `select`'s pick)."""
     import sys
 
-    from conftest import SHARED_DATA, run_killable
+    from conftest import multi30k_slice, run_killable
 
-    root = tmp_path / "data" / "nmt" / "multi30k"
-    root.mkdir(parents=True)
-    for stem, n in (("train", 120), ("val", 8), ("test_2016_flickr", 4)):
-        for lang in ("en", "de"):
-            lines = (SHARED_DATA / "nmt" / "multi30k" / f"{stem}.{lang}").read_text(
-                encoding="utf-8").splitlines()[:n]
-            (root / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    multi30k_slice(tmp_path / "data", 120, 8, 4)
     cli = [sys.executable, "-m", "finetune.cli", "--data-root", str(tmp_path / "data")]
     for args in (["prepare", "--task", "multi30k_ende", "--output", str(tmp_path / "pairs"),
                   "--vocab-size", "400", "--workers", "1"],

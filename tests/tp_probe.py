@@ -1,8 +1,10 @@
 """Helper of the tensor-parallel tests, run under torchrun: one JANUS forward + backward (all three
 streams, every loss term) at the launched TP size, then AR and NAR decoding; rank 0 saves the loss
 terms, the full gradients (TP shards gathered along their partition dimension), the AR logits with
-their inputs (tests/test_hf_bart.py) and the hypotheses to argv[2], and the vocabulary terms and logit gradients of the fused loss and of the unfused
-reference (tests/loss_reference.py) on the same logits.
+their inputs (tests/test_hf_bart.py) and the hypotheses to argv[2], and the vocabulary terms and
+logit gradients of the fused loss and of the unfused reference (tests/loss_reference.py) on the
+same logits. With the seeded initialisation it does the same for a BANG model (N = 2 streams; AR
+decoding through the predicting stream, and bang_nar's one pass) under "bang".
 
 argv[3], optional, says where the weights come from: `step:<dir>` a training checkpoint written
 at this TP size, `file:<path>` a consolidated file (resharded to this TP size); default: the
@@ -17,9 +19,11 @@ from megatron.core import parallel_state as ps
 import loss_reference
 from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
 from janus_pretrain.generate.ar import beam_search, greedy
+from janus_pretrain.generate.bang import one_pass
 from janus_pretrain.generate.nar import mask_predict
 from janus_pretrain.model import JanusModel
 from janus_pretrain.objectives import losses
+from janus_pretrain.objectives.bang import BangObjective
 from janus_pretrain.objectives.janus import VOCAB_TERMS, JanusObjective
 from janus_pretrain.parallel.vocab import gather_vocab
 from janus_pretrain.parallel import state
@@ -58,11 +62,15 @@ def build_model(weights: str) -> JanusModel:
         from janus_pretrain.generate.api import Generator
 
         return Generator.from_consolidated(weights[5:], ps.get_tensor_model_parallel_world_size()).model
+    return seeded_model()
+
+
+def seeded_model(mask_vector: bool = False) -> JanusModel:
     torch.manual_seed(0)
     cfg = ModelConfig(encoder_layers=2, decoder_layers=2, hidden_size=32, ffn_hidden_size=64,
                       num_heads=4, max_positions=64, length_classes=32, dropout=0.0,
                       attention_dropout=0.0)
-    return JanusModel(cfg, VOCAB, PAD)
+    return JanusModel(cfg, VOCAB, PAD, mask_vector=mask_vector)
 
 
 def decode(model: JanusModel, src: torch.Tensor) -> dict:
@@ -76,8 +84,29 @@ def decode(model: JanusModel, src: torch.Tensor) -> dict:
                 "nar": [h.tokens for h in mask_predict(model, memory, mask, 3, 2, max_len=8)]}
 
 
+def bang_step(batch: dict) -> dict:
+    """A BANG step (loss, full gradients) and its decodings, on the seeded BANG model."""
+    model = seeded_model(mask_vector=True)
+    obj = BangObjective(ObjectiveConfig(kind="bang", masking="none", streams=2,
+                                        label_smoothing=0.1), 32, 32)
+    prep = obj.prepare(batch)
+    loss, _ = obj.loss(model(**prep.model_inputs), prep)
+    loss.backward()
+    grads = {name: full_grad(p) for name, p in model.named_parameters() if p.grad is not None}
+    model.eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(20)
+        memory, mask = model.run_encoder(batch["src"])
+        hyps = {"greedy": [h.tokens for h in greedy(model, memory, mask, 8, predict_stream=True)],
+                "beam": [[h.tokens for h in b] for b in beam_search(model, memory, mask, 3, 8,
+                                                                    predict_stream=True)],
+                "one_pass": [h.tokens for h in one_pass(model, memory, mask, 8)]}
+    return {"loss": loss.detach(), "grads": grads, "hyps": hyps}
+
+
 def main(tp: int, out: str, weights: str = "init") -> None:
     topo = state.initialize(tp)
+    seeded = weights == "init"
     model = build_model(weights)
     vocab = model.vocab_size
     weights = LossWeights(ce_ar=1.0, ce_nar=0.5, ce_aux=0.5, kl_ar_nar=1.0, kl_ar_aux=3.0,
@@ -95,9 +124,10 @@ def main(tp: int, out: str, weights: str = "init") -> None:
     ar_logits = gather_vocab(outputs["ar"].detach())[..., :vocab]
     grads = {name: full_grad(p) for name, p in model.named_parameters()}
     hyps = decode(model, batch["src"])
+    bang = bang_step(batch) if seeded else None
     if topo.rank == 0:
         torch.save({"loss": loss.detach(), "terms": terms, "grads": grads, "hyps": hyps,
-                    "fused_vs_reference": both, "ar_logits": ar_logits,
+                    "fused_vs_reference": both, "ar_logits": ar_logits, "bang": bang,
                     "inputs": {k: prep.model_inputs[k] for k in ("src_tokens", "ar_tokens")}}, out)
     state.shutdown()
 

@@ -150,7 +150,8 @@ def full_model(checkpoint: str | Path) -> consolidated.Consolidated:
     config = read_meta(checkpoint)["config"]
     tokenizer = load_tokenizer(checkpoint)
     state.initialize(1)
-    skeleton = JanusModel(from_dict(config).model, tokenizer.vocab_size, PAD)
+    cfg = from_dict(config)
+    skeleton = JanusModel(cfg.model, tokenizer.vocab_size, PAD, mask_vector=cfg.objective.is_bang)
     load_into(skeleton, full_weights(checkpoint, skeleton), checkpoint)
     return consolidated.Consolidated(model_tensors(skeleton), config, tokenizer, str(checkpoint))
 

@@ -4,6 +4,9 @@
     gen = Generator.from_consolidated("model.safetensors")    # `checkpoint consolidate` output
     gen.generate(["a source sentence"], mode="ar", beam=5)
     gen.generate(["a source sentence"], mode="nar", iterations=4)
+    gen.generate(["a source sentence"], mode="bang_nar")      # a BANG NAR checkpoint: one pass
+
+A BANG checkpoint (objective.kind=bang) decodes `ar` with its first predicting stream, as trained.
 
 Sources are sorted by length and decoded in batches of `batch_size`, then returned in input
 order; an empty source gives an empty hypothesis. Sources longer than data.max_source_len are cut
@@ -28,6 +31,7 @@ from janus_pretrain.config import DECODING_TERMS, RunConfig, from_dict
 from janus_pretrain.data.padding import pad_batch, with_bos_eos
 from janus_pretrain.errors import JanusError
 from janus_pretrain.generate.ar import beam_search, greedy
+from janus_pretrain.generate.bang import one_pass
 from janus_pretrain.generate.hypothesis import Hypothesis
 from janus_pretrain.generate.nar import mask_predict
 from janus_pretrain.model import JanusModel
@@ -35,9 +39,17 @@ from janus_pretrain.parallel import reshard, tp
 from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
 
 
+# Decoding manners: AR search, JANUS mask-predict, BANG's one-pass NAR.
+MODES = ("ar", "nar", "bang_nar")
+
+
+def _model(cfg: RunConfig, tokenizer: Tokenizer) -> JanusModel:
+    return JanusModel(cfg.model, tokenizer.vocab_size, PAD, mask_vector=cfg.objective.is_bang)
+
+
 @dataclass
 class DecodeOptions:
-    """Search settings; `beam=1` with mode ar is greedy search."""
+    """Search settings; `beam=1` with mode ar is greedy search. `bang_nar` uses max_len only."""
 
     mode: str = "ar"
     beam: int = 5
@@ -52,14 +64,16 @@ class DecodeOptions:
     force_lengths: Optional[Sequence[int]] = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.mode not in ("ar", "nar"):
-            raise JanusError(f"generate: mode '{self.mode}' is not one of ar, nar")
+        if self.mode not in MODES:
+            raise JanusError(f"generate: mode '{self.mode}' is not one of {', '.join(MODES)}")
         for name in ("beam", "max_len", "iterations", "length_beam", "batch_size"):
             if getattr(self, name) < 1:
                 raise JanusError(f"generate: {name} must be at least 1")
 
 
 class Generator:
+    """Decodes with one model, in the manners its objective trained (see check_mode)."""
+
     def __init__(self, model: JanusModel, tokenizer: Tokenizer, cfg: RunConfig,
                  device: torch.device):
         self.model = model.eval()
@@ -75,7 +89,7 @@ class Generator:
         cfg = from_dict(store.read_meta(ckpt)["config"])
         tokenizer = load_tokenizer(ckpt)
         topo = state.initialize(tensor_parallel)
-        model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
+        model = _model(cfg, tokenizer)
         weights.load_into(model, weights.weights_for_this_rank(ckpt, model), ckpt)
         return cls(model.to(topo.device), tokenizer, cfg, topo.device)
 
@@ -91,22 +105,25 @@ class Generator:
             device = state.initialize(tensor_parallel).device
         else:
             device = tp.pick_device(0)
-        model = JanusModel(cfg.model, saved.tokenizer.vocab_size, PAD)
+        model = _model(cfg, saved.tokenizer)
         weights.load_into(model, reshard.shard_for_this_rank(saved.weights, model), path)
         return cls(model.to(device), saved.tokenizer, cfg, device)
 
     def check_mode(self, mode: str, force: bool = False) -> None:
-        """Refuse a manner the objective never trained (LossWeights.decoding_modes): its stream
-        decodes to fluent-looking repetition, not to an error."""
-        w = self.cfg.objective.weights
-        trained = w.decoding_modes()
+        """Refuse a manner the objective never trained (ObjectiveConfig.decoding_modes): its
+        stream decodes to fluent-looking repetition, not to an error."""
+        objective = self.cfg.objective
+        trained = objective.decoding_modes()
         if force or mode in trained:
             return
-        term = DECODING_TERMS[mode]
+        if objective.kind == "janus" and mode in DECODING_TERMS:
+            term = DECODING_TERMS[mode]
+            why = f"objective.weights.{term}={getattr(objective.weights, term)}"
+        else:
+            why = f"objective.kind={objective.kind}"
         raise JanusError(f"generate: this checkpoint's objective never trained {mode.upper()} "
-                         f"decoding (objective.weights.{term}={getattr(w, term)}; it "
-                         f"trained: {', '.join(trained) or 'neither'}); pass --force-mode "
-                         f"(force=True) to decode anyway")
+                         f"decoding ({why}; it trained: {', '.join(trained) or 'neither'}); pass "
+                         f"--force-mode (force=True) to decode anyway")
 
     def source_ids(self, sources: Sequence[str]) -> list[np.ndarray]:
         """Source strings -> id arrays with BOS/EOS, cut to data.max_source_len; how many were
@@ -136,6 +153,8 @@ class Generator:
     def _search(self, src: torch.Tensor, opts: DecodeOptions, forced: Optional[list[int]]
                 ) -> list[Hypothesis]:
         memory, memory_mask = self.model.run_encoder(src)
+        if opts.mode == "bang_nar":
+            return one_pass(self.model, memory, memory_mask, opts.max_len)
         if opts.mode == "nar":
             lengths = None if forced is None else torch.tensor(forced, device=self.device)
             return mask_predict(self.model, memory, memory_mask, opts.iterations,
@@ -145,10 +164,13 @@ class Generator:
             return [h for i in range(src.shape[0])
                     for h in self._search(src[i:i + 1], opts, forced[i:i + 1])]
         force_len = forced[0] if forced is not None else None
+        stream = self.cfg.objective.kind == "bang"
         if opts.beam == 1:
-            return greedy(self.model, memory, memory_mask, opts.max_len, force_len)
+            return greedy(self.model, memory, memory_mask, opts.max_len, force_len,
+                          predict_stream=stream)
         beams = beam_search(self.model, memory, memory_mask, opts.beam, opts.max_len,
-                            opts.length_penalty, opts.no_repeat_ngram, force_len)
+                            opts.length_penalty, opts.no_repeat_ngram, force_len,
+                            predict_stream=stream)
         return [b[0] for b in beams]
 
     def generate(self, sources: Sequence[str], force: bool = False, **options) -> list[str]:

@@ -3,6 +3,12 @@
 Both take an encoded batch (`model.run_encoder`) and return, per source, token ids without BOS/EOS
 and the hypothesis score. `incremental=False` recomputes the full prefix at every step; it exists
 as the reference the cached path is tested against.
+
+`predict_stream=True` decodes a BANG model (objective.kind=bang) with its first predicting stream,
+as it was trained (docs/method.md, section 9): the prefix runs as the causal main stream, and the
+next token is read from one more row, the learned [MASK] vector at the next position, which sees
+the whole prefix and itself. Cached, a step runs two rows (the newest main row and the predicting
+row, causal over cache + both) and then drops the predicting row's keys from the cache.
 """
 from __future__ import annotations
 
@@ -18,18 +24,38 @@ from janus_pretrain.tokenizer import BOS, EOS
 class _Stepper:
     """Next-token log-probs for a growing batch of prefixes, cached or recomputed."""
 
-    def __init__(self, model, memory, memory_mask, incremental: bool):
+    def __init__(self, model, memory, memory_mask, incremental: bool, predict_stream: bool):
         self.model, self.memory, self.memory_mask = model, memory, memory_mask
         self.cache = model.new_cache() if incremental else None
+        self.predict_stream = predict_stream
 
     def __call__(self, prefix: torch.Tensor, allow_eos: bool) -> torch.Tensor:
         """prefix [N, t] -> log-probs [N, V] of token t+1."""
-        if self.cache is not None:
+        if self.predict_stream:
+            h = self._predicting_row(prefix)
+        elif self.cache is not None:
             h = self.model.decode(prefix[:, -1:], None, self.memory, self.memory_mask,
                                   cache=self.cache)
         else:
             h = self.model.decode(prefix, None, self.memory, self.memory_mask, causal=True)
         return full_log_probs(self.model.output_logits(h[:, -1]), self.model.vocab_size, allow_eos)
+
+    def _predicting_row(self, prefix: torch.Tensor) -> torch.Tensor:
+        """BANG: [main rows of the prefix (or only the newest, cached) | [MASK] at position t]."""
+        t, device = prefix.shape[1], prefix.device
+        if self.cache is None:
+            positions = torch.arange(t + 1, device=device)
+            tokens, query = torch.cat([prefix, prefix[:, -1:]], 1), positions == t
+            return self.model.decode(tokens, positions, self.memory, self.memory_mask,
+                                     causal=True, query=query)
+        tokens, positions = prefix[:, -1:].repeat(1, 2), torch.arange(t - 1, t + 1, device=device)
+        causal = torch.ones(2, t + 1, dtype=torch.bool, device=device)
+        causal[0, t] = False
+        h = self.model.decode(tokens, positions, self.memory, self.memory_mask,
+                              self_mask=causal.expand(prefix.shape[0], 2, t + 1), cache=self.cache,
+                              query=torch.tensor([False, True], device=device))
+        self.model.truncate_cache(self.cache, t)
+        return h
 
     def select(self, index: torch.Tensor) -> None:
         self.memory = self.memory.index_select(0, index)
@@ -48,11 +74,11 @@ def _banned_ngrams(prefix: list[int], n: int) -> list[int]:
 
 @torch.no_grad()
 def greedy(model, memory, memory_mask, max_len: int, force_len: Optional[int] = None,
-           incremental: bool = True) -> list[Hypothesis]:
+           incremental: bool = True, predict_stream: bool = False) -> list[Hypothesis]:
     """Pick the most likely token at every step. memory [B, S, H]; at most max_len tokens + EOS;
     `force_len` forbids EOS before that many tokens and forces it after."""
     b = memory.shape[0]
-    step = _Stepper(model, memory, memory_mask, incremental)
+    step = _Stepper(model, memory, memory_mask, incremental, predict_stream)
     prefix = torch.full((b, 1), BOS, dtype=torch.long, device=memory.device)
     total = torch.zeros(b, device=memory.device)
     done = torch.zeros(b, dtype=torch.bool, device=memory.device)
@@ -82,8 +108,8 @@ def greedy(model, memory, memory_mask, max_len: int, force_len: Optional[int] = 
 @torch.no_grad()
 def beam_search(model, memory, memory_mask, beam: int = 5, max_len: int = 200,
                 length_penalty: float = 1.0, no_repeat_ngram: int = 0,
-                force_len: Optional[int] = None, incremental: bool = True
-                ) -> list[list[Hypothesis]]:
+                force_len: Optional[int] = None, incremental: bool = True,
+                predict_stream: bool = False) -> list[list[Hypothesis]]:
     """Batched beam search; per source, up to `beam` finished hypotheses sorted by score.
 
     A source is done once it holds `beam` finished hypotheses (fairseq's stopping rule); at
@@ -92,7 +118,7 @@ def beam_search(model, memory, memory_mask, beam: int = 5, max_len: int = 200,
     b, device = memory.shape[0], memory.device
     rows = torch.arange(b, device=device).repeat_interleave(beam)
     step = _Stepper(model, memory.index_select(0, rows), memory_mask.index_select(0, rows),
-                    incremental)
+                    incremental, predict_stream)
     prefix = torch.full((b * beam, 1), BOS, dtype=torch.long, device=device)
     scores = torch.full((b, beam), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand from the first only

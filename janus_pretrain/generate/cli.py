@@ -2,6 +2,7 @@
 
     janus-pretrain generate --checkpoint runs/demo/train --mode ar --beam 5 < sources.txt
     janus-pretrain generate --checkpoint runs/demo/train --mode nar --iterations 4 --input src.txt
+    janus-pretrain generate --checkpoint runs/bang_nar --mode bang_nar --max-len 64 < sources.txt
 
 Input lines that are not UTF-8 are decoded with U+FFFD for the bad bytes (as `data prepare` does)
 and counted on stderr; an empty line gives an empty output line, so outputs stay line-aligned.
@@ -17,7 +18,8 @@ def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="decode sources with a checkpoint (AR or NAR)")
     g.add_argument("--checkpoint", required=True,
                    help="run dir, checkpoints/ dir, step_* dir or consolidated .safetensors file")
-    g.add_argument("--mode", choices=["ar", "nar"], default="ar")
+    g.add_argument("--mode", choices=["ar", "nar", "bang_nar"], default="ar",
+                   help="ar: beam/greedy; nar: JANUS mask-predict; bang_nar: BANG one pass")
     g.add_argument("--input", default="-", help="source file, one per line (default: stdin)")
     g.add_argument("--output", default="-", help="hypothesis file (default: stdout)")
     g.add_argument("--batch-size", type=int, default=32)

@@ -150,12 +150,16 @@ class JanusModel(nn.Module):
     - `ar_tokens` [B, T]: causal pass, logits for every row;
     - `nar_tokens`/`nar_positions`/`nar_mask` [B, L'] / [B, L'] / [B, L', L']: the two-stream
       pass, logits only for the rows in `nar_rows` and `aux_rows` ([B, K] each);
-    - `length`: logits of the target-length classifier.
+    - `length`: logits of the target-length classifier;
+    - `bang_tokens`/`bang_positions`/`bang_query`/`bang_mask` [B, T'] / [B, T'] / [T'] / [B, T', T']
+      or None (causal): a BANG pass (objectives/bang.py); the `bang_query` rows take the learned
+      [MASK] vector as input and are the only rows projected to logits.
+    With `mask_vector` (BANG objectives) the model holds that one learned [MASK] input vector.
     Logits are vocab-parallel: `[..., padded_vocab / tp]` on each TP rank, -inf in the columns
     that pad the table.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, mask_vector: bool = False):
         super().__init__()
         layers = Layers()
         tp = layers.tp_size
@@ -199,11 +203,19 @@ class JanusModel(nn.Module):
         self.length_head = nn.Linear(cfg.hidden_size, cfg.length_classes)
         init_normal(self.length_head.weight)
         nn.init.zeros_(self.length_head.bias)
+        # Drawn last, so that a model without it initialises exactly as before.
+        self.mask_vector = (nn.Parameter(init_normal(torch.empty(cfg.hidden_size)))
+                            if mask_vector else None)
 
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor, table: nn.Embedding,
-                     norm: Optional[nn.LayerNorm]) -> torch.Tensor:
-        """Token plus position embeddings (normalised in the bart flavour), with dropout."""
-        x = self.embed(tokens) * self.embed_scale + table(positions + self.pos_offset)
+                     norm: Optional[nn.LayerNorm], query: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+        """Token plus position embeddings (normalised in the bart flavour), with dropout; the
+        `query` rows [T] bool take the learned [MASK] vector instead of their token (BANG)."""
+        x = self.embed(tokens)
+        if query is not None:
+            x = torch.where(query[:, None], self.mask_vector.to(x.dtype), x)
+        x = x * self.embed_scale + table(positions + self.pos_offset)
         return self.drop(norm(x) if norm is not None else x)
 
     @staticmethod
@@ -224,15 +236,17 @@ class JanusModel(nn.Module):
     def decode(self, tokens: torch.Tensor, positions: Optional[torch.Tensor],
                memory: torch.Tensor, memory_mask: torch.Tensor,
                self_mask: Optional[torch.Tensor] = None, causal: bool = False,
-               cache: Optional[list[dict]] = None) -> torch.Tensor:
+               cache: Optional[list[dict]] = None, query: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
         """tokens [B, T]; positions [B, T] or None for 0..T-1; self_mask [B, T, T] (or [B, 1, T]
         key mask) -> [B, T, H]. With `cache` (from `new_cache`), tokens are the next step only and
-        positions default to the number of steps already cached."""
+        positions default to the number of steps already cached. `query` [T] bool: rows whose
+        input is the learned [MASK] vector instead of their token's embedding (BANG)."""
         if positions is None:
             start = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         mask = self_mask[:, None] if self_mask is not None else None
-        x = self.embed_tokens(tokens, positions, self.dec_pos, self.dec_emb_norm)
+        x = self.embed_tokens(tokens, positions, self.dec_pos, self.dec_emb_norm, query)
         if cache is None and self.use_flex(tokens):
             b, t = tokens.shape
             if causal:
@@ -270,6 +284,14 @@ class JanusModel(nn.Module):
                 for key in list(part):
                     part[key] = part[key].index_select(0, index)
 
+    @staticmethod
+    def truncate_cache(cache: list[dict], length: int) -> None:
+        """Keep the first `length` self-attention keys/values of every layer, in place (a BANG
+        step appends its predicting row, which later steps must not see)."""
+        for layer in cache:
+            for key in ("k", "v"):
+                layer["self"][key] = layer["self"][key][:, :, :length]
+
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding),
         -inf in the padding columns of the table (the last shard's tail): no token, probability 0
@@ -293,7 +315,11 @@ class JanusModel(nn.Module):
                 nar_mask: Optional[torch.Tensor] = None,
                 nar_rows: Optional[torch.Tensor] = None,
                 aux_rows: Optional[torch.Tensor] = None,
-                length: bool = False) -> dict[str, torch.Tensor]:
+                length: bool = False,
+                bang_tokens: Optional[torch.Tensor] = None,
+                bang_positions: Optional[torch.Tensor] = None,
+                bang_query: Optional[torch.Tensor] = None,
+                bang_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         memory, memory_mask = self.run_encoder(src_tokens)
         out = {}
         if ar_tokens is not None:
@@ -305,6 +331,10 @@ class JanusModel(nn.Module):
             picked = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
             nar, aux = self.output_logits(picked).split(nar_rows.shape[1], dim=1)
             out["nar"], out["aux"] = nar, aux
+        if bang_tokens is not None:
+            h = self.decode(bang_tokens, bang_positions, memory, memory_mask, self_mask=bang_mask,
+                            causal=bang_mask is None, query=bang_query)
+            out["bang"] = self.output_logits(h[:, bang_query])
         if length:
             out["length"] = self.length_logits(memory, memory_mask)
         return out

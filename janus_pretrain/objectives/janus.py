@@ -59,6 +59,7 @@ class JanusObjective:
         self.needs_nar = any(x > 0 for x in (w.ce_nar, w.ce_aux, w.kl_ar_nar, w.kl_ar_aux,
                                              w.kl_nar_aux))
         self.needs_length = w.length > 0
+        self.terms = {t for t in TERMS if getattr(w, t) > 0}  # the terms `loss` reports
 
     def collate(self, examples: Sequence[tuple[Optional[np.ndarray], np.ndarray]],
                 rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -72,15 +73,8 @@ class JanusObjective:
             tgt = np.asarray(tgt)[: self.max_target_len - 2]
             n = len(tgt)
             authors = cfg.mask_sampler == "authors"
-            if cfg.masking == "denoise" and authors:
-                src, m = noise.authors_denoising(rng, tgt, cfg.source_mask_ratio,
-                                                 cfg.source_span_lambda,
-                                                 1.0 - cfg.extra_mask_share, MASK)
-            elif cfg.masking == "denoise":
-                src, hidden = noise.text_infilling(rng, tgt, cfg.source_mask_ratio,
-                                                   cfg.source_span_lambda, MASK)
-                m = noise.denoising_target_mask(rng, hidden, cfg.extra_mask_share,
-                                                cfg.source_span_lambda)
+            if cfg.masking == "denoise":
+                src, m = noise.pretraining_noise(rng, tgt, cfg, MASK)
             elif cfg.masking == "span" and authors:
                 m = noise.authors_target_mask(rng, n, cfg.target_mask_ratio,
                                               cfg.target_span_lambda)

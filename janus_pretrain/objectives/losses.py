@@ -217,3 +217,11 @@ def vocab_terms(names: tuple[str, ...], targets: Targets, ar: Optional[torch.Ten
         return {}
     values = _VocabTerms.apply(tuple(names), targets, ar, nar, aux)
     return dict(zip(names, values.unbind()))
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+                        smoothing: float) -> torch.Tensor:
+    """Label-smoothed CE, the mean over the valid rows, of vocab-parallel logits [B, T, V_local]
+    against labels / valid [B, T] (the CE_AR computation, for any rows: BANG's streams)."""
+    targets = Targets(labels, valid, None, None, None, smoothing)
+    return vocab_terms(("ce_ar",), targets, logits, None, None)["ce_ar"]

@@ -117,3 +117,17 @@ def target_uniform_mask(rng: np.random.Generator, n: int) -> np.ndarray:
     if n:
         chosen[rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False)] = True
     return chosen
+
+
+
+def pretraining_noise(rng: np.random.Generator, tokens: np.ndarray, cfg, mask_id: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """`denoise` (pretraining) by `cfg.mask_sampler` (an ObjectiveConfig): tokens [n] ->
+    (source [m], decoder mask [n] bool). JANUS and BANG both call it, so that with the same
+    generator they see the same sources."""
+    if cfg.mask_sampler == "authors":
+        return authors_denoising(rng, tokens, cfg.source_mask_ratio, cfg.source_span_lambda,
+                                 1.0 - cfg.extra_mask_share, mask_id)
+    source, hidden = text_infilling(rng, tokens, cfg.source_mask_ratio, cfg.source_span_lambda,
+                                    mask_id)
+    return source, denoising_target_mask(rng, hidden, cfg.extra_mask_share, cfg.source_span_lambda)

@@ -28,7 +28,7 @@ from janus_pretrain.data.shards import ShardedCorpus
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
 from janus_pretrain.model.flops import matmul_peak
-from janus_pretrain.objectives.janus import TERMS, JanusObjective
+from janus_pretrain.objectives.build import Objective, build_objective
 from janus_pretrain.parallel import reshard, state
 from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
 from janus_pretrain.train.engine import build_engine, read_deepspeed_json
@@ -72,7 +72,7 @@ def open_sources(source: Optional[str], tokenizer: Tokenizer, targets: ShardedCo
     return sources
 
 
-def validation_loader(cfg: RunConfig, tokenizer: Tokenizer, objective: JanusObjective
+def validation_loader(cfg: RunConfig, tokenizer: Tokenizer, objective: Objective
                       ) -> Optional[BatchLoader]:
     """This rank's loader over data.valid (and data.valid_source); None without data.valid."""
     if cfg.data.valid is None:
@@ -91,11 +91,23 @@ def init_weights(model: JanusModel, path: str, tokenizer: Tokenizer) -> None:
     if source.is_file() or hf.is_hf_dir(source):
         full = consolidated.read(source) if source.is_file() else hf.load(source)
         store.require_same_tokenizer(full.tokenizer, tokenizer, source)
-        weights.load_into(model, reshard.shard_for_this_rank(full.weights, model), source)
+        loaded = reshard.shard_for_this_rank(fit_mask_vector(model, dict(full.weights)), model)
+        weights.load_into(model, loaded, source)
         return
     ckpt = weights.resolve(path)
     store.check_tokenizer(ckpt, tokenizer)
-    weights.load_into(model, weights.weights_for_this_rank(ckpt, model), ckpt)
+    weights.load_into(model, fit_mask_vector(model, weights.weights_for_this_rank(ckpt, model)),
+                      ckpt)
+
+
+def fit_mask_vector(model: JanusModel, loaded: dict) -> dict:
+    """BANG's [MASK] vector is the one weight JANUS and BANG objectives do not share: a model
+    that needs it and does not find it starts it fresh, one that has no use for it drops it."""
+    if model.mask_vector is None:
+        loaded.pop("mask_vector", None)
+    else:
+        loaded.setdefault("mask_vector", model.mask_vector.detach().clone())
+    return loaded
 
 
 def agree_at_boundary(local_bad: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
@@ -120,7 +132,7 @@ class TrainResult:
     stopped_by: Optional[str] = None  # a stop signal's name when one ended the run early
 
 
-def optimizer_step(engine, objective: JanusObjective, loader: BatchLoader, cfg: RunConfig,
+def optimizer_step(engine, objective: Objective, loader: BatchLoader, cfg: RunConfig,
                    guard: NonFiniteGuard, stats: StepStats, stop_requested: bool,
                    device: torch.device, step: Optional[int] = None) -> bool:
     """One optimizer step (update `step`) of `train.grad_accum` micro-batches; returns whether
@@ -153,10 +165,9 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
     topo = state.initialize(cfg.parallel.tensor_parallel)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = open_corpus(cfg.data.train, tokenizer)
-    objective = JanusObjective(cfg.objective, cfg.data.max_source_len, cfg.data.max_target_len,
-                               cfg.model.length_classes)
+    objective = build_objective(cfg)
     seed_everything(cfg.train.seed)
-    model = JanusModel(cfg.model, tokenizer.vocab_size, PAD)
+    model = JanusModel(cfg.model, tokenizer.vocab_size, PAD, mask_vector=cfg.objective.is_bang)
     if cfg.train.init_from and not resume:
         init_weights(model, cfg.train.init_from, tokenizer)
     if cfg.train.compile:
@@ -175,11 +186,10 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
     logger = RunLogger(topo.is_main, output, cfg.train.steps, start_step, cfg.train.log_interval,
                        matmul_peak(topo.device, dtype) * dist.get_world_size(),
                        cfg.train.wandb_project, cfg.train.wandb_name, to_dict(cfg))
-    present = {t for t in TERMS if getattr(cfg.objective.weights, t) > 0}
-    stats = StepStats(topo.device, present)
+    stats = StepStats(topo.device, objective.terms)
     validator = Validator(engine, objective, validation_loader(cfg, tokenizer, objective),
                           cfg.train.eval_batches, cfg.train.eval_interval, checkpointer.root,
-                          present, topo.device, task_eval)
+                          objective.terms, topo.device, task_eval)
     guard = NonFiniteGuard(engine)
     last_step = min(cfg.train.steps, cfg.train.exit_after or cfg.train.steps)
     step, stopping, diverged = start_step, False, False

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from janus_pretrain.objectives.janus import TERMS
+from janus_pretrain.objectives.build import TERMS
 from janus_pretrain.tokenizer import PAD
 
 

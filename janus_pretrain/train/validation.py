@@ -24,7 +24,7 @@ import torch.distributed as dist
 from janus_pretrain.checkpoint import weights
 from janus_pretrain.checkpoint.layout import BEST, MARKER, META, step_name
 from janus_pretrain.data.loader import BatchLoader
-from janus_pretrain.objectives.janus import JanusObjective
+from janus_pretrain.objectives.build import Objective
 from janus_pretrain.train.metrics import StepStats
 
 # The live module -> {"eval/<task>/<metric>/<mode>": value}, the score first; every rank calls it.
@@ -46,7 +46,7 @@ def publish_best(checkpoint: Path, target: Path, record: dict) -> Path:
 class Validator:
     """Decides when to validate and keeps checkpoints/best; every rank calls `after_step`."""
 
-    def __init__(self, engine, objective: JanusObjective, loader: Optional[BatchLoader],
+    def __init__(self, engine, objective: Objective, loader: Optional[BatchLoader],
                  batches: int, interval: Optional[int], root: Path, present: set[str],
                  device: torch.device, task_eval: Optional[TaskEval] = None):
         self.engine, self.objective, self.loader, self.task_eval = engine, objective, loader, task_eval

@@ -73,7 +73,9 @@ class FullState:
 
 
 def _load(path: Path) -> dict:
-    # DeepSpeed's own pickles (loss scaler, enums); store.py verified their checksums.
+    # DeepSpeed's own training-state pickles (loss scaler, enums), which DeepSpeed's
+    # load_checkpoint unpickles the same way on a same-layout resume; store.py verified their
+    # checksums. Resume only runs you trust (README, Fault tolerance); no model file comes here.
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -230,12 +230,17 @@ def test_pretrain_bang_then_finetune_evaluate_and_generate_bang_nar(
     from finetune.tasks import get_task
     from janus_pretrain.cli import parser
     from janus_pretrain.generate.api import Generator
+    from janus_pretrain.generate.showcase import reconstruct
 
     pre = tmp_path / "pre"
     result = launch_training(pre, nproc=2, extra=("objective.kind=bang", "objective.streams=2",
                                                   "train.steps=2", "train.save_interval=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(pre)[-1]["train/ce_bang"] > 0
+    # `make demo`'s showcase on a BANG-pretrained checkpoint: only the AR manner it trained
+    shown = reconstruct(Generator.from_checkpoint(pre), ["a dog runs across the green park"],
+                        max_tokens=8, beam=2, iterations=2, seed=0)
+    assert set(shown[0]["outputs"]) == {"AR beam 2"}
 
     task = get_task("multi30k_ende")
     data_root = str(multi30k_slice(tmp_path / "data", 64, 4, 4))

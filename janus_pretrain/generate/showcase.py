@@ -5,8 +5,8 @@
 
 Each of the first `count` non-empty paragraphs, cut to `max-tokens` tokens, is noised exactly as
 pretraining noised its targets (the checkpoint's own objective: text infilling, spans replaced by
-one [MASK]) and the model reconstructs it with AR beam search and NAR mask-predict, at most
-`max-tokens` tokens; both outputs are printed with the wall time per sentence at batch 1 (after
+one [MASK]) and the model reconstructs it in the manners its objective trained (JANUS: AR beam
+search and NAR mask-predict; BANG pretraining: AR), at most `max-tokens` tokens; the outputs are printed with the wall time per sentence at batch 1 (after
 one untimed warm-up decode). A model pretrained for minutes reconstructs little; this shows both
 manners running, not how good they get.
 """
@@ -46,18 +46,19 @@ def reconstruct(gen, texts: list[str], max_tokens: int, beam: int, iterations: i
                 seed: int) -> list[dict]:
     """-> per text {"original", "source" (ids with BOS/EOS), "outputs": {setting: (text, ms)}}."""
     from janus_pretrain.generate.api import DecodeOptions
-    from janus_pretrain.objectives.janus import JanusObjective
+    from janus_pretrain.objectives.build import build_objective
 
-    cfg = gen.cfg
-    objective = JanusObjective(cfg.objective, cfg.data.max_source_len, cfg.data.max_target_len,
-                               cfg.model.length_classes)
+    objective = build_objective(gen.cfg)
     originals = [np.asarray(ids[:max_tokens], dtype=np.int64) for ids in gen.tokenizer.encode(texts)]
     batch = objective.collate([(None, ids) for ids in originals], np.random.default_rng(seed))
     sources = [row[row != PAD].numpy() for row in batch["src"]]
     # Outputs no longer than the originals: a poor model would otherwise run to max_target_len.
-    settings = {f"AR beam {beam}": DecodeOptions(mode="ar", beam=beam, max_len=max_tokens),
-                f"NAR T={iterations}": DecodeOptions(mode="nar", iterations=iterations,
-                                                     max_len=max_tokens)}
+    # Only the manners the objective trained (a BANG-pretrained model decodes AR only).
+    every = {"ar": (f"AR beam {beam}", DecodeOptions(mode="ar", beam=beam, max_len=max_tokens)),
+             "nar": (f"NAR T={iterations}", DecodeOptions(mode="nar", iterations=iterations,
+                                                          max_len=max_tokens)),
+             "bang_nar": ("NAR one pass", DecodeOptions(mode="bang_nar", max_len=max_tokens))}
+    settings = dict(every[mode] for mode in gen.cfg.objective.decoding_modes())
     for opts in settings.values():
         gen.check_mode(opts.mode)
         gen.decode_ids(sources[:1], opts)  # warm-up, untimed

@@ -43,8 +43,8 @@ ABLATION_janus_no_ar_kl := objective.weights.kl_ar_nar=0 objective.weights.kl_ar
 RESULTS_KL_WARMUP ?= 150
 ABLATION_janus_kl_warmup := objective.kl_warmup_steps=$(RESULTS_KL_WARMUP)
 ABLATION_janus_exact_mask := objective.mask_sampler=exact
-# Each step appends "<name> <seconds>" here; the report sums them.
-TIMES := $(R)/seconds.txt
+# Each step appends "<name> <seconds>" here, beside the results it timed; the report sums them.
+TIMES := $(RESULTS)/multi30k_ende.seconds.txt
 timed = start=$$(date +%s) && $(1) && echo "$(2) $$(( $$(date +%s) - start ))" >> $(or $(3),$(TIMES))
 
 export OMP_NUM_THREADS ?= 1
@@ -82,8 +82,9 @@ results: install
 results-resume: install $(SYSTEMS:%=$(RESULTS)/multi30k_ende.%.json)
 	$(MAKE) report
 
-ablations: install $(SYSTEMS:%=$(RESULTS)/multi30k_ende.%.json) \
-		$(ABLATIONS:%=$(RESULTS)/multi30k_ende.%.json)
+# the systems' results may come from an earlier session (docs/results is committed): ablations only
+# need the prepared data, which `prepare` rebuilds with the same pieces and token ids
+ablations: install $(ABLATIONS:%=$(RESULTS)/multi30k_ende.%.json)
 	$(MAKE) report
 
 # the report over every system evaluated so far (the ablations' rows once they exist)
@@ -97,7 +98,7 @@ report:
 		--note "wall time: $$(awk '{s += $$2} END {print s}' $(TIMES)) s in all ($$(tr '\n' ' ' < $(TIMES))), OMP_NUM_THREADS=$(OMP_NUM_THREADS), a 2-core machine shared with other jobs"
 
 $(R)/data/pairs.json:
-	mkdir -p $(R)
+	mkdir -p $(R) $(RESULTS)
 	$(call timed,$(FINETUNE) prepare $(M30K) --output $(R)/data --vocab-size 8000,prepare)
 
 # from scratch: <system> trained with configs/finetune/<preset>.yaml on <data> [with overrides]

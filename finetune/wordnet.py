@@ -41,8 +41,8 @@ def _dict_dir() -> Optional[Path]:
     if not DEBIAN_LEXNAMES_MAN.is_file():
         return None
     CACHE.mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        if not (CACHE / f.name).exists():
+    for f in source.iterdir():  # the dictionary files; Debian's `wordnet` adds directories
+        if f.is_file() and not (CACHE / f.name).exists():
             shutil.copyfile(f, CACHE / f.name)  # nltk refuses links that leave its root
     (CACHE / "lexnames").write_text(_lexnames_from_man(DEBIAN_LEXNAMES_MAN))
     return CACHE

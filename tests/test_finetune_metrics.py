@@ -67,3 +67,25 @@ def test_rouge_matches_published_xsum_systems():
         published = _published(path.with_suffix(".rouge"))
         for name, want in zip(("rouge1", "rouge2", "rougeL"), published):
             assert abs(ours[name] - want) < 1.0, (path.name, name, ours[name], want)
+
+
+def test_wordnet_cache_copies_the_dictionary_files_only(tmp_path, monkeypatch):
+    import gzip
+
+    from finetune import wordnet
+
+    source = tmp_path / "wordnet"
+    source.mkdir()
+    for name in wordnet.NEEDED:
+        (source / name).write_text(name)
+    (source / "wnres").mkdir()  # Debian's `wordnet` package puts a directory beside the files
+    man = tmp_path / "lexnames.5WN.gz"
+    with gzip.open(man, "wt") as f:
+        f.write("00\tadj.all\tall adjective clusters\n03\tnoun.Tops\tunique beginners\n")
+    monkeypatch.setenv("JANUS_WORDNET", str(source))
+    monkeypatch.setattr(wordnet, "DEBIAN_LEXNAMES_MAN", man)
+    monkeypatch.setattr(wordnet, "CACHE", tmp_path / "cache")
+    got = wordnet._dict_dir()
+    assert got == tmp_path / "cache"
+    assert sorted(p.name for p in got.iterdir()) == sorted([*wordnet.NEEDED, "lexnames"])
+    assert (got / "lexnames").read_text() == "00\tadj.all\t3\n03\tnoun.Tops\t1\n"

@@ -15,7 +15,7 @@ def bench(*args):
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "janus_pretrain.bench", "gpu", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

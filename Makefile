@@ -148,12 +148,16 @@ $(RESULTS)/multi30k_ende.%.json: $(R)/%/done
 GLGE := runs/glge
 GLGE_TASKS := squadqg_dev aeslc
 GLGE_RUNS := janus bang_ar bang_nar ar scratch
-# Sized to fit 120 minutes from step costs measured elsewhere (Multi30k, 4096 tokens, 2 threads: ar
-# 1.26 s, janus 3.6 s; pretraining 8 x 128, 1 thread: JANUS 0.6 s, BANG N = 4 1.35 s); not yet
-# run in full.
-GLGE_PRETRAIN_UPDATES ?= 1200
-GLGE_FINETUNE_UPDATES ?= 300
-GLGE_EVAL_INTERVAL ?= 100
+# Sized to fit about 120 minutes on 2 cores at the step costs measured here (2 threads; JANUS
+# pretraining 1.1-1.3 s/update of 8 x 128 packed tokens, BANG N = 4 about twice that): 600
+# pretraining updates each; fine-tuning in 1024-token batches, since at this budget updates teach
+# more than tokens (200 updates of 2048 tokens left JANUS's squadqg_dev outputs empty).
+GLGE_PRETRAIN_UPDATES ?= 600
+GLGE_FINETUNE_UPDATES ?= 600
+GLGE_EVAL_INTERVAL ?= 200
+# squadqg_dev's test split is 1,000 pairs; aeslc's first 500 of 1,960 keep its evaluations in budget
+GLGE_TEST_PAIRS_squadqg_dev ?= 1000
+GLGE_TEST_PAIRS_aeslc ?= 500
 # A smoke run: GLGE_LIMIT=N keeps N pretraining paragraphs and evaluates the first N test pairs.
 GLGE_LIMIT ?=
 GLGE_PRESET_janus := demo
@@ -163,16 +167,16 @@ GLGE_PRETRAIN := data.train=$(GLGE)/data data.tokenizer=$(GLGE)/tokenizer.model 
 	train.steps=$(GLGE_PRETRAIN_UPDATES) train.save_interval=$(GLGE_PRETRAIN_UPDATES) \
 	parallel.deepspeed_config=configs/deepspeed/zero0.json
 # aeslc's emails are cut at the tiny model's 256 positions
-GLGE_FINETUNE = model=tiny data.max_tokens=2048 data.max_source_len=256 \
+GLGE_FINETUNE = model=tiny data.max_tokens=1024 data.max_source_len=256 \
 	train.steps=$(GLGE_FINETUNE_UPDATES) train.save_interval=$(GLGE_EVAL_INTERVAL) \
 	train.eval_interval=$(GLGE_EVAL_INTERVAL) train.keep_checkpoints=2 train.log_interval=50 \
-	optim.warmup_steps=100 optim.lr=5e-4
+	optim.warmup_steps=60 optim.lr=1e-3
 GLGE_TIMES := $(GLGE)/seconds.txt
 
 glge-results: install $(foreach t,$(GLGE_TASKS),$(GLGE_RUNS:%=$(RESULTS)/$(t).%.json))
 	$(foreach t,$(GLGE_TASKS),$(FINETUNE) compare --output-dir $(RESULTS) \
 		--results $(GLGE_RUNS:%=$(RESULTS)/$(t).%.json) \
-		--note "command: make glge-results (Makefile): the tiny model pretrained on enwiki (8k sentencepiece; 1,024-token packed batches) for $(GLGE_PRETRAIN_UPDATES) updates with JANUS, BANG (N = 4) or AR-only denoising (system janus, bang, ar), or not at all (scratch, fine-tuned with the JANUS loss); then $(GLGE_FINETUNE_UPDATES) fine-tuning updates with: $(GLGE_FINETUNE)" \
+		--note "command: make glge-results (Makefile): the tiny model pretrained on enwiki (8k sentencepiece; 1,024-token packed batches) for $(GLGE_PRETRAIN_UPDATES) updates with JANUS, BANG (N = 4) or AR-only denoising (system janus, bang, ar), or not at all (scratch, fine-tuned with the JANUS loss); then $(GLGE_FINETUNE_UPDATES) fine-tuning updates with: $(GLGE_FINETUNE); test: the first $(or $(GLGE_LIMIT),$(GLGE_TEST_PAIRS_$(t))) pairs of the task's test split" \
 		--note "fine-tuning presets: configs/finetune/janus.yaml (janus, scratch), bang_ar.yaml and bang_nar.yaml (bang, two fine-tunings), ar.yaml (ar); the checkpoint of each run is the best by in-loop validation (first 200 valid pairs), never by test" \
 		--note "wall time: $$(awk '{s += $$2} END {print s}' $(GLGE_TIMES)) s in all ($$(tr '\n' ' ' < $(GLGE_TIMES))), OMP_NUM_THREADS=$(OMP_NUM_THREADS)" && ) true
 
@@ -205,7 +209,7 @@ $(GLGE)/$(1)/$(2)/done: $(GLGE)/$(1)/data/pairs.json $(if $(4),$(GLGE)/pretrain/
 $(RESULTS)/$(1).$(2).json: $(GLGE)/$(1)/$(2)/done
 	$$(call timed,$(FINETUNE) evaluate --task $(1) --name $(5) \
 		--checkpoint $(GLGE)/$(1)/$(2)/checkpoints/best --output $$@ \
-		$(if $(GLGE_LIMIT),--limit $(GLGE_LIMIT)),evaluate_$(1)_$(2),$(GLGE_TIMES))
+		--limit $(or $(GLGE_LIMIT),$(GLGE_TEST_PAIRS_$(1))),evaluate_$(1)_$(2),$(GLGE_TIMES))
 endef
 $(foreach t,$(GLGE_TASKS),\
 	$(eval $(call glge_rule,$(t),janus,janus,janus,janus))\

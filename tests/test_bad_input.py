@@ -176,11 +176,11 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-@pytest.mark.parametrize("kind", ["model_states", "consolidated", "rng"])
+@pytest.mark.parametrize("kind", ["model_states", "consolidated", "rng", "zero_shard"])
 def test_crafted_pickle_in_a_model_file_is_refused_unrun(tmp_path, kind):
     import torch
 
-    from janus_pretrain.checkpoint import consolidated, store, weights
+    from janus_pretrain.checkpoint import consolidated, relayout, store, weights
     from janus_pretrain.checkpoint.layout import model_states_file, rng_file
 
     marker = tmp_path / "pwned"
@@ -191,12 +191,19 @@ def test_crafted_pickle_in_a_model_file_is_refused_unrun(tmp_path, kind):
     elif kind == "consolidated":  # a torch pickle where a safetensors file belongs
         torch.save({"model": payload}, tmp_path / "model.safetensors")
         load = lambda: consolidated.read(tmp_path / "model.safetensors")  # noqa: E731
-    else:
+    elif kind == "rng":
         torch.save({**store.rng_state(), "torch": payload}, tmp_path / rng_file(0))
         load = lambda: store.read_rng_file(tmp_path / rng_file(0))  # noqa: E731
+    else:  # a ZeRO-2 optimizer shard, read when resuming at another layout
+        torch.save({"param_shapes": [{}]}, tmp_path / model_states_file(0))
+        torch.save({"optimizer_state_dict": payload},
+                   tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        load = lambda: relayout.read(tmp_path, relayout.Layout(1, 1, 2),  # noqa: E731
+                                     torch.nn.Linear(2, 2))
     with pytest.raises(JanusError, match="refused without running it"):
         load()
     assert not marker.exists()
     # Without the guard the file does run code: the test can fail.
-    torch.load(io.BytesIO(next(tmp_path.glob("*.*")).read_bytes()), weights_only=False)
+    crafted = max(tmp_path.glob("*.*"), key=lambda p: "optim" in p.name)
+    torch.load(io.BytesIO(crafted.read_bytes()), weights_only=False)
     assert marker.exists()

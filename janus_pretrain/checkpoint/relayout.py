@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import (safe_get_local_fp32_param, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
+from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state as ps
 from torch import nn
 
+from janus_pretrain.checkpoint import unpickle
 from janus_pretrain.checkpoint.layout import model_states_file, tp_size
 from janus_pretrain.errors import JanusError
 from janus_pretrain.parallel import reshard, state
@@ -72,11 +76,13 @@ class FullState:
     engine: dict       # DeepSpeed's model states of TP rank 0: LR schedule, step counters
 
 
+# What DeepSpeed's training-state files hold besides tensors and plain values: its loss scalers,
+# ZeRO stage enum and parameter-fragment records. Nothing else is unpickled.
+_DEEPSPEED_STATE = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 def _load(path: Path) -> dict:
-    # DeepSpeed's own training-state pickles (loss scaler, enums), which DeepSpeed's
-    # load_checkpoint unpickles the same way on a same-layout resume; store.py verified their
-    # checksums. Resume only runs you trust (README, Fault tolerance); no model file comes here.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return unpickle.load(path, "DeepSpeed training state", _DEEPSPEED_STATE)
 
 
 def _zero_files(checkpoint: Path, tp_rank: int, kind: str) -> list[Path]:

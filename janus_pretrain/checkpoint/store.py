@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import atomic
+from janus_pretrain.checkpoint import atomic, unpickle
 from janus_pretrain.checkpoint.layout import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
                                               rng_file, step_name)
 from janus_pretrain.errors import JanusError
@@ -213,14 +212,8 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
 
 
 def read_rng_file(path: Path) -> dict:
-    """An RNG file, loaded with weights_only=True (tensors, plain values and the arrays of
-    numpy's state): one from elsewhere cannot run code."""
-    try:
-        with torch.serialization.safe_globals(_NUMPY_STATE):
-            return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise JanusError(f"checkpoint: {path} holds more than an RNG state; refused without "
-                         f"running it ({str(e).splitlines()[0][:120]})") from None
+    """An RNG file: tensors, plain values and the arrays of numpy's state."""
+    return unpickle.load(path, "an RNG state", _NUMPY_STATE)
 
 
 class Checkpointer:

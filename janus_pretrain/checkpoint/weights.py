@@ -13,14 +13,13 @@ import contextlib
 import io
 import json
 import os
-import pickle
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from janus_pretrain.checkpoint import atomic, consolidated
+from janus_pretrain.checkpoint import atomic, consolidated, unpickle
 from janus_pretrain.checkpoint.layout import (CHECKPOINTS, MARKER, META, has_zero_shards,
                                               model_states_file, tp_rank_files, tp_size)
 from janus_pretrain.checkpoint.store import complete, read_meta
@@ -46,23 +45,13 @@ def resolve(path: str | Path) -> Path:
     raise JanusError(f"checkpoint: no complete checkpoint at {path}")
 
 
-def _load_weights_file(path: Path) -> dict:
-    """A torch file of tensors and plain values: loaded with weights_only=True, so a file from
-    someone else cannot run code (DeepSpeed's own model states load this way too)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise JanusError(f"checkpoint: {path} holds more than tensors and plain values; refused "
-                         f"without running it ({str(e).splitlines()[0][:120]})") from None
-
-
 def tp_rank_weights(checkpoint: Path, tp_rank: int) -> Weights:
     """The fp32 weights held by one TP rank, gathered over its data-parallel ZeRO shards."""
     files = tp_rank_files(checkpoint, tp_rank)
     if not files:
         raise JanusError(f"checkpoint: no DeepSpeed model states for TP rank {tp_rank} in {checkpoint}")
     if not has_zero_shards(files):
-        saved = _load_weights_file(checkpoint / model_states_file(tp_rank))
+        saved = unpickle.load(checkpoint / model_states_file(tp_rank), "tensors and plain values")
         return {k: v.float() if v.is_floating_point() else v
                 for k, v in saved["module"].items() if isinstance(v, torch.Tensor)}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

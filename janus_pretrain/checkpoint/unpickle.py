@@ -1,0 +1,25 @@
+"""torch.load that runs no code: how every torch-pickled checkpoint file is read here (model
+states, RNG files, DeepSpeed's ZeRO shards), so a file from someone else is refused, not run."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from janus_pretrain.errors import JanusError
+
+
+def load(path: Path, holds: str, allowed: Sequence = ()) -> dict:
+    """`path` loaded with weights_only=True: tensors, plain values and the `allowed` classes.
+    Anything else (a crafted pickle) is one error naming the class torch refused; `holds` says
+    what the file should hold."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        why = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+        raise JanusError(f"checkpoint: {path} holds more than {holds}; refused without running it "
+                         f"({why[:120]})") from None

@@ -10,24 +10,28 @@ DATA ?= ../shared/data
 DEMO := runs/demo
 STAMP := $(VENV)/.installed
 # `make results`: Multi30k en->de from scratch, every system the tiny model trained for the same
-# number of updates of 4096-token batches with in-loop validation (checkpoints/best by validation
+# number of updates of 1024-token batches (~64 pairs) with in-loop validation (checkpoints/best by validation
 # BLEU only), then evaluated on test_2016_flickr and compared (docs/results/multi30k_ende.*).
 # Systems: ar, cmlm (no KD), cmlm_kd (on training targets distilled by the ar run), janus, and
 # janus_selfkd (the janus run continued on targets its own AR manner distilled).
 # `make results` starts from scratch; `make results-resume` continues an interrupted build.
 RESULTS := docs/results
 RESULTS_RUN := runs/results
-RESULTS_UPDATES ?= 600
-RESULTS_SELFKD_UPDATES ?= 150
-RESULTS_EVAL_INTERVAL ?= 100
+# At this scale updates teach more than tokens: 600 updates of 4096 tokens left ar at 9.5 BLEU,
+# so the budget is 2,000 updates of 1024 tokens (fewer padded cells in all), at the presets'
+# lr 5e-4 (square-root scaling of the 1e-3 used for 4096-token batches).
+RESULTS_UPDATES ?= 2000
+RESULTS_TOKENS ?= 1024
+RESULTS_SELFKD_UPDATES ?= 500
+RESULTS_EVAL_INTERVAL ?= 250
 # A smoke run of the whole pipeline: RESULTS_LIMIT=N distills and evaluates the first N pairs only.
 RESULTS_LIMIT ?=
-RESULTS_CONFIG := model=tiny data.max_tokens=4096 train.steps=$(RESULTS_UPDATES) \
+RESULTS_CONFIG := model=tiny data.max_tokens=$(RESULTS_TOKENS) train.steps=$(RESULTS_UPDATES) \
 	train.save_interval=$(RESULTS_EVAL_INTERVAL) train.eval_interval=$(RESULTS_EVAL_INTERVAL) \
-	train.keep_checkpoints=2 train.log_interval=50 optim.warmup_steps=100 optim.lr=1e-3
-SELFKD_CONFIG := model=tiny data.max_tokens=4096 train.steps=$(RESULTS_SELFKD_UPDATES) \
+	train.keep_checkpoints=2 train.log_interval=50 optim.warmup_steps=200 optim.lr=5e-4
+SELFKD_CONFIG := model=tiny data.max_tokens=$(RESULTS_TOKENS) train.steps=$(RESULTS_SELFKD_UPDATES) \
 	train.save_interval=$(RESULTS_EVAL_INTERVAL) train.eval_interval=$(RESULTS_EVAL_INTERVAL) \
-	train.keep_checkpoints=2 train.log_interval=50 optim.warmup_steps=30
+	train.keep_checkpoints=2 train.log_interval=50 optim.warmup_steps=50
 LIMIT_PAIRS := $(if $(RESULTS_LIMIT),--max-pairs $(RESULTS_LIMIT))
 FINETUNE := $(BIN)/janus-finetune --data-root $(DATA)
 M30K := --task multi30k_ende
@@ -40,7 +44,7 @@ SYSTEMS := ar janus cmlm cmlm_kd janus_selfkd
 # mask sampler instead of the authors'; same budget, added to the same report.
 ABLATIONS := janus_no_ar_kl janus_kl_warmup janus_exact_mask
 ABLATION_janus_no_ar_kl := objective.weights.kl_ar_nar=0 objective.weights.kl_ar_aux=0
-RESULTS_KL_WARMUP ?= 150
+RESULTS_KL_WARMUP ?= 500
 ABLATION_janus_kl_warmup := objective.kl_warmup_steps=$(RESULTS_KL_WARMUP)
 ABLATION_janus_exact_mask := objective.mask_sampler=exact
 # Each step appends "<name> <seconds>" here, beside the results it timed; the report sums them.
@@ -92,8 +96,8 @@ NOT_MEASURED = $(foreach s,$(SYSTEMS) $(ABLATIONS),$(if $(wildcard $(RESULTS)/mu
 report:
 	$(FINETUNE) compare --output-dir $(RESULTS) \
 		--results $(wildcard $(patsubst %,$(RESULTS)/multi30k_ende.%.json,$(SYSTEMS) $(ABLATIONS))) \
-		--note "command: make results (Makefile): every system the tiny model, $(RESULTS_UPDATES) updates of data.max_tokens=4096 (janus_selfkd: the janus run + $(RESULTS_SELFKD_UPDATES) updates on self-distilled targets), configs/finetune/<system>.yaml with: $(RESULTS_CONFIG)" \
-		--note "budget: $(RESULTS_UPDATES) updates (an epoch is ~178 batches of 4096 tokens) was chosen for make results' 100-minute target on 2 cores, though at the step costs measured here the five systems need ~115 min (wall times below); no run is near convergence (see the validation curves)" \
+		--note "command: make results (Makefile): every system the tiny model, $(RESULTS_UPDATES) updates of data.max_tokens=$(RESULTS_TOKENS) (janus_selfkd: the janus run + $(RESULTS_SELFKD_UPDATES) updates on self-distilled targets), configs/finetune/<system>.yaml with: $(RESULTS_CONFIG)" \
+		--note "budget: $(RESULTS_UPDATES) updates of $(RESULTS_TOKENS)-token batches (~56 pairs; an epoch of the 29,000 pairs is 518 batches at 1024, so 2000 updates are ~3.9 epochs), chosen for make results' 100-minute target on 2 cores; the five systems took ~106 min here (wall times below), a janus update ~2x an ar one; no run has converged (see the validation curves)" \
 		$(if $(strip $(NOT_MEASURED)),--note "not measured in this build yet: $(strip $(NOT_MEASURED))") \
 		--note "from scratch, tokenizer: 8k sentencepiece on Multi30k train en+de; the checkpoint of each run is the best by in-loop validation BLEU (first 200 val pairs; AR greedy where the system trains AR, else NAR T=4), never by test; test: test_2016_flickr (1,000)" \
 		--note "distillation: AR beam 5 of the ar run (cmlm_kd) and of the janus run (janus_selfkd) over the 29,000 training sources" \

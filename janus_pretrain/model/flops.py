@@ -43,16 +43,31 @@ def decoder_passes(ar: bool, nar: bool, tgt_len: int, masked: int) -> list[tuple
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5
                 ) -> float:
-    """Measured FLOP/s of a square matmul on this device (the denominator of MFU)."""
+    """Measured FLOP/s of a square matmul on this device (the denominator of MFU), at `size` or
+    at the first power of two from 256 up where one product takes over a tenth of `seconds`:
+    bf16 on a CPU without bf16 units runs at ~1 GFLOP/s, 17 s for one product of side 2048."""
     # A private generator: measuring must not move the training RNG streams.
     gen = torch.Generator(device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
-    a @ b
+    side = min(size, 256)
+    while True:
+        a = torch.randn(side, side, device=device, dtype=dtype, generator=gen)
+        b = torch.randn(side, side, device=device, dtype=dtype, generator=gen)
+        a @ b  # untimed: the first product of a shape pays for kernel selection
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if side >= size or time.perf_counter() - start > seconds / 10:
+            break
+        side = min(2 * side, size)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         n += 1
+    _sync(device)
+    return 2 * side**3 * n / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return 2 * size**3 * n / (time.perf_counter() - start)

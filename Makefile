@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 DEMO := runs/demo
 STAMP := $(VENV)/.installed
 # `make results`: Multi30k en->de from scratch, every system the tiny model trained for the same
-# number of updates of 1024-token batches (~64 pairs) with in-loop validation (checkpoints/best by validation
+# number of updates of 1024-token batches (~56 pairs) with in-loop validation (checkpoints/best by validation
 # BLEU only), then evaluated on test_2016_flickr and compared (docs/results/multi30k_ende.*).
 # Systems: ar, cmlm (no KD), cmlm_kd (on training targets distilled by the ar run), janus, and
 # janus_selfkd (the janus run continued on targets its own AR manner distilled).
@@ -97,11 +97,11 @@ report:
 	$(FINETUNE) compare --output-dir $(RESULTS) \
 		--results $(wildcard $(patsubst %,$(RESULTS)/multi30k_ende.%.json,$(SYSTEMS) $(ABLATIONS))) \
 		--note "command: make results (Makefile): every system the tiny model, $(RESULTS_UPDATES) updates of data.max_tokens=$(RESULTS_TOKENS) (janus_selfkd: the janus run + $(RESULTS_SELFKD_UPDATES) updates on self-distilled targets), configs/finetune/<system>.yaml with: $(RESULTS_CONFIG)" \
-		--note "budget: $(RESULTS_UPDATES) updates of $(RESULTS_TOKENS)-token batches (~56 pairs; an epoch of the 29,000 pairs is 518 batches at 1024, so 2000 updates are ~3.9 epochs), chosen for make results' 100-minute target on 2 cores; the five systems took ~106 min here (wall times below; janus's 2000 updates took 1797 s on a machine busy with other jobs, the same objective 1142-1251 s in the ablations, ar's 847 s); no run has converged (see the validation curves)" \
+		--note "budget: $(RESULTS_UPDATES) updates of $(RESULTS_TOKENS)-token batches (an epoch of the 29,000 pairs is 518 batches of 1024 tokens, ~56 pairs each), chosen for make results' 100-minute target on 2 cores; no run has converged (see the validation curves); the wall times below are per make target, on a machine that other jobs sometimes shared" \
 		$(if $(strip $(NOT_MEASURED)),--note "not measured in this build yet: $(strip $(NOT_MEASURED))") \
 		--note "from scratch, tokenizer: 8k sentencepiece on Multi30k train en+de; the checkpoint of each run is the best by in-loop validation BLEU (first 200 val pairs; AR greedy where the system trains AR, else NAR T=4), never by test; test: test_2016_flickr (1,000)" \
 		--note "distillation: AR beam 5 of the ar run (cmlm_kd) and of the janus run (janus_selfkd) over the 29,000 training sources; janus_selfkd's validation curve counts its own $(RESULTS_SELFKD_UPDATES) updates, which follow the janus run's $(RESULTS_UPDATES)" \
-		--note "ablations (make ablations, same budget, ~66 min for the three here, configs/finetune/janus.yaml with): $(foreach a,$(ABLATIONS),$(a): $(ABLATION_$(a));)" \
+		--note "ablations (make ablations, same budget, configs/finetune/janus.yaml with): $(foreach a,$(ABLATIONS),$(a): $(ABLATION_$(a));)" \
 		--note "wall time: $$(awk '{s += $$2} END {print s}' $(TIMES)) s in all ($$(tr '\n' ' ' < $(TIMES))), OMP_NUM_THREADS=$(OMP_NUM_THREADS), a 2-core machine shared with other jobs"
 
 $(R)/data/pairs.json:

@@ -40,13 +40,20 @@ R := $(RESULTS_RUN)
 # 2-core machine. The order puts the ar-versus-janus comparison first.
 SYSTEMS := ar janus cmlm cmlm_kd janus_selfkd
 # `make ablations` (after `make results`): janus without the KL(AR, .) terms, janus with a linear
-# KL warm-up over a quarter of the updates (ours, not the authors'), and janus with the exact-ratio
-# mask sampler instead of the authors'; same budget, added to the same report.
-ABLATIONS := janus_no_ar_kl janus_kl_warmup janus_exact_mask
+# KL warm-up over a quarter of the updates (ours, not the authors'), janus with the exact-ratio
+# mask sampler instead of the authors'; janus and ar without gradient clipping (the authors'
+# fairseq runs set no --clip-norm; janus's gradient norm, 2-4, is clipped to 1 about twice as hard
+# as ar's, 1-2); and janus with twice the updates (the authors trained JANUS for 200k updates
+# against their AR baseline's 100k). Same budget otherwise, added to the same report.
+ABLATIONS := janus_no_ar_kl janus_kl_warmup janus_exact_mask janus_no_clip ar_no_clip janus_2x
 ABLATION_janus_no_ar_kl := objective.weights.kl_ar_nar=0 objective.weights.kl_ar_aux=0
 RESULTS_KL_WARMUP ?= 500
 ABLATION_janus_kl_warmup := objective.kl_warmup_steps=$(RESULTS_KL_WARMUP)
 ABLATION_janus_exact_mask := objective.mask_sampler=exact
+ABLATION_janus_no_clip := optim.clip_grad=0
+ABLATION_ar_no_clip := optim.clip_grad=0
+PRESET_ar_no_clip := ar
+ABLATION_janus_2x := train.steps=$(shell echo $$(( 2 * $(RESULTS_UPDATES) )))
 # Each step appends "<name> <seconds>" here, beside the results it timed; the report sums them.
 TIMES := $(RESULTS)/multi30k_ende.seconds.txt
 timed = start=$$(date +%s) && $(1) && echo "$(2) $$(( $$(date +%s) - start ))" >> $(or $(3),$(TIMES))
@@ -101,7 +108,7 @@ report:
 		$(if $(strip $(NOT_MEASURED)),--note "not measured in this build yet: $(strip $(NOT_MEASURED))") \
 		--note "from scratch, tokenizer: 8k sentencepiece on Multi30k train en+de; the checkpoint of each run is the best by in-loop validation BLEU (first 200 val pairs; AR greedy where the system trains AR, else NAR T=4), never by test; test: test_2016_flickr (1,000)" \
 		--note "distillation: AR beam 5 of the ar run (cmlm_kd) and of the janus run (janus_selfkd) over the 29,000 training sources; janus_selfkd's validation curve counts its own $(RESULTS_SELFKD_UPDATES) updates, which follow the janus run's $(RESULTS_UPDATES)" \
-		--note "ablations (make ablations, same budget, configs/finetune/janus.yaml with): $(foreach a,$(ABLATIONS),$(a): $(ABLATION_$(a));)" \
+		--note "ablations (make ablations, same budget, configs/finetune/<preset>.yaml with): $(foreach a,$(ABLATIONS),$(a): $(or $(PRESET_$(a)),janus) $(ABLATION_$(a));)" \
 		--note "wall time: $$(awk '{s += $$2} END {print s}' $(TIMES)) s in all ($$(tr '\n' ' ' < $(TIMES))), OMP_NUM_THREADS=$(OMP_NUM_THREADS), a 2-core machine shared with other jobs"
 
 $(R)/data/pairs.json:
@@ -120,7 +127,7 @@ $(eval $(call train_rule,ar,ar,data))
 $(eval $(call train_rule,cmlm,cmlm,data))
 $(eval $(call train_rule,janus,janus,data))
 $(eval $(call train_rule,cmlm_kd,cmlm,data_kd_ar))
-$(foreach a,$(ABLATIONS),$(eval $(call train_rule,$(a),janus,data,$(ABLATION_$(a)))))
+$(foreach a,$(ABLATIONS),$(eval $(call train_rule,$(a),$(or $(PRESET_$(a)),janus),data,$(ABLATION_$(a)))))
 
 # training targets distilled by <teacher>'s AR manner (beam 5), with the original tokenizer
 $(R)/data_kd_%/pairs.json: $(R)/%/done

@@ -55,7 +55,8 @@ ABLATION_janus_exact_mask := objective.mask_sampler=exact
 ABLATION_janus_no_clip := optim.clip_grad=0
 ABLATION_ar_no_clip := optim.clip_grad=0
 PRESET_ar_no_clip := ar
-ABLATION_janus_2x := train.steps=$(shell echo $$(( 2 * $(RESULTS_UPDATES) )))
+# `=`: the shell does the doubling only when a janus_2x rule expands it, not at every make call
+ABLATION_janus_2x = train.steps=$(shell echo $$(( 2 * $(RESULTS_UPDATES) )))
 # Each step appends "<name> <seconds>" here, beside the results it timed; the report sums them.
 TIMES := $(RESULTS)/multi30k_ende.seconds.txt
 timed = start=$$(date +%s) && $(1) && echo "$(2) $$(( $$(date +%s) - start ))" >> $(or $(3),$(TIMES))

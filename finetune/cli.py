@@ -8,6 +8,8 @@
                             --config configs/finetune/janus.yaml [--init-from ckpt] [key=value ...]
     janus-finetune evaluate --task multi30k_ende --checkpoint runs/m30k/janus --output r.json
     janus-finetune compare  --results a.json b.json --output-dir docs/results
+    janus-finetune experiment run multi30k [--dry-run]   (experiments/multi30k.yaml)
+    janus-finetune experiment report multi30k            (docs/results from its JSONs alone)
 
 `train` is the pretraining loop (janus_pretrain.train.loop) given a pair corpus: on several
 ranks, launch `janus-pretrain train` with the same config and `data.train=<data>/target
@@ -19,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from janus_pretrain.errors import run_cli
+from janus_pretrain.errors import JanusError, run_cli
 from janus_pretrain.quiet import silence_third_party
 
 
@@ -132,6 +134,30 @@ def _compare(args) -> None:
     print("compare: " + ", ".join(str(p) for p in paths.values()))
 
 
+def _experiment(args) -> None:
+    from finetune import experiment
+
+    plan = experiment.Plan(experiment.load(args.name), args.data_root or "../shared/data")
+    if args.dry_run:
+        print(experiment.dry_run(plan))
+    else:
+        experiment.execute(plan, args.threads)
+
+
+def _experiment_report(args) -> None:
+    from finetune import experiment
+    from finetune.compare import compare, load_results
+
+    spec = experiment.load(args.name)
+    results_dir = Path(spec.get("results_dir", "docs/results"))
+    for task in [args.task] if args.task else experiment.tasks(spec):
+        files = sorted(results_dir.glob(f"{task}.*.json"))
+        if not files:
+            raise JanusError(f"experiment: no results for {task} under {results_dir} yet")
+        paths = compare(files, results_dir, experiment.report_notes(load_results(files)))
+        print("experiment: report " + ", ".join(str(p) for p in paths.values()))
+
+
 def _selection_args(p) -> None:
     p.add_argument("--average-last", type=int, default=0,
                    help="also average the newest k checkpoints and consider the average")
@@ -205,6 +231,18 @@ def parser() -> argparse.ArgumentParser:
     co.add_argument("--output-dir", required=True)
     co.add_argument("--note", action="append", default=[], help="a line for the report header")
     co.set_defaults(handler=_compare)
+
+    ex = sub.add_parser("experiment", help="run an experiment of experiments/*.yaml, or rebuild "
+                                           "its report").add_subparsers(dest="action", required=True)
+    er = ex.add_parser("run", help="run the steps not done yet (each leaves a done-file)")
+    er.add_argument("name", help="experiments/<name>.yaml, or a path to a YAML file")
+    er.add_argument("--dry-run", action="store_true", help="print the plan and what is done")
+    er.add_argument("--threads", type=int, help="OMP threads per step (default: the file's)")
+    er.set_defaults(handler=_experiment)
+    ep = ex.add_parser("report", help="rebuild docs/results/<task>.md/.json/.png from the JSONs")
+    ep.add_argument("name")
+    ep.add_argument("--task", help="one of the experiment's tasks (default: all)")
+    ep.set_defaults(handler=_experiment_report)
     return p
 
 

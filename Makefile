@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 DEMO := runs/demo
 STAMP := $(VENV)/.installed
 # Experiments are data (experiments/*.yaml, run by `janus-finetune experiment run NAME`; every
-# step leaves a done-file under runs/, so rerunning continues; docs/finetuning.md, "Experiments").
+# step leaves a done-file under runs/, so rerunning continues; docs/experiments.md).
 FINETUNE := $(BIN)/janus-finetune --data-root $(DATA)
 EXPERIMENT := $(FINETUNE) experiment run
 

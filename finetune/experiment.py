@@ -17,7 +17,7 @@ Every step is one CLI command run in a child process with `threads` OMP threads.
 (under `<root>/.done/`) records the command, the git revision, the thread count and the wall
 time. An evaluation's result JSON (docs/results/<task>.<run>.json) carries the records of
 the runs behind it, so `report` rebuilds docs/results/<task>.md from the JSONs alone
-(docs/finetuning.md, "Experiments").
+(docs/experiments.md).
 """
 from __future__ import annotations
 

@@ -154,7 +154,9 @@ def _experiment_report(args) -> None:
         files = sorted(results_dir.glob(f"{task}.*.json"))
         if not files:
             raise JanusError(f"experiment: no results for {task} under {results_dir} yet")
-        paths = compare(files, results_dir, experiment.report_notes(load_results(files)))
+        results = load_results(files)
+        paths = compare(files, results_dir, experiment.report_notes(results),
+                        experiment.provenance_table(results))
         print("experiment: report " + ", ".join(str(p) for p in paths.values()))
 
 

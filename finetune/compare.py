@@ -105,7 +105,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequence[str],
              hardware: dict, plot_name: str, curves: Path | None = None,
-             claims: Sequence[dict] = ()) -> str:
+             claims: Sequence[dict] = (), provenance: str = "") -> str:
     quoted_same = published(task)
     quoted_other = [p for p in PUBLISHED if p not in quoted_same]
     out = [f"# {task}: JANUS AR/NAR vs ablations and published baselines", ""]
@@ -119,6 +119,8 @@ def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequen
                        "speed-up"],
                       [[r["system"], r["setting"], *[r[m] for m in metric_names], r["latency_ms"],
                         r["sentences_per_s"], r["speedup_vs_ar_beam"]] for r in rows]))
+    if provenance:
+        out += ["", "How each row was made (from its JSON's `provenance`):", "", provenance]
     if claims:
         out += ["", "## Claims (finetune/claims.py: the paper's, at this scale)", "",
                 _table(["figure", "target", "measured", "holds", "from"],
@@ -210,7 +212,7 @@ def plot_curves(task: str, metric: str, results: list[dict], path: Path) -> bool
 
 
 def compare(result_files: Sequence[str | Path], output_dir: str | Path,
-            notes: Sequence[str] = ()) -> dict[str, Path]:
+            notes: Sequence[str] = (), provenance: str = "") -> dict[str, Path]:
     """Write `<output_dir>/<task>.md`, `.json` and `.png`; returns their paths."""
     results = load_results(result_files)
     task, metric_names = results[0]["task"], results[0]["metrics"]
@@ -225,7 +227,7 @@ def compare(result_files: Sequence[str | Path], output_dir: str | Path,
     all_notes = [*notes, *sorted({n for r in results for n in r.get("notes", [])})]
     claims = claim_sets.check(claim_sets.CLAIMS.get(task, []), rows, metric_names[0])
     paths["md"].write_text(markdown(task, metric_names, rows, all_notes, results[0]["hardware"],
-                                    paths["png"].name, paths.get("curves"), claims))
+                                    paths["png"].name, paths.get("curves"), claims, provenance))
     paths["json"].write_text(json.dumps(
         {"task": task, "notes": all_notes, "measured": rows, "claims": claims,
          "published": [asdict(p) for p in published(task)],

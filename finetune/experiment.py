@@ -300,8 +300,7 @@ def _publish(plan: Plan, step: Step, record: dict) -> None:
 
 def report_notes(results: list[dict]) -> list[str]:
     """The report's header, from the results JSONs alone: each experiment's description and
-    notes once, then how every system was trained and evaluated (settings, revision, threads,
-    wall time), or that its JSON predates the records."""
+    notes once, and the overrides every row's training shares."""
     notes, seen = [], set()
     for r in results:
         p = r.get("provenance")
@@ -310,30 +309,45 @@ def report_notes(results: list[dict]) -> list[str]:
             notes.append(f"experiment `{p['experiment']}` (experiments/{p['experiment']}.yaml): "
                          f"{' '.join(p['description'].split())}")
             notes += list(p.get("notes", []))
-    spent = {}
+    common = _common_overrides(results)
+    if common:
+        notes.append(f"every row's training (unless its row below says otherwise): `{' '.join(common)}`")
+    return notes
+
+
+def _common_overrides(results: list[dict]) -> list[str]:
+    lists = [run["overrides"] for r in results for run in r.get("provenance", {}).get("runs", [])
+             if run.get("overrides")]
+    return [o for o in lists[0] if all(o in x for x in lists)] if lists else []
+
+
+def provenance_table(results: list[dict]) -> str:
+    """Markdown: how every row was made (preset, overrides beyond the shared ones, the run it
+    started from, revision, threads, wall time of training and evaluation)."""
+    common = set(_common_overrides(results))
+    lines = ["| system | experiment | trained | from | revision | threads | train s | evaluate s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = r.get("provenance")
         if not p:
-            notes.append(f"`{r['system']}`: no run record (evaluated before the experiment "
-                         f"runner; {r['hardware'].get('torch_threads')} threads at evaluation)")
+            lines.append(f"| {r['system']} | no record | | | | | | |")
             continue
-        parts = []
-        for run in p["runs"]:
-            if "argv" not in run:
-                parts.append(f"{run['step']} (no record)")
-                continue
-            spent[run["step"], run["finished"]] = run["wall_s"]
-            init = f", init from {run['init_from']}" if run.get("init_from") else ""
-            parts.append(f"{run['step']}: {run['preset']} with "
-                         f"`{' '.join(o for o in run['overrides'] if not o.startswith('train.output_dir') and not o.startswith('train.wandb_name'))}`"
-                         f"{init}; rev {run['revision']}, {run['threads']} threads, "
-                         f"{run['wall_s']:.0f} s")
-        e = p["evaluate"]
-        spent[e["step"], e["finished"]] = e["wall_s"]
-        notes.append(f"`{r['system']}` ({p['experiment']}): " + "; ".join(parts) +
-                     f"; evaluated at rev {e['revision']}, {e['threads']} threads, "
-                     f"{e['wall_s']:.0f} s")
-    if spent:
-        notes.append(f"recorded wall time of the runs and evaluations above: "
-                     f"{sum(spent.values()) / 60:.0f} min (each counted once)")
-    return notes
+        run, e = p["runs"][0], p["evaluate"]
+        extra = [o for o in run.get("overrides", []) if o not in common and not o.startswith(
+            ("train.output_dir=", "train.wandb_name="))]
+        trained = f"{Path(run.get('preset', '?')).stem} `{' '.join(extra)}`" if extra else \
+            Path(run.get("preset", "?")).stem
+        lines.append(f"| {r['system']} | {p['experiment']} | {trained} | "
+                     f"{run.get('init_from') or ''} | {run.get('revision', '?')} | "
+                     f"{run.get('threads', '?')} | {_seconds(run)} | {_seconds(e)} |")
+    late = sorted({r["system"] for r in results if r.get("provenance", {}).get("recorded")})
+    if late:
+        lines += ["", f"Recorded after the fact ({', '.join(late)}): these rows were made by the "
+                  f"Makefile before the experiment runner; revision = the parent of the commit "
+                  f"that last wrote the JSON, threads = what the evaluation recorded, times from "
+                  f"the Makefile's log where it kept one."]
+    return "\n".join(lines)
+
+
+def _seconds(record: dict) -> str:
+    return f"{record['wall_s']:.0f}" if record.get("wall_s") is not None else "n/a"

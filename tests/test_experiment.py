@@ -131,6 +131,7 @@ def test_killed_experiment_resumes(tmp_path):
     assert prov["evaluate"]["revision"] and result["sentences"] == 4
     md = (tmp_path / "results" / "multi30k_ende.md").read_text()
     assert "experiment `tiny`" in md and "tiny note" in md and "train.steps=20" in md
+    assert "| ar | tiny | ar |  | " in md
 
     again = _runner(tmp_path, path)
     out, _ = again.communicate(timeout=120)

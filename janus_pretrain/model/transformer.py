@@ -285,6 +285,20 @@ class JanusModel(nn.Module):
                     part[key] = part[key].index_select(0, index)
 
     @staticmethod
+    def gather_cache(cache: list[dict], rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keep batch rows `rows` [B'] of every cached key/value and, of row i's self-attention
+        keys/values, the slots `slots[i]` in that order ([B', T']), in place: speculative
+        decoding keeps each row's accepted keys, left-aligned (generate/spec.py)."""
+        for layer in cache:
+            for part in layer.values():
+                for key in list(part):
+                    part[key] = part[key].index_select(0, rows)
+            for key in ("k", "v"):
+                x = layer["self"][key]
+                index = slots[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+                layer["self"][key] = x.gather(2, index)
+
+    @staticmethod
     def truncate_cache(cache: list[dict], length: int) -> None:
         """Keep the first `length` self-attention keys/values of every layer, in place (a BANG
         step appends its predicting row, which later steps must not see)."""

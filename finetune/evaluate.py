@@ -1,12 +1,15 @@
 """`janus-finetune evaluate`: decode a task's test split in every setting, score it, time it.
 
-Settings are AR beam search (the task's beam), NAR mask-predict with T = 1, 4 and 10 and BANG's
-one-pass NAR (`bang_nar`); a checkpoint is only decoded in the manners its objective trained
+Settings are AR beam search (the task's beam) and greedy (`ar_greedy`), NAR mask-predict with
+T = 1, 4 and 10, BANG's one-pass NAR (`bang_nar`) and speculative decoding (`spec_exact`: AR
+greedy's output, drafted by the NAR stream; `spec_relaxed`: GAD++'s acceptance) for checkpoints
+that trained both AR and NAR (generate/spec.py); a checkpoint is only decoded in the manners its objective trained
 (ObjectiveConfig.decoding_modes: the `ar` ablation has no NAR stream worth decoding, `cmlm`
 no AR one, `bang_ar` decodes AR with its predicting stream, `bang_nar` only in one pass).
 Two timings per setting, on this machine: `latency_ms` is wall time per sentence decoding one
 sentence at a time (the first `latency_sentences` of the split), `sentences_per_s` is the
-throughput of decoding the whole split in batches. Results go to one JSON file, with the
+throughput of decoding the whole split in batches; greedy and spec rows add
+`passes_per_sentence` (decoder passes, batch 1) and spec rows `tokens_per_iteration`. Results go to one JSON file, with the
 hardware they were measured on, and the run's in-loop validation curve (`train.eval_interval`)
 when its metrics.jsonl has one.
 """
@@ -37,9 +40,13 @@ def settings(task: TaskSpec, gen: Generator) -> dict[str, dict]:
     if "ar" in modes:
         out[f"ar_beam{d.beam}"] = dict(mode="ar", beam=d.beam, length_penalty=d.length_penalty,
                                        max_len=d.max_len)
+        out["ar_greedy"] = dict(mode="ar", beam=1, max_len=d.max_len)
     if "nar" in modes:
         out.update({f"nar_T{t}": dict(mode="nar", iterations=t, max_len=d.max_len)
                     for t in NAR_ITERATIONS})
+    if "ar" in modes and "nar" in modes and gen.cfg.objective.kind == "janus":
+        out.update({f"spec_{a}": dict(mode="spec", spec_accept=a, max_len=d.max_len)
+                    for a in ("exact", "relaxed")})
     if "bang_nar" in modes:
         out["bang_nar"] = dict(mode="bang_nar", max_len=d.max_len)
     return out
@@ -86,11 +93,13 @@ def evaluate(task: TaskSpec, checkpoint: str, split: str = "test", limit: Option
         elapsed = time.perf_counter() - start
         k = min(latency_sentences, len(sources))
         start = time.perf_counter()
-        for ids in encoded[:k]:
-            gen.decode_ids([ids], DecodeOptions(**options, batch_size=1))
+        gen.decode_ids(encoded[:k], DecodeOptions(**options, batch_size=1))  # one at a time
         latency = (time.perf_counter() - start) / max(k, 1)
         scores = metrics.score(task.metrics, hyps, refs)
-        results[setting] = {**scores, "latency_ms": 1000 * latency,
+        counted = {"passes_per_sentence": gen.stats.passes_per_sentence} if gen.stats.passes else {}
+        if options["mode"] == "spec":
+            counted["tokens_per_iteration"] = gen.stats.tokens_per_iteration
+        results[setting] = {**scores, "latency_ms": 1000 * latency, **counted,
                             "sentences_per_s": len(sources) / elapsed,
                             "samples": [{"source": s, "reference": r, "output": h}
                                         for s, r, h in list(zip(sources, refs, hyps))[:3]]}

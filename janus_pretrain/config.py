@@ -129,6 +129,15 @@ class ObjectiveConfig:
     # Ours, not the authors' (they weigh the KL terms fully from step 0): the symmetric-KL weights
     # ramp linearly from 0 to their value over the first kl_warmup_steps updates; 0: no warm-up.
     kl_warmup_steps: int = 0
+    # 1: one encoder pass feeds every stream; 2: the JANUS authors' step (their janus_loss.py
+    # calls the model twice), an encoder pass of its own, with its own dropout, for the AR
+    # stream and for the NAR/AUX pass, so that symKL(AR, .) also ties two dropout samples of
+    # the encoder (R-Drop-like). Costs one more encoder pass per step.
+    encoder_passes: int = 1
+    # Ours, not the authors': the AR side of symKL(AR, NAR) and symKL(AR, AUX) is detached, so
+    # AR teaches NAR and AUX (online self-distillation) and is not pulled towards them. The
+    # terms' values are unchanged; only their gradients into the AR logits are dropped.
+    kl_ar_detach: bool = False
     # kind=bang: the number N of predicting streams (stream k predicts y_t with the k - 1
     # tokens before it unseen).
     streams: int = 4
@@ -145,6 +154,7 @@ class ObjectiveConfig:
         _check(self.loss_normalization in ("term", "target_tokens"), "objective.loss_normalization",
                f"'{self.loss_normalization}' is not one of term, target_tokens")
         _check(self.kl_warmup_steps >= 0, "objective.kl_warmup_steps", "must be >= 0")
+        _check(self.encoder_passes in (1, 2), "objective.encoder_passes", "must be 1 or 2")
         _check(0.0 <= self.label_smoothing < 1.0, "objective.label_smoothing", "must be in [0, 1)")
         for name in ("target_mask_ratio", "source_mask_ratio"):
             _check(0.0 < getattr(self, name) <= 1.0, f"objective.{name}", "must be in (0, 1]")

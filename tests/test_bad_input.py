@@ -96,6 +96,9 @@ def test_generate_refuses_a_manner_never_trained(single_process, tokenizer_path,
         gen.generate(["a source"], mode=untrained, **options)
     assert len(gen.generate(["a source"], mode=untrained, force=True, **options)) == 1
     assert len(gen.generate(["a source"], mode=trained, **options)) == 1
+    # spec drafts with the NAR stream and verifies with the AR stream: it needs both
+    with pytest.raises(JanusError, match=rf"objective\.weights\.{weights[0]}\.0.*--force-mode"):
+        gen.generate(["a source"], mode="spec", **options)
     # evaluate decides the manners with the same function
     assert {s.split("_")[0] for s in settings(get_task("multi30k_ende"), gen)} == {trained}
 

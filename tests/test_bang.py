@@ -203,7 +203,7 @@ def test_generator_and_evaluate_use_the_modes_trained(model):
     from janus_pretrain.generate.api import Generator
 
     task = get_task("multi30k_ende")
-    for kind, modes, names in (("bang", ["ar"], {"ar_beam5"}),
+    for kind, modes, names in (("bang", ["ar"], {"ar_beam5", "ar_greedy"}),
                                ("bang_nar", ["bang_nar"], {"bang_nar"})):
         cfg = RunConfig(objective=ObjectiveConfig(kind=kind, masking="none"))
         gen = Generator(model, None, cfg, torch.device("cpu"))

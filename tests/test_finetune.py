@@ -106,10 +106,15 @@ def test_tiny_finetune_evaluate_compare(tmp_path):
     _cli(*data_arg, "evaluate", "--task", "multi30k_ende", "--checkpoint", str(best),
          "--output", str(result), "--latency-sentences", "2", "--batch-size", "4")
     data = json.loads(result.read_text())
-    assert set(data["settings"]) == {"ar_beam5", "nar_T1", "nar_T4", "nar_T10"}
+    assert set(data["settings"]) == {"ar_beam5", "ar_greedy", "nar_T1", "nar_T4", "nar_T10",
+                                     "spec_exact", "spec_relaxed"}
     for values in data["settings"].values():
         assert 0 <= values["bleu"] <= 100
         assert values["latency_ms"] > 0 and values["sentences_per_s"] > 0
+    greedy, exact = data["settings"]["ar_greedy"], data["settings"]["spec_exact"]
+    assert exact["bleu"] == greedy["bleu"] and exact["samples"] == greedy["samples"]
+    assert greedy["passes_per_sentence"] >= 1 and exact["passes_per_sentence"] >= 2
+    assert data["settings"]["spec_relaxed"]["tokens_per_iteration"] >= 1
 
     report = tmp_path / "report"
     _cli("compare", "--results", str(result), "--output-dir", str(report), "--note", "tiny")

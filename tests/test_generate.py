@@ -1,4 +1,7 @@
-"""AR and NAR decoding: the search is exact where it must be, and it works on a trained model."""
+"""AR, NAR and speculative decoding: the search is exact where it must be, and it works on a
+trained model."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +9,7 @@ import torch
 from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
 from janus_pretrain.generate.ar import beam_search, greedy
 from janus_pretrain.generate.nar import initial_candidates, mask_predict, remask_count
+from janus_pretrain.generate.spec import NarDrafter, speculative
 from janus_pretrain.generate.vocab import full_log_probs
 from janus_pretrain.model import JanusModel
 from janus_pretrain.data.padding import pad_batch, with_bos_eos
@@ -182,6 +186,107 @@ def test_trained_model_copies_with_ar_and_nar(copy_model):
     assert exact_match(reranked, src) >= 0.9
 
 
+def reference_drafter(hyps, shift: bool):
+    """A test drafter that drafts greedy's own next tokens (`shift` False: all right) or a token
+    next to each of them (True: all wrong); past greedy's end it drafts token 5."""
+    width = max(len(h.tokens) for h in hyps) + 64
+    ref = torch.full((len(hyps), width), 5)
+    for i, h in enumerate(hyps):
+        ref[i, :len(h.tokens)] = torch.tensor(h.tokens, dtype=torch.long)
+    if shift:
+        ref = 5 + (ref - 5 + 1) % (VOCAB - 5)
+
+    def draft(req):
+        cols = req.accepted[:, None] + torch.arange(req.count)
+        return ref.index_select(0, req.rows).gather(1, cols)
+    return draft
+
+
+@pytest.mark.parametrize("lengths", [(7,), (5, 9, 3, 7, 2, 8, 6, 4)])
+def test_spec_exact_is_greedy_on_a_random_model(random_model, lengths):
+    """Random weights never pick EOS: every sentence ends at max_len (a forced EOS)."""
+    memory, mask = random_model.run_encoder(sources(6, lengths))
+    g = greedy(random_model, memory, mask, max_len=9)
+    assert all(len(h.tokens) == 9 for h in g)
+    for block in (1, 3, 12):
+        s, stats = speculative(random_model, memory, mask, max_len=9, block=block)
+        assert [h.tokens for h in s] == [h.tokens for h in g], block
+        assert [h.score for h in s] == pytest.approx([h.score for h in g], abs=1e-4)
+        assert stats.emitted == [10] * len(lengths)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_spec_forced_drafts_all_wrong_and_all_right(copy_model, block):
+    """All-wrong drafts emit one token per iteration, all-right ones block + 1: greedy's output
+    either way, in exactly that many iterations."""
+    rng = np.random.default_rng(7)
+    src = pad_batch([with_bos_eos(s) for s in copy_batch(rng, 8)])
+    memory, mask = copy_model.run_encoder(src)
+    g = greedy(copy_model, memory, mask, max_len=6)  # some copies are cut at max_len
+    n = [len(h.tokens) + 1 for h in g]  # EOS included
+    assert 6 + 1 in n and min(n) < 6 + 1
+    for shift, iterations in ((True, n), (False, [math.ceil(x / (block + 1)) for x in n])):
+        s, stats = speculative(copy_model, memory, mask, max_len=6, block=block,
+                               drafter=reference_drafter(g, shift))
+        assert [h.tokens for h in s] == [h.tokens for h in g]
+        assert stats.iterations == iterations and stats.emitted == n
+        assert stats.accepted == [e - i for e, i in zip(n, iterations)]
+
+
+def test_spec_on_a_trained_model(copy_model):
+    """The NAR stream's drafts are accepted; exact is greedy at batch 1 and 8, relaxed accepts
+    at least as much."""
+    rng = np.random.default_rng(8)
+    src = pad_batch([with_bos_eos(s) for s in copy_batch(rng, 16)])
+    memory, mask = copy_model.run_encoder(src)
+    g = greedy(copy_model, memory, mask, max_len=16)
+    exact, stats = speculative(copy_model, memory, mask, max_len=16, block=4)
+    assert [h.tokens for h in exact] == [h.tokens for h in g]
+    per_iteration = sum(stats.emitted) / sum(stats.iterations)
+    assert per_iteration > 2.0
+    for i in range(2):  # batch 1: the same output as in the batch
+        one, _ = speculative(copy_model, memory[i:i + 1], mask[i:i + 1], max_len=16, block=4)
+        assert one[0].tokens == g[i].tokens
+    _, relaxed = speculative(copy_model, memory, mask, max_len=16, block=4, accept="relaxed",
+                             top=3, margin=3.0)
+    assert sum(relaxed.emitted) / sum(relaxed.iterations) >= per_iteration
+
+
+def test_spec_cache_rollback_equals_a_cache_built_from_scratch(copy_model, monkeypatch):
+    """Before every draft, each row's kept keys/values equal a causal pass over its accepted
+    prefix from scratch, while rows accept different numbers of tokens."""
+    rng = np.random.default_rng(9)
+    src = pad_batch([with_bos_eos(s) for s in copy_batch(rng, 6)])
+    memory, mask = copy_model.run_encoder(src)
+    caches = []
+    new_cache = copy_model.new_cache
+    monkeypatch.setattr(copy_model, "new_cache", lambda: caches.append(new_cache()) or caches[-1])
+    nar = NarDrafter(copy_model, torch.full((6,), 8))
+    checked = []
+
+    def drafter(req):
+        cache = caches[0]
+        for i, (r, a) in enumerate(zip(req.rows.tolist(), req.accepted.tolist())):
+            if a == 0:
+                continue
+            fresh = new_cache()
+            copy_model.decode(req.prefix[i:i + 1, :a], None, memory[r:r + 1], mask[r:r + 1],
+                              causal=True, cache=fresh)
+            for kept, built in zip(cache, fresh):
+                for key in ("k", "v"):
+                    torch.testing.assert_close(kept["self"][key][i:i + 1, :, :a],
+                                               built["self"][key], atol=1e-5, rtol=0)
+            checked.append(a)
+        # Spoil one draft token per row, at a place that varies: rows accept 0..k-1 tokens.
+        drafts = nar(req)
+        spoil = (req.rows + req.accepted) % (req.count + 1)
+        hit = spoil[:, None] == torch.arange(req.count)
+        return torch.where(hit, 5 + (drafts - 5 + 1) % (VOCAB - 5), drafts)
+
+    _, stats = speculative(copy_model, memory, mask, max_len=12, block=3, drafter=drafter)
+    assert len(set(checked)) > 5 and len(set(stats.accepted)) > 1
+
+
 def test_generate_cli_both_modes(trained_run, tmp_path, corpus_file):
     import subprocess
     import sys
@@ -192,7 +297,7 @@ def test_generate_cli_both_modes(trained_run, tmp_path, corpus_file):
     lines = corpus_file.read_text().splitlines()[:3]
     src = tmp_path / "src.txt"
     src.write_text("\n".join(lines) + "\n")
-    for mode in ("ar", "nar"):
+    for mode in ("ar", "nar", "spec"):
         out = subprocess.run([sys.executable, "-m", "janus_pretrain.cli", "generate", "--checkpoint",
                               str(run), "--mode", mode, "--input", str(src), "--max-len", "8",
                               "--beam", "2", "--iterations", "2"],

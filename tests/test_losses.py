@@ -166,3 +166,87 @@ def test_kl_warmup_scales_only_the_kl_terms(single_process):
     for step, scale in ((1, 0.1), (4, 0.4), (10, 1.0), (50, 1.0)):
         total, _ = obj.loss(out, prep, step)
         torch.testing.assert_close(total, full - (1 - scale) * kl)
+
+
+def _tiny_janus(dropout: float, seed: int = 3) -> JanusModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(encoder_layers=2, decoder_layers=1, hidden_size=16, ffn_hidden_size=32,
+                      num_heads=2, max_positions=32, length_classes=32, dropout=dropout,
+                      attention_dropout=dropout)
+    return JanusModel(cfg, 40, PAD)
+
+
+def _loss_and_grads(objective_cfg: ObjectiveConfig, dropout: float):
+    """Loss terms and parameter gradients of one step of a fixed tiny model and batch."""
+    obj = JanusObjective(objective_cfg, 16, 16, 32)
+    model = _tiny_janus(dropout)
+    rng = np.random.default_rng(4)
+    pairs = [(rng.integers(5, 40, 6), rng.integers(5, 40, 8)) for _ in range(3)]
+    prep = obj.prepare(obj.collate(pairs, rng))
+    torch.manual_seed(5)  # the same dropout stream for both settings
+    total, terms = obj.loss(model(**prep.model_inputs), prep)
+    total.backward()
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_two_encoder_passes_equal_one_without_dropout(single_process):
+    """The authors' two-pass step differs from ours only by its second dropout sample: without
+    dropout every term and every gradient is the same; with dropout the terms differ."""
+    weights = LossWeights(**WEIGHTS, length=0.1)
+    one = _loss_and_grads(ObjectiveConfig(masking="span", weights=weights), 0.0)
+    two = _loss_and_grads(ObjectiveConfig(masking="span", weights=weights, encoder_passes=2), 0.0)
+    for name in one[0]:
+        torch.testing.assert_close(two[0][name], one[0][name], rtol=1e-6, atol=1e-7, msg=name)
+    assert one[1].keys() == two[1].keys()
+    for name in one[1]:
+        torch.testing.assert_close(two[1][name], one[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    one_d = _loss_and_grads(ObjectiveConfig(masking="span", weights=weights), 0.3)
+    two_d = _loss_and_grads(ObjectiveConfig(masking="span", weights=weights, encoder_passes=2), 0.3)
+    assert not torch.allclose(one_d[0]["kl_ar_nar"], two_d[0]["kl_ar_nar"])
+
+
+def test_two_encoder_passes_count_one_more_encoder_pass():
+    from janus_pretrain.model.flops import step_flops
+
+    cfg = ModelConfig(encoder_layers=2, decoder_layers=1, hidden_size=16, ffn_hidden_size=32,
+                      num_heads=2, max_positions=32, length_classes=32)
+    host = JanusObjective(ObjectiveConfig(masking="span"), 16, 16, 32).collate(
+        [(np.arange(5, 11), np.arange(5, 13))], np.random.default_rng(0))
+    one, two = (JanusObjective(ObjectiveConfig(masking="span", encoder_passes=n), 16, 16, 32)
+                .flops(host, cfg, 40) for n in (1, 2))
+    s = host["src"].shape[1]
+    encoder = step_flops(cfg, 40, 1, s, [])
+    assert two - one == pytest.approx(encoder)
+    ar_only = JanusObjective(ObjectiveConfig(masking="span", encoder_passes=2, weights=LossWeights(
+        ce_ar=1, ce_nar=0, ce_aux=0, kl_ar_aux=0, kl_nar_aux=0)), 16, 16, 32)
+    assert ar_only.encoder_passes == 1  # one stream: nothing to give a second pass
+
+
+def test_one_sided_kl_sends_no_gradient_into_ar(single_process):
+    """kl_ar_detach: the KL(AR, .) terms keep their values, put exactly nothing on the AR logits
+    and the same as before on NAR and AUX."""
+    torch.manual_seed(2)
+    targets = random_targets(smoothing=0.1)
+    base = {"ar": padded_logits(3, 7, 16, vocab=11), "nar": padded_logits(3, 4, 16, vocab=11),
+            "aux": padded_logits(3, 4, 16, vocab=11)}
+    names = ("ce_ar", "kl_ar_nar", "kl_ar_aux")
+
+    def grads(detach: bool, terms=names):
+        logits = {k: v.clone().requires_grad_() for k, v in base.items()}
+        t = losses.Targets(*[getattr(targets, f) for f in ("ar_labels", "ar_valid", "labels",
+                                                             "valid", "ar_rows", "smoothing")],
+                           detach_ar_kl=detach)
+        values = losses.vocab_terms(terms, t, logits["ar"], logits["nar"], logits["aux"])
+        sum(values.values()).backward()
+        return values, {k: (v.grad if v.grad is not None else torch.zeros_like(v))
+                        for k, v in logits.items()}
+
+    two_sided, g2 = grads(False)
+    one_sided, g1 = grads(True)
+    _, ce_only = grads(False, ("ce_ar",))
+    for name in names:
+        torch.testing.assert_close(one_sided[name], two_sided[name])
+    torch.testing.assert_close(g1["ar"], ce_only["ar"], rtol=0, atol=0)
+    assert not torch.allclose(g2["ar"], ce_only["ar"])  # two-sided: AR is pulled
+    for k in ("nar", "aux"):
+        torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=0)

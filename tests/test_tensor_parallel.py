@@ -49,6 +49,7 @@ def test_tp2_step_equals_tp1(tmp_path):
     # Decoding at TP = 2 (ranks in lockstep on gathered log-probs) finds the same hypotheses.
     assert two["hyps"] == one["hyps"]
     assert any(one["hyps"]["greedy"]) and any(one["hyps"]["nar"])
+    assert one["hyps"]["spec"] == one["hyps"]["greedy"]  # speculative exact, at both sizes
     # BANG (N = 2 streams, the learned [MASK] vector): loss, every gradient, its decodings.
     b1, b2 = one["bang"], two["bang"]
     torch.testing.assert_close(b2["loss"], b1["loss"], rtol=0, atol=1e-5)

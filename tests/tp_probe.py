@@ -1,8 +1,8 @@
 """Helper of the tensor-parallel tests, run under torchrun: one JANUS forward + backward (all three
-streams, every loss term) at the launched TP size, then AR and NAR decoding; rank 0 saves the loss
-terms, the full gradients (TP shards gathered along their partition dimension), the AR logits with
-their inputs (tests/test_hf_bart.py) and the hypotheses to argv[2], and the vocabulary terms and
-logit gradients of the fused loss and of the unfused reference (tests/loss_reference.py) on the
+streams, every loss term) at the launched TP size, then AR, NAR and speculative decoding; rank 0
+saves the loss terms, the full gradients (TP shards gathered along their partition dimension), the
+AR logits with their inputs (tests/test_hf_bart.py) and the hypotheses to argv[2], and the
+vocabulary terms and logit gradients of the fused loss and of the unfused reference (tests/loss_reference.py) on the
 same logits. With the seeded initialisation it does the same for a BANG model (N = 2 streams; AR
 decoding through the predicting stream, and bang_nar's one pass) under "bang".
 
@@ -21,6 +21,7 @@ from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
 from janus_pretrain.generate.ar import beam_search, greedy
 from janus_pretrain.generate.bang import one_pass
 from janus_pretrain.generate.nar import mask_predict
+from janus_pretrain.generate.spec import speculative
 from janus_pretrain.model import JanusModel
 from janus_pretrain.objectives import losses
 from janus_pretrain.objectives.bang import BangObjective
@@ -81,7 +82,8 @@ def decode(model: JanusModel, src: torch.Tensor) -> dict:
         memory, mask = model.run_encoder(src)
         return {"greedy": [h.tokens for h in greedy(model, memory, mask, max_len=8)],
                 "beam": [[h.tokens for h in b] for b in beam_search(model, memory, mask, 3, 8)],
-                "nar": [h.tokens for h in mask_predict(model, memory, mask, 3, 2, max_len=8)]}
+                "nar": [h.tokens for h in mask_predict(model, memory, mask, 3, 2, max_len=8)],
+                "spec": [h.tokens for h in speculative(model, memory, mask, 8, block=3)[0]]}
 
 
 def bang_step(batch: dict) -> dict:

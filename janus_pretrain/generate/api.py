@@ -5,6 +5,8 @@
     gen.generate(["a source sentence"], mode="ar", beam=5)
     gen.generate(["a source sentence"], mode="nar", iterations=4)
     gen.generate(["a source sentence"], mode="bang_nar")      # a BANG NAR checkpoint: one pass
+    gen.generate(["a source sentence"], mode="spec", spec_block=4)  # AR greedy's output, drafted
+    gen.stats                                                 # passes and tokens of the last call
 
 A BANG checkpoint (objective.kind=bang) decodes `ar` with its first predicting stream, as trained.
 
@@ -34,13 +36,15 @@ from janus_pretrain.generate.ar import beam_search, greedy
 from janus_pretrain.generate.bang import one_pass
 from janus_pretrain.generate.hypothesis import Hypothesis
 from janus_pretrain.generate.nar import mask_predict
+from janus_pretrain.generate.spec import ACCEPT, speculative
 from janus_pretrain.model import JanusModel
 from janus_pretrain.parallel import reshard, tp
 from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
 
 
-# Decoding manners: AR search, JANUS mask-predict, BANG's one-pass NAR.
-MODES = ("ar", "nar", "bang_nar")
+# Decoding manners: AR search, JANUS mask-predict, BANG's one-pass NAR, and self-speculative
+# decoding (the NAR stream drafts, the AR stream verifies: generate/spec.py).
+MODES = ("ar", "nar", "bang_nar", "spec")
 
 
 def _model(cfg: RunConfig, tokenizer: Tokenizer) -> JanusModel:
@@ -49,7 +53,9 @@ def _model(cfg: RunConfig, tokenizer: Tokenizer) -> JanusModel:
 
 @dataclass
 class DecodeOptions:
-    """Search settings; `beam=1` with mode ar is greedy search. `bang_nar` uses max_len only."""
+    """Search settings; `beam=1` with mode ar is greedy search. `bang_nar` uses max_len only.
+    `spec` drafts `spec_block` tokens per iteration and accepts them `exact`ly as AR greedy would
+    or `relaxed` (among AR's `spec_top` best, within `spec_margin` of its best log-prob)."""
 
     mode: str = "ar"
     beam: int = 5
@@ -61,14 +67,47 @@ class DecodeOptions:
     dedup: bool = False
     rerank: bool = False
     batch_size: int = 32
+    spec_block: int = 4
+    spec_accept: str = "exact"
+    spec_top: int = 3
+    spec_margin: float = 1.0
     force_lengths: Optional[Sequence[int]] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise JanusError(f"generate: mode '{self.mode}' is not one of {', '.join(MODES)}")
-        for name in ("beam", "max_len", "iterations", "length_beam", "batch_size"):
+        for name in ("beam", "max_len", "iterations", "length_beam", "batch_size", "spec_block",
+                     "spec_top"):
             if getattr(self, name) < 1:
                 raise JanusError(f"generate: {name} must be at least 1")
+        if self.spec_accept not in ACCEPT:
+            raise JanusError(f"generate: spec_accept '{self.spec_accept}' is not one of "
+                             f"{', '.join(ACCEPT)}")
+        if self.spec_margin < 0:
+            raise JanusError("generate: spec_margin must be at least 0")
+
+
+@dataclass
+class DecodeStats:
+    """Decoder passes and emitted tokens (EOS included) of one `decode_ids` call, for the manners
+    that count them: AR greedy (one pass per token) and spec (a draft and a verify pass per
+    iteration). Times: spec's draft and verify phases (generate/spec.py::SpecStats)."""
+    sentences: int = 0
+    passes: int = 0
+    tokens: int = 0
+    iterations: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def passes_per_sentence(self) -> float:
+        return self.passes / max(self.sentences, 1)
+
+    @property
+    def tokens_per_iteration(self) -> float:
+        return self.tokens / max(self.iterations, 1)
 
 
 class Generator:
@@ -80,6 +119,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.device = device
+        self.stats = DecodeStats()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, tensor_parallel: int = 1) -> "Generator":
@@ -114,6 +154,13 @@ class Generator:
         stream decodes to fluent-looking repetition, not to an error."""
         objective = self.cfg.objective
         trained = objective.decoding_modes()
+        if mode == "spec":
+            if objective.is_bang:
+                raise JanusError(f"generate: spec decoding drafts with JANUS's NAR stream; "
+                                 f"objective.kind={objective.kind} has none")
+            for needed in ("ar", "nar"):  # the AR stream verifies, the NAR stream drafts
+                self.check_mode(needed, force)
+            return
         if force or mode in trained:
             return
         if objective.kind == "janus" and mode in DECODING_TERMS:
@@ -140,6 +187,7 @@ class Generator:
     def decode_ids(self, src: list[np.ndarray], opts: DecodeOptions) -> list[Hypothesis]:
         """Source id arrays (with BOS/EOS) -> the best hypothesis each, in input order."""
         order = sorted(range(len(src)), key=lambda i: len(src[i]))
+        self.stats = DecodeStats()
         out: list[Optional[Hypothesis]] = [None] * len(src)
         for start in range(0, len(order), opts.batch_size):
             idx = order[start:start + opts.batch_size]
@@ -164,10 +212,28 @@ class Generator:
             return [h for i in range(src.shape[0])
                     for h in self._search(src[i:i + 1], opts, forced[i:i + 1])]
         force_len = forced[0] if forced is not None else None
+        if opts.mode == "spec":
+            hyps, spec = speculative(self.model, memory, memory_mask, opts.max_len,
+                                     opts.spec_block, opts.spec_accept, opts.spec_top,
+                                     opts.spec_margin, force_len)
+            s = self.stats
+            s.sentences += len(hyps)
+            s.passes += 2 * sum(spec.iterations)
+            s.iterations += sum(spec.iterations)
+            s.tokens += sum(spec.emitted)
+            s.accepted += sum(spec.accepted)
+            s.draft_s, s.verify_s = s.draft_s + spec.draft_s, s.verify_s + spec.verify_s
+            s.total_s += spec.total_s
+            return hyps
         stream = self.cfg.objective.kind == "bang"
         if opts.beam == 1:
-            return greedy(self.model, memory, memory_mask, opts.max_len, force_len,
+            hyps = greedy(self.model, memory, memory_mask, opts.max_len, force_len,
                           predict_stream=stream)
+            steps = sum(len(h.tokens) + 1 for h in hyps)
+            self.stats.sentences += len(hyps)
+            self.stats.passes += steps
+            self.stats.tokens += steps
+            return hyps
         beams = beam_search(self.model, memory, memory_mask, opts.beam, opts.max_len,
                             opts.length_penalty, opts.no_repeat_ngram, force_len,
                             predict_stream=stream)

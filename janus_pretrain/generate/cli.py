@@ -3,6 +3,7 @@
     janus-pretrain generate --checkpoint runs/demo/train --mode ar --beam 5 < sources.txt
     janus-pretrain generate --checkpoint runs/demo/train --mode nar --iterations 4 --input src.txt
     janus-pretrain generate --checkpoint runs/bang_nar --mode bang_nar --max-len 64 < sources.txt
+    janus-pretrain generate --checkpoint runs/demo/train --mode spec --spec-block 4 < sources.txt
 
 Input lines that are not UTF-8 are decoded with U+FFFD for the bad bytes (as `data prepare` does)
 and counted on stderr; an empty line gives an empty output line, so outputs stay line-aligned.
@@ -18,8 +19,9 @@ def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="decode sources with a checkpoint (AR or NAR)")
     g.add_argument("--checkpoint", required=True,
                    help="run dir, checkpoints/ dir, step_* dir or consolidated .safetensors file")
-    g.add_argument("--mode", choices=["ar", "nar", "bang_nar"], default="ar",
-                   help="ar: beam/greedy; nar: JANUS mask-predict; bang_nar: BANG one pass")
+    g.add_argument("--mode", choices=["ar", "nar", "bang_nar", "spec"], default="ar",
+                   help="ar: beam/greedy; nar: JANUS mask-predict; bang_nar: BANG one pass; "
+                        "spec: NAR drafts, AR verifies (exact: AR greedy's output)")
     g.add_argument("--input", default="-", help="source file, one per line (default: stdin)")
     g.add_argument("--output", default="-", help="hypothesis file (default: stdout)")
     g.add_argument("--batch-size", type=int, default=32)
@@ -31,6 +33,12 @@ def add_parser(sub) -> None:
     g.add_argument("--length-beam", type=int, default=3, help="NAR length candidates")
     g.add_argument("--dedup", action="store_true", help="NAR: drop consecutive repeated tokens")
     g.add_argument("--rerank", action="store_true", help="NAR: pick the candidate the AR stream scores best")
+    g.add_argument("--spec-block", type=int, default=4, help="spec: tokens drafted per iteration")
+    g.add_argument("--spec-accept", choices=["exact", "relaxed"], default="exact",
+                   help="spec: exact (AR greedy's output) or relaxed (top-b within a margin)")
+    g.add_argument("--spec-top", type=int, default=3, help="spec relaxed: AR's top-b")
+    g.add_argument("--spec-margin", type=float, default=1.0,
+                   help="spec relaxed: log-prob margin tau below AR's best")
     g.add_argument("--force-mode", action="store_true",
                    help="decode in a mode the checkpoint's objective never trained")
     g.set_defaults(run=run)
@@ -69,7 +77,9 @@ def run(args) -> None:
                             max_len=args.max_len, length_penalty=args.length_penalty,
                             no_repeat_ngram=args.no_repeat_ngram, iterations=args.iterations,
                             length_beam=args.length_beam, dedup=args.dedup, rerank=args.rerank,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, spec_block=args.spec_block,
+                            spec_accept=args.spec_accept, spec_top=args.spec_top,
+                            spec_margin=args.spec_margin)
     finally:
         state.shutdown()
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")

@@ -18,10 +18,10 @@ from janus_pretrain.config import ModelConfig
 
 
 def step_flops(cfg: ModelConfig, vocab: int, batch: int, src_len: int,
-               decoder_passes: list[tuple[int, int]]) -> float:
+               decoder_passes: list[tuple[int, int]], encoder_passes: int = 1) -> float:
     """Training FLOPs of one micro-batch; decoder_passes = [(length, rows projected), ...]."""
     h, f, s = cfg.hidden_size, cfg.ffn_hidden_size, src_len
-    fwd = cfg.encoder_layers * (s * (8 * h * h + 4 * h * f) + 4 * s * s * h)
+    fwd = encoder_passes * cfg.encoder_layers * (s * (8 * h * h + 4 * h * f) + 4 * s * s * h)
     for t, rows in decoder_passes:
         fwd += cfg.decoder_layers * (t * (12 * h * h + 4 * h * f) + 4 * t * t * h
                                      + 4 * t * s * h + 4 * s * h * h)

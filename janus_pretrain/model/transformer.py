@@ -146,7 +146,9 @@ class DecoderLayer(nn.Module):
 class JanusModel(nn.Module):
     """Shared-embedding encoder-decoder with a target-length classifier.
 
-    `forward` runs the encoder once and whichever decoder streams the batch asks for:
+    `forward` runs the encoder once (twice with `encoder_passes=2`: the AR stream reads one
+    pass, the two-stream pass and the length head another) and whichever decoder streams the
+    batch asks for:
     - `ar_tokens` [B, T]: causal pass, logits for every row;
     - `nar_tokens`/`nar_positions`/`nar_mask` [B, L'] / [B, L'] / [B, L', L']: the two-stream
       pass, logits only for the rows in `nar_rows` and `aux_rows` ([B, K] each);
@@ -285,6 +287,20 @@ class JanusModel(nn.Module):
                     part[key] = part[key].index_select(0, index)
 
     @staticmethod
+    def gather_cache(cache: list[dict], rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keep batch rows `rows` [B'] of every cached key/value and, of row i's self-attention
+        keys/values, the slots `slots[i]` in that order ([B', T']), in place: speculative
+        decoding keeps each row's accepted keys, left-aligned (generate/spec.py)."""
+        for layer in cache:
+            for part in layer.values():
+                for key in list(part):
+                    part[key] = part[key].index_select(0, rows)
+            for key in ("k", "v"):
+                x = layer["self"][key]
+                index = slots[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+                layer["self"][key] = x.gather(2, index)
+
+    @staticmethod
     def truncate_cache(cache: list[dict], length: int) -> None:
         """Keep the first `length` self-attention keys/values of every layer, in place (a BANG
         step appends its predicting row, which later steps must not see)."""
@@ -319,12 +335,17 @@ class JanusModel(nn.Module):
                 bang_tokens: Optional[torch.Tensor] = None,
                 bang_positions: Optional[torch.Tensor] = None,
                 bang_query: Optional[torch.Tensor] = None,
-                bang_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                bang_mask: Optional[torch.Tensor] = None,
+                encoder_passes: int = 1) -> dict[str, torch.Tensor]:
         memory, memory_mask = self.run_encoder(src_tokens)
         out = {}
         if ar_tokens is not None:
             h = self.decode(ar_tokens, None, memory, memory_mask, causal=True)
             out["ar"] = self.output_logits(h)
+            if encoder_passes == 2 and (nar_tokens is not None or length):
+                # The JANUS authors' step: the NAR/AUX pass (and the length head) reads an
+                # encoder pass of its own, with its own dropout masks (docs/method.md, section 4).
+                memory, memory_mask = self.run_encoder(src_tokens)
         if nar_tokens is not None:
             h = self.decode(nar_tokens, nar_positions, memory, memory_mask, self_mask=nar_mask)
             rows = torch.cat([nar_rows, aux_rows], dim=1)

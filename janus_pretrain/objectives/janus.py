@@ -59,6 +59,9 @@ class JanusObjective:
         self.needs_nar = any(x > 0 for x in (w.ce_nar, w.ce_aux, w.kl_ar_nar, w.kl_ar_aux,
                                              w.kl_nar_aux))
         self.needs_length = w.length > 0
+        # a second encoder pass only where a second stream reads the encoder
+        self.encoder_passes = (cfg.encoder_passes if self.needs_ar and
+                               (self.needs_nar or self.needs_length) else 1)
         self.terms = {t for t in TERMS if getattr(w, t) > 0}  # the terms `loss` reports
 
     def collate(self, examples: Sequence[tuple[Optional[np.ndarray], np.ndarray]],
@@ -99,12 +102,12 @@ class JanusObjective:
         b, s = host["src"].shape
         passes = decoder_passes(self.needs_ar, self.needs_nar, host["tgt"].shape[1],
                                 host["masked_pos"].shape[1])
-        return step_flops(model, vocab, b, s, passes)
+        return step_flops(model, vocab, b, s, passes, self.encoder_passes)
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> Prepared:
         """Device tensors from `collate` -> model inputs and loss targets, built once per batch."""
         tgt = batch["tgt"]
-        inputs = {"src_tokens": batch["src"]}
+        inputs = {"src_tokens": batch["src"], "encoder_passes": self.encoder_passes}
         ar_labels = ar_valid = streams = length_target = None
         if self.needs_ar:
             inputs["ar_tokens"], ar_labels, ar_valid = ar_inputs(tgt, PAD)
@@ -131,7 +134,8 @@ class JanusObjective:
         # AR row t predicts target position t + 1; masked positions are never BOS.
         targets = losses.Targets(
             prep.ar_labels, prep.ar_valid, s and s.labels, s and s.valid,
-            s and (s.masked_pos - 1).clamp(min=0), self.cfg.label_smoothing)
+            s and (s.masked_pos - 1).clamp(min=0), self.cfg.label_smoothing,
+            self.cfg.kl_ar_detach)
         terms = losses.vocab_terms(names, targets, outputs.get("ar"), outputs.get("nar"),
                                    outputs.get("aux"))
         if self.needs_length:

@@ -37,6 +37,7 @@ class Targets:
     valid: Optional[torch.Tensor]
     ar_rows: Optional[torch.Tensor]
     smoothing: float
+    detach_ar_kl: bool = False  # symKL(AR, .) sends no gradient into the AR logits
 
 
 class _Stream:
@@ -190,7 +191,8 @@ class _VocabTerms(torch.autograd.Function):
                 a, b = _kl_sides(name)
                 w = (ctx.weights["m"] * (g / 2))[..., None]
                 kl_ab, kl_ba = ctx.kls[name]
-                kl[a].append((w, streams[b], kl_ab))
+                if not (a == "ar_m" and targets.detach_ar_kl):
+                    kl[a].append((w, streams[b], kl_ab))
                 kl[b].append((w, streams[a], kl_ba))
         grads = {n: _stream_grad(s, kl[n], ce.get(n), targets.smoothing)
                  for n, s in streams.items()}

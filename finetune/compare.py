@@ -81,7 +81,8 @@ def measured_rows(results: list[dict]) -> list[dict]:
     """One row per (system, setting), with the speed-up over the AR beam of the same system, or
     failing that the first AR beam row of the comparison."""
     rows = [{"system": r["system"], "setting": s, **{m: v[m] for m in r["metrics"]},
-             "latency_ms": v["latency_ms"], "sentences_per_s": v["sentences_per_s"]}
+             "latency_ms": v["latency_ms"], "sentences_per_s": v["sentences_per_s"],
+             "valid": (r.get("selected") or {}).get("score")}
             for r in results for s, v in r["settings"].items()]
     ar = {row["system"]: row["latency_ms"] for row in rows if row["setting"].startswith("ar_beam")}
     fallback = next(iter(ar.values()), None)

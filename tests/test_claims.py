@@ -43,3 +43,14 @@ def test_markdown_marks_failed_claims():
     md = markdown("multi30k_ende", ["bleu"], [], [], {}, "x.png", claims=claims)
     assert "| `ar` ar, bleu | >= 30 | 31.00 | yes |" in md
     assert "| `janus` ar minus `ar` ar, bleu | >= +1 | 0.50 | **no** |" in md
+
+
+def test_a_family_claim_takes_the_variant_best_on_validation_not_on_test():
+    rows = [dict(_row("ar_cont", "ar_beam5", 24.0), valid=22.0),
+            dict(_row("janus_from_ar", "ar_beam5", 19.0), valid=18.0),
+            dict(_row("janus_from_ar_onesided", "ar_beam5", 21.0), valid=20.5),
+            dict(_row("janus_from_ar_2pass", "ar_beam5", 23.0), valid=19.0)]  # best on test only
+    got = {c["figure"]: c for c in check(NMT, rows, "bleu")}
+    claim = got["`janus_from_ar*` ar minus `ar_cont` ar, bleu"]
+    assert claim["rows"] == ["janus_from_ar_onesided ar_beam5", "ar_cont ar_beam5"]
+    assert claim["measured"] == -3.0 and not claim["holds"]

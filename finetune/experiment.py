@@ -219,11 +219,14 @@ def _max_pairs(d: dict) -> list[str]:
     return ["--max-pairs", str(d["max_pairs"])] if d.get("max_pairs") else []
 
 
-def revision() -> str:
+def revision(results: Path) -> str:
+    """The checkout's commit, `+uncommitted` when tracked files other than the results (which
+    the experiment itself writes) differ from it."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                f":(exclude){results}"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -264,7 +267,8 @@ def execute(plan: Plan, threads: Optional[int] = None) -> None:
         if code != 0:
             raise JanusError(f"experiment: step '{step.name}' failed (exit {code}); fix it and "
                              f"rerun: finished steps are kept")
-        record = {"step": step.name, "argv": argv, "revision": revision(), "threads": threads,
+        record = {"step": step.name, "argv": argv, "revision": revision(plan.results),
+                  "threads": threads,
                   "wall_s": round(time.time() - start, 1),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **step.record}
         if step.result is not None:

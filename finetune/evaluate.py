@@ -34,7 +34,7 @@ NAR_ITERATIONS = (1, 4, 10)
 
 
 def settings(task: TaskSpec, gen: Generator) -> dict[str, dict]:
-    """Setting name (the W&B mode names: README, Logging) -> DecodeOptions keywords."""
+    """Setting name (the W&B mode names: docs/training.md, Logging) -> DecodeOptions keywords."""
     d, modes = task.decoding, gen.cfg.objective.decoding_modes()
     out = {}
     if "ar" in modes:

@@ -39,7 +39,7 @@ demo: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed --num_gpus 2 --no_local_rank \
 		--master_port $$($(BIN)/python -c 'from janus_pretrain.parallel.state import free_port; print(free_port())') \
 		--module janus_pretrain.cli train --config configs/pretrain/demo.yaml
-	$(BIN)/python -m janus_pretrain.generate.showcase --checkpoint $(DEMO)/train \
+	$(BIN)/python -m janus_pretrain.showcase --checkpoint $(DEMO)/train \
 		--input $(DATA)/pretrain/enwiki/valid.txt --count 4
 
 results: install

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from janus_pretrain.checkpoint import store, weights
-from janus_pretrain.checkpoint.layout import AVERAGED, BEST, CHECKPOINTS, MARKER
+from janus_pretrain.checkpoint.files import AVERAGED, BEST, CHECKPOINTS, MARKER
 from janus_pretrain.errors import JanusError
 from janus_pretrain.generate.api import Generator
 from finetune.live_eval import first_metric

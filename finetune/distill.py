@@ -28,7 +28,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from janus_pretrain.checkpoint.atomic import sha256, write_text
-from janus_pretrain.checkpoint.layout import MARKER
+from janus_pretrain.checkpoint.files import MARKER
 from janus_pretrain.checkpoint.weights import resolve
 from janus_pretrain.errors import JanusError
 from janus_pretrain.generate.api import DecodeOptions, Generator

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from janus_pretrain.data.corpora import pair_overrides
 from janus_pretrain.data.prepare import prepare
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import SentencePieceTokenizer, load_tokenizer, train_tokenizer
@@ -59,16 +60,13 @@ def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] =
     summary = {"task": task.name, "pairs": counts["source"],
                "distilled": None if distilled is None else str(distilled),
                "dropped_empty": len(sources) - len([1 for s, t in zip(sources, targets) if s and t]),
-               "tokenizer": str(tok_path), "vocab_size": load_tokenizer(tok_path).vocab_size}
+               "tokenizer": str(tok_path), "vocab_size": load_tokenizer(tok_path).vocab_size,
+               "max_source_len": task.max_source_len, "max_target_len": task.max_target_len}
     (output / "pairs.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def data_overrides(task: TaskSpec, output: str | Path) -> list[str]:
     """The config overrides that point a run at pairs `prepare_pairs` wrote to `output`, cut at
-    the task's lengths (`janus-finetune train` and `bench train --task` read the same data)."""
-    output = Path(output)
-    return [f"data.train={output / 'target'}", f"data.source={output / 'source'}",
-            f"data.tokenizer={output}",  # the directory: its tokenizer.model or tokenizer.json
-            f"data.max_source_len={task.max_source_len}",
-            f"data.max_target_len={task.max_target_len}"]
+    the task's lengths (`janus-finetune train`; `bench train --data` reads the same)."""
+    return pair_overrides(output, task.max_source_len, task.max_target_len)

@@ -47,7 +47,7 @@ class ModelConfig:
     length_classes: int = 256
     # Megatron pads the vocabulary so every tensor-parallel shard has the same size.
     vocab_divisible_by: int = 128
-    # "full": recompute every encoder/decoder layer in backward (model/checkpointing.py).
+    # "full": recompute every encoder/decoder layer in backward (model/recompute.py).
     activation_checkpointing: str = "none"
     # "flex": FlexAttention with a block mask on CUDA (model/flex.py); CPU always runs SDPA.
     attention: str = "sdpa"

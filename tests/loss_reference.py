@@ -5,7 +5,16 @@ part in a KL term and no share of label smoothing, whose uniform term is over th
 vocabulary only."""
 import torch
 
-from janus_pretrain.parallel.vocab import label_log_prob, log_softmax, tp_sum, vocab_sum
+from janus_pretrain.parallel.vocab import log_softmax, shard_start, tp_sum, vocab_sum
+
+
+def label_log_prob(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) from vocab-parallel log-probs: [..., V_local], [...] -> [...]."""
+    v_local = logp.shape[-1]
+    local = labels - shard_start(v_local)
+    here = (local >= 0) & (local < v_local)
+    picked = logp.gather(-1, local.clamp(0, v_local - 1)[..., None])[..., 0]
+    return tp_sum(picked * here)
 
 
 def _real(logits: torch.Tensor) -> torch.Tensor:

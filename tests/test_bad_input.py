@@ -21,7 +21,7 @@ from janus_pretrain.generate.cli import read_sources
 from janus_pretrain.model import JanusModel
 from janus_pretrain.tokenizer import PAD, load_tokenizer, train_tokenizer
 from janus_pretrain.checkpoint.store import check_tokenizer
-from janus_pretrain.train.loop import open_corpus
+from janus_pretrain.data.corpora import open_corpus
 
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
 
@@ -184,7 +184,7 @@ def test_crafted_pickle_in_a_model_file_is_refused_unrun(tmp_path, kind):
     import torch
 
     from janus_pretrain.checkpoint import consolidated, relayout, store, weights
-    from janus_pretrain.checkpoint.layout import model_states_file, rng_file
+    from janus_pretrain.checkpoint.files import model_states_file, rng_file
 
     marker = tmp_path / "pwned"
     payload = _Payload(marker)

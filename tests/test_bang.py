@@ -230,7 +230,7 @@ def test_pretrain_bang_then_finetune_evaluate_and_generate_bang_nar(
     from finetune.tasks import get_task
     from janus_pretrain.cli import parser
     from janus_pretrain.generate.api import Generator
-    from janus_pretrain.generate.showcase import reconstruct
+    from janus_pretrain.showcase import reconstruct
 
     pre = tmp_path / "pre"
     result = launch_training(pre, nproc=2, extra=("objective.kind=bang", "objective.streams=2",

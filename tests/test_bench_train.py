@@ -71,10 +71,15 @@ def test_bench_train_smoke(single_process, capsys):
 def test_bench_train_task_json(single_process, tmp_path, capsys):
     from janus_pretrain.bench import train
 
+    from finetune.pairs import prepare_pairs
+    from finetune.tasks import get_task
+
+    data = tmp_path / "pairs"
+    prepare_pairs(get_task("multi30k_ende"), data, vocab_size=800, max_pairs=1000)
+
     def run(*batching: str) -> dict:
         out = tmp_path / f"{'-'.join(batching)}.json"
-        train.main(["--model", "tiny", "--task", "multi30k_ende", "--max-pairs", "1000",
-                    "--vocab", "800", "--cache", str(tmp_path / "cache"), "--warmup", "1",
+        train.main(["--model", "tiny", "--data", str(data), "--warmup", "1",
                     "--steps", "1", "--precisions", "fp32", "--no-bart", "--json", str(out),
                     *batching])
         return json.loads(out.read_text())

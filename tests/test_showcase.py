@@ -2,7 +2,7 @@
 import numpy as np
 
 from janus_pretrain.generate.api import DecodeOptions, Generator
-from janus_pretrain.generate.showcase import paragraphs, reconstruct, shown
+from janus_pretrain.showcase import paragraphs, reconstruct, shown
 from janus_pretrain.tokenizer import BOS, EOS, MASK, load_tokenizer
 from conftest import SHARED_DATA
 

@@ -25,8 +25,8 @@ Both models run every precision the same way, so each ratio is like for like. Au
 linear layers because at TP = 1 they run as F.linear (see model/transformer.py `linear`); through
 megatron-core's own autograd function it would not (fp32 bias add, fp32 backward).
 
-With `--task T` (e.g. multi30k_ende) the batches are those training sees: the task's pairs are
-prepared once (finetune/pairs.py, a vocabulary of 8k unless --vocab) under `--cache`/<task>, and the real loader
+With `--data DIR` (pairs prepared by `janus-finetune prepare --task T --output DIR`) the batches
+are those training sees: the real loader
 (data/loader.py build_loader on the run config's DataConfig; `--max-tokens N` sets data.max_tokens)
 collates them, so padding, lengths and masking are real. tokens/s then counts non-padding tokens
 only, and the pad fraction of those batches is printed (target and source). In fp32 the whole loop
@@ -57,7 +57,8 @@ from janus_pretrain.objectives.janus import TERMS, JanusObjective
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD, load_tokenizer
 from janus_pretrain.train.engine import build_engine
-from janus_pretrain.train.loop import open_corpus, open_sources, optimizer_step
+from janus_pretrain.data.corpora import open_corpus, open_sources, pair_overrides
+from janus_pretrain.train.loop import optimizer_step
 from janus_pretrain.train.metrics import RunLogger, StepStats, real_tokens
 from janus_pretrain.train.nonfinite import NonFiniteGuard
 
@@ -144,33 +145,16 @@ def time_steps(step: Callable[[int], None], warmup: int, steps: int, device: tor
     return times
 
 
-def prepare_task(args) -> Path:
-    """The task's training pairs as shards under --cache, prepared on first use and reused after
-    (training the tokenizer and tokenizing take longer than the benchmark itself)."""
-    from finetune.pairs import prepare_pairs
-    from finetune.tasks import get_task
-
-    vocab = args.vocab or 8000
-    name = f"vocab{vocab}" + ("" if args.max_pairs is None else f"-pairs{args.max_pairs}")
-    out = Path(args.cache) / args.task / name
-    if not (out / "pairs.json").is_file():  # written last by prepare_pairs
-        prepare_pairs(get_task(args.task), out, vocab_size=vocab, max_pairs=args.max_pairs)
-    return out
-
-
 def data_overrides(args) -> list[str]:
     """Config overrides for the batches: the prepared task's data and batching, or the synthetic
     lengths. Sets args.vocab to the vocabulary of the batches' ids."""
-    if args.task is None:
+    if args.data is None:
         args.vocab = args.vocab or 32000
         return [f"data.max_source_len={args.src_len}", f"data.max_target_len={args.tgt_len}"]
-    from finetune.pairs import data_overrides as task_data
-    from finetune.tasks import get_task
-
-    data = prepare_task(args)
-    args.vocab = json.loads((data / "pairs.json").read_text())["vocab_size"]
+    overrides = pair_overrides(args.data)  # checks pairs.json first
+    args.vocab = json.loads((Path(args.data) / "pairs.json").read_text())["vocab_size"]
     budget = [] if args.max_tokens is None else [f"data.max_tokens={args.max_tokens}"]
-    return [*task_data(get_task(args.task), data), f"data.micro_batch_size={args.batch}", *budget]
+    return [*overrides, f"data.micro_batch_size={args.batch}", *budget]
 
 
 def objective_config(name: str, args, overrides: tuple = ()) -> tuple:
@@ -192,7 +176,7 @@ def task_loader(cfg, objective: JanusObjective, prefetch: int):
 def host_batches(cfg, objective: JanusObjective, args, n: int) -> list[dict]:
     """n micro-batches collated on the host: the task loader's first n, or random full-length
     pairs (no padding)."""
-    if args.task is not None:
+    if args.data is not None:
         loader = task_loader(cfg, objective, prefetch=0)
         return [next(loader) for _ in range(n)]
     rng = np.random.default_rng(0)
@@ -335,16 +319,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base", help="model preset under configs/model/")
     p.add_argument("--batch", type=int, default=8,
-                   help="pairs per batch (with --task: data.micro_batch_size, unless --max-tokens)")
+                   help="pairs per batch (with --data: data.micro_batch_size, unless --max-tokens)")
     p.add_argument("--src-len", type=int, default=128, help="synthetic mode only")
     p.add_argument("--tgt-len", type=int, default=128, help="synthetic mode only")
-    p.add_argument("--vocab", type=int, help="vocabulary size (default 32000; with --task the "
-                   "tokenizer trained on the task, default 8000)")
-    p.add_argument("--task", help="benchmark on this fine-tuning task's real batches "
-                   "(finetune/tasks.py, e.g. multi30k_ende) instead of random ones")
-    p.add_argument("--max-tokens", type=int, help="with --task: data.max_tokens (token budget)")
-    p.add_argument("--max-pairs", type=int, help="with --task: prepare only the first N pairs")
-    p.add_argument("--cache", default="runs/bench", help="with --task: where prepared tasks stay")
+    p.add_argument("--vocab", type=int, help="vocabulary size of the random batches (default 32000)")
+    p.add_argument("--data", help="benchmark on the real batches of these prepared pairs "
+                   "(`janus-finetune prepare --task T --output DIR`) instead of random ones")
+    p.add_argument("--max-tokens", type=int, help="with --data: data.max_tokens (token budget)")
     p.add_argument("--json", help="also write the table to this JSON file")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
@@ -355,8 +336,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile our model, as train.compile=true does (minutes of compiling)")
     p.add_argument("--no-bart", action="store_true", help="skip the HF BART rows")
     args = p.parse_args(argv)
-    if args.task is None and (args.max_tokens or args.max_pairs):
-        p.error("--max-tokens and --max-pairs need --task")
+    if args.data is None and args.max_tokens:
+        p.error("--max-tokens needs --data")
     return args
 
 
@@ -394,7 +375,7 @@ def run_precision(precision: str, device: torch.device, args, table: dict) -> No
         table["janus_over_ar"][precision] = results["janus"]["seconds"] / ar
     ratios = [f"{other}/ar step time {results[other]['seconds'] / ar:.2f}x"
               for other in ("janus", "bart") if other in results]
-    if args.task is not None and precision == "fp32":
+    if args.data is not None and precision == "fp32":
         for name in ("ar", "janus"):
             if name in results:
                 loop = run_loop(name, device, args)
@@ -410,8 +391,8 @@ def main(argv: list[str]) -> None:
     topo = state.initialize(1)
     device = topo.device
     args.overrides = data_overrides(args)
-    shape = (f"task={args.task} max_tokens={args.max_tokens} max_pairs={args.max_pairs}"
-             if args.task else f"src_len={args.src_len} tgt_len={args.tgt_len}")
+    shape = (f"data={args.data} max_tokens={args.max_tokens}"
+             if args.data else f"src_len={args.src_len} tgt_len={args.tgt_len}")
     print(f"device={device} cpu={cpu_name()!r} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} model={args.model} batch={args.batch} {shape} "
           f"vocab={args.vocab} steps={args.warmup}+{args.steps} compile={args.compile}", flush=True)

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from janus_pretrain.checkpoint.layout import MARKER, TMP_PREFIX
+from janus_pretrain.checkpoint.files import MARKER, TMP_PREFIX
 
 
 def fsync_dir(path: Path) -> None:

@@ -29,14 +29,13 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import (safe_get_local_fp32_param, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
 from deepspeed.utils.tensor_fragment import fragment_address
-from megatron.core import parallel_state as ps
 from torch import nn
 
 from janus_pretrain.checkpoint import unpickle
-from janus_pretrain.checkpoint.layout import model_states_file, tp_size
+from janus_pretrain.checkpoint.files import model_states_file, tp_size
 from janus_pretrain.errors import JanusError
+from janus_pretrain.optim import decay_groups
 from janus_pretrain.parallel import reshard, state
-from janus_pretrain.train.engine import decay_groups
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _ZERO_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d{2})_(optim|model)_states\.pt")
@@ -56,7 +55,7 @@ class Layout:
 
 
 def of_engine(engine) -> Layout:
-    return Layout(ps.get_tensor_model_parallel_world_size(), state.data_parallel_size(),
+    return Layout(state.tensor_parallel_size(), state.data_parallel_size(),
                   int(engine.zero_optimization_stage()))
 
 

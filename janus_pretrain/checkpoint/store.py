@@ -1,4 +1,4 @@
-"""Training checkpoints: save, find and resume around DeepSpeed's own save/load (layout.py).
+"""Training checkpoints: save, find and resume around DeepSpeed's own save/load (files.py).
 
 Every rank writes into a staging directory (atomic.py); when all have finished, each hashes and
 fsyncs its share of the files and rank 0 publishes the directory with its marker, then replaces
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from janus_pretrain.checkpoint import atomic, unpickle
-from janus_pretrain.checkpoint.layout import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
+from janus_pretrain.checkpoint.files import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
                                               rng_file, step_name)
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import Tokenizer, load_tokenizer

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from janus_pretrain.checkpoint import atomic, consolidated, unpickle
-from janus_pretrain.checkpoint.layout import (CHECKPOINTS, MARKER, META, has_zero_shards,
+from janus_pretrain.checkpoint.files import (CHECKPOINTS, MARKER, META, has_zero_shards,
                                               model_states_file, tp_rank_files, tp_size)
 from janus_pretrain.checkpoint.store import complete, read_meta
 from janus_pretrain.config import from_dict

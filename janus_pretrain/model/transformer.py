@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from janus_pretrain.config import ModelConfig
-from janus_pretrain.model.checkpointing import run_layer
+from janus_pretrain.model.recompute import run_layer
 from janus_pretrain.model.flex import FlexMask, causal_mask
 from janus_pretrain.model.layers import Layers, init_normal, linear, to_tensor_parallel
 

@@ -83,6 +83,14 @@ def data_parallel_size() -> int:
     return ps.get_data_parallel_world_size()
 
 
+def data_parallel_group():
+    return ps.get_data_parallel_group()
+
+
+def tensor_parallel_size() -> int:
+    return ps.get_tensor_model_parallel_world_size()
+
+
 class DeepSpeedMPU:
     """megatron-core's parallel_state under the method names DeepSpeed's `mpu` argument expects.
 

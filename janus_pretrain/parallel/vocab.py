@@ -72,15 +72,6 @@ def shard_start(v_local: int) -> int:
     return tp.rank() * v_local
 
 
-def label_log_prob(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(label) from vocab-parallel log-probs: [..., V_local], [...] -> [...]."""
-    v_local = logp.shape[-1]
-    local = labels - shard_start(v_local)
-    here = (local >= 0) & (local < v_local)
-    picked = logp.gather(-1, local.clamp(0, v_local - 1)[..., None])[..., 0]
-    return tp_sum(picked * here)
-
-
 def gather_vocab(local: torch.Tensor) -> torch.Tensor:
     """Concatenate the vocabulary shards of the TP group: [..., V_local] -> [..., V] (search runs
     without autograd; this also avoids megatron-core's gather, which allocates its buffer on a

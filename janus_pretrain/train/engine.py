@@ -1,6 +1,6 @@
 """Wrap the model in a DeepSpeed engine: ZeRO stage and communication knobs from the JSON under
 configs/deepspeed/, batch sizes, precision and clipping from the run config (one source of truth
-each), a torch AdamW and our LR schedule, and megatron-core's groups through the `mpu` adapter.
+each), the optimizer and LR schedule of janus_pretrain/optim.py, and megatron-core's groups through the `mpu` adapter.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from janus_pretrain.config import CONFIG_ROOT, RunConfig
 from janus_pretrain.errors import JanusError
+from janus_pretrain.optim import WarmupDecay, build_optimizer
 from janus_pretrain.parallel.state import DeepSpeedMPU, data_parallel_size
-from janus_pretrain.train.schedule import WarmupDecay
 
 # Keys the run config owns; a DeepSpeed JSON that sets them too would be a second source of truth.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -76,27 +76,6 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
-
-
-def decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Names of the decayed and of the not decayed parameters (biases, norms, position tables),
-    in model order: the optimizer's two groups, whatever the TP size (checkpoint/relayout.py)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name or "_pos" in name else decay).append(name)
-    return decay, no_decay
-
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW over `decay_groups`."""
-    params = dict(model.named_parameters())
-    decay, no_decay = decay_groups(model)
-    o = cfg.optim
-    groups = [{"params": [params[n] for n in decay], "weight_decay": o.weight_decay},
-              {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
-    # fused: one kernel over all tensors (CPU and GPU) instead of a Python loop over parameters,
-    # ~3x less optimizer time for the base model on CPU.
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig):

@@ -21,16 +21,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import consolidated, hf, store, weights
+from janus_pretrain.checkpoint import store
+from janus_pretrain.checkpoint.init import init_weights
 from janus_pretrain.config import RunConfig, to_dict
+from janus_pretrain.data.corpora import open_corpus, open_sources, validation_loader
 from janus_pretrain.data.loader import BatchLoader, build_loader
-from janus_pretrain.data.shards import ShardedCorpus
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
 from janus_pretrain.model.flops import matmul_peak
 from janus_pretrain.objectives.build import Objective, build_objective
-from janus_pretrain.parallel import reshard, state
-from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
+from janus_pretrain.parallel import state
+from janus_pretrain.tokenizer import PAD, load_tokenizer
 from janus_pretrain.train.engine import build_engine, read_deepspeed_json
 from janus_pretrain.train.metrics import RunLogger, StepStats
 from janus_pretrain.train.nonfinite import NonFiniteGuard
@@ -44,70 +45,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def open_corpus(path: str, tokenizer: Tokenizer) -> ShardedCorpus:
-    """Shards whose ids were made by another tokenizer are refused, even one of the same size;
-    shards prepared before meta.json recorded `tokenizer_identity` are checked by size only."""
-    corpus = ShardedCorpus(path)
-    if corpus.vocab_size != tokenizer.vocab_size:
-        raise JanusError(f"data: {path} was tokenized with a vocabulary of "
-                         f"{corpus.vocab_size}, data.tokenizer has {tokenizer.vocab_size}")
-    recorded = corpus.meta.get("tokenizer_identity")
-    if recorded is not None and recorded != tokenizer.identity:
-        raise JanusError(f"data: {path} was tokenized with {Path(path) / 'tokenizer.model'}, "
-                         f"not data.tokenizer={tokenizer.path}: same size, different pieces")
-    return corpus
-
-
-def open_sources(source: Optional[str], tokenizer: Tokenizer, targets: ShardedCorpus,
-                 names: tuple[str, str] = ("data.source", "data.train")) -> Optional[ShardedCorpus]:
-    """Fine-tuning: the source shards aligned with the target shards; None when pretraining."""
-    if source is None:
-        return None
-    sources = open_corpus(source, tokenizer)
-    if len(sources) != len(targets):
-        raise JanusError(f"data: {names[0]} ({source}) holds {len(sources)} documents, "
-                         f"{names[1]} {len(targets)}: they must be aligned pairs")
-    return sources
-
-
-def validation_loader(cfg: RunConfig, tokenizer: Tokenizer, objective: Objective
-                      ) -> Optional[BatchLoader]:
-    """This rank's loader over data.valid (and data.valid_source); None without data.valid."""
-    if cfg.data.valid is None:
-        return None
-    targets = open_corpus(cfg.data.valid, tokenizer)
-    return build_loader(cfg.data, targets, objective.collate, state.data_parallel_rank(),
-                        state.data_parallel_size(), open_sources(
-                            cfg.data.valid_source, tokenizer, targets,
-                            ("data.valid_source", "data.valid")))
-
-
-def init_weights(model: JanusModel, path: str, tokenizer: Tokenizer) -> None:
-    """Model weights only, from a (pretrained) checkpoint, a consolidated file or a Hugging Face
-    BART directory (checkpoint/hf.py), trained with the same tokenizer."""
-    source = Path(path)
-    if source.is_file() or hf.is_hf_dir(source):
-        full = consolidated.read(source) if source.is_file() else hf.load(source)
-        store.require_same_tokenizer(full.tokenizer, tokenizer, source)
-        loaded = reshard.shard_for_this_rank(fit_mask_vector(model, dict(full.weights)), model)
-        weights.load_into(model, loaded, source)
-        return
-    ckpt = weights.resolve(path)
-    store.check_tokenizer(ckpt, tokenizer)
-    weights.load_into(model, fit_mask_vector(model, weights.weights_for_this_rank(ckpt, model)),
-                      ckpt)
-
-
-def fit_mask_vector(model: JanusModel, loaded: dict) -> dict:
-    """BANG's [MASK] vector is the one weight JANUS and BANG objectives do not share: a model
-    that needs it and does not find it starts it fresh, one that has no use for it drops it."""
-    if model.mask_vector is None:
-        loaded.pop("mask_vector", None)
-    else:
-        loaded.setdefault("mask_vector", model.mask_vector.detach().clone())
-    return loaded
 
 
 def agree_at_boundary(local_bad: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
@@ -187,7 +124,7 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
                        matmul_peak(topo.device, dtype) * dist.get_world_size(),
                        cfg.train.wandb_project, cfg.train.wandb_name, to_dict(cfg))
     stats = StepStats(topo.device, objective.terms)
-    validator = Validator(engine, objective, validation_loader(cfg, tokenizer, objective),
+    validator = Validator(engine, objective, validation_loader(cfg, tokenizer, objective.collate),
                           cfg.train.eval_batches, cfg.train.eval_interval, checkpointer.root,
                           objective.terms, topo.device, task_eval)
     guard = NonFiniteGuard(engine)

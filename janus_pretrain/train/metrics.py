@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from janus_pretrain.objectives.build import TERMS
+from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD
 
 
@@ -70,17 +70,17 @@ class StepStats:
         """Average over micro-batches and data-parallel ranks (a collective), then start anew:
         `<prefix>/loss`, `<prefix>/<term>`, and the throughput under `perf/`."""
         counts = torch.tensor([self.tokens, self.flops], device=self.device, dtype=torch.float64)
-        group = ps.get_data_parallel_group()
+        group = state.data_parallel_group()
         dist.all_reduce(self.sums, group=group)
         dist.all_reduce(counts, group=group)
-        dp = ps.get_data_parallel_world_size()
+        dp = state.data_parallel_size()
         means = (self.sums / (self.micro_batches * dp)).tolist()
         elapsed = time.perf_counter() - self.start
         out = {f"{prefix}/loss": means[0]}
         out.update({f"{prefix}/{t}": v for t, v in zip(TERMS, means[1:]) if t in self.present})
         tokens, flops = counts.tolist()
         out["perf/tokens_per_s"] = tokens / elapsed
-        out["perf/flops_per_s"] = flops / ps.get_tensor_model_parallel_world_size() / elapsed
+        out["perf/flops_per_s"] = flops / state.tensor_parallel_size() / elapsed
         self.reset()
         return out
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from janus_pretrain.checkpoint import weights
-from janus_pretrain.checkpoint.layout import BEST, MARKER, META, step_name
+from janus_pretrain.checkpoint.files import BEST, MARKER, META, step_name
 from janus_pretrain.data.loader import BatchLoader
 from janus_pretrain.objectives.build import Objective
 from janus_pretrain.train.metrics import StepStats

@@ -1,6 +1,6 @@
 """What `make demo` prints last: a pretrained checkpoint at work on held-out paragraphs, AR and NAR.
 
-    python -m janus_pretrain.generate.showcase --checkpoint runs/demo/train \
+    python -m janus_pretrain.showcase --checkpoint runs/demo/train \
         --input ../shared/data/pretrain/enwiki/valid.txt [--count 4] [--max-tokens 64]
 
 Each of the first `count` non-empty paragraphs, cut to `max-tokens` tokens, is noised exactly as

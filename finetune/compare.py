@@ -179,35 +179,69 @@ def plot(task: str, metric: str, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# One line style per decoding manner in the validation curves; one colour per system in a panel.
+MANNER_STYLES = {"ar_greedy": "-", "nar_T4": "--", "nar_T1": ":", "nar_T10": "-."}
+
+
+def curve_panels(results: list[dict]) -> dict[str, list[dict]]:
+    """Runs with an in-loop validation curve, grouped into one panel per experiment (the
+    `provenance` of their JSON; `other` without one), in report order."""
+    panels: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("validation_curve"):
+            panels.setdefault((r.get("provenance") or {}).get("experiment", "other"), []).append(r)
+    return panels
+
+
+def curve_colours(runs: list[dict]) -> dict[str, tuple]:
+    """system -> colour, distinct within a panel (tab10, then tab20 beyond ten systems)."""
+    import matplotlib
+
+    systems = list(dict.fromkeys(r["system"] for r in runs))
+    cmap = matplotlib.colormaps["tab10" if len(systems) <= 10 else "tab20"]
+    return {s: cmap(i % cmap.N) for i, s in enumerate(systems)}
+
+
 def plot_curves(task: str, metric: str, results: list[dict], path: Path) -> bool:
-    """Validation `metric` against updates for every run with an in-loop validation curve, one
-    line per decoding manner; the selected (best) step marked. False when no run has one."""
-    runs = [r for r in results if r.get("validation_curve")]
-    if not runs:
+    """Validation `metric` against updates for every run with an in-loop validation curve: a panel
+    per experiment, a colour per system, a line style per decoding manner (MANNER_STYLES); the
+    selected (best) step circled. False when no run has a curve."""
+    panels = curve_panels(results)
+    if not panels:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
-        modes = sorted({k.split("/", 1)[1] for point in r["validation_curve"] for k in point
-                        if k.startswith(f"{metric}/")})
-        for mode in modes:
-            points = [(p["step"], p[f"{metric}/{mode}"]) for p in r["validation_curve"]
-                      if f"{metric}/{mode}" in p]
-            line, = ax.plot(*zip(*points), ".-", label=f"{r['system']} {mode}")
-            best = r.get("selected") or {}
-            if best.get("step") in dict(points):
-                ax.plot(best["step"], dict(points)[best["step"]], "o", mfc="none", ms=9,
-                        color=line.get_color())
-    ax.set_xlabel("updates")
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title(f"{task}: in-loop validation (circle: the selected checkpoint)")
-    ax.legend(fontsize=7)
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+    for ax, (experiment, runs) in zip(axes.flat, panels.items()):
+        colours = curve_colours(runs)
+        for r in runs:
+            modes = sorted({k.split("/", 1)[1] for point in r["validation_curve"] for k in point
+                            if k.startswith(f"{metric}/")})
+            for i, mode in enumerate(modes):
+                points = [(p["step"], p[f"{metric}/{mode}"]) for p in r["validation_curve"]
+                          if f"{metric}/{mode}" in p]
+                ax.plot(*zip(*points), MANNER_STYLES.get(mode, ":"), marker=".",
+                        color=colours[r["system"]], label=r["system"] if i == 0 else None)
+                best = r.get("selected") or {}
+                if best.get("step") in dict(points):
+                    ax.plot(best["step"], dict(points)[best["step"]], "o", mfc="none", ms=9,
+                            color=colours[r["system"]])
+        ax.set_title(experiment, fontsize=9)
+        ax.set_xlabel("updates", fontsize=8)
+        ax.set_ylabel(f"validation {metric}", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    styles = ", ".join(f"{m} {s}" for m, s in MANNER_STYLES.items())
+    fig.suptitle(f"{task}: in-loop validation ({styles}; circle: the selected checkpoint)",
+                 fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 

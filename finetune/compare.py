@@ -151,6 +151,37 @@ def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequen
     return "\n".join(out) + "\n"
 
 
+def system_colours(systems: Sequence[str]) -> dict[str, str]:
+    """system -> colour, distinct for any number of systems: tab10, else tab20's dark shades
+    before its light ones (no two neighbours of one hue), else points spread over turbo."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    systems = list(dict.fromkeys(systems))
+    n = len(systems)
+    if n <= 10:
+        cols = colormaps["tab10"].colors[:n]
+    elif n <= 20:
+        tab20 = colormaps["tab20"].colors
+        cols = (tab20[0::2] + tab20[1::2])[:n]
+    else:
+        cols = [colormaps["turbo"](i / (n - 1)) for i in range(n)]
+    return dict(zip(systems, map(to_hex, cols)))
+
+
+def latency_series(metric: str, rows: list[dict]) -> list[dict]:
+    """The quality-vs-latency plot's lines: one per system through its scored settings, each
+    system in its own colour."""
+    colours = system_colours([r["system"] for r in rows])
+    series = []
+    for system, colour in colours.items():
+        mine = [r for r in rows if r["system"] == system and r[metric] is not None]
+        series.append({"system": system, "colour": colour, "settings": [r["setting"] for r in mine],
+                       "latency_ms": [r["latency_ms"] for r in mine],
+                       "score": [r[metric] for r in mine]})
+    return series
+
+
 def plot(task: str, metric: str, rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -158,12 +189,10 @@ def plot(task: str, metric: str, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in dict.fromkeys(r["system"] for r in rows):
-        mine = [r for r in rows if r["system"] == system and r[metric] is not None]
-        ax.plot([r["latency_ms"] for r in mine], [r[metric] for r in mine], "o-", label=system)
-        for r in mine:
-            ax.annotate(r["setting"], (r["latency_ms"], r[metric]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
+    for line in latency_series(metric, rows):
+        ax.plot(line["latency_ms"], line["score"], "o-", label=line["system"], color=line["colour"])
+        for setting, x, y in zip(line["settings"], line["latency_ms"], line["score"]):
+            ax.annotate(setting, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
     for p in published(task):
         if metric in p.scores:
             ax.axhline(p.scores[metric], ls="--", lw=0.8, color="gray")
@@ -173,9 +202,9 @@ def plot(task: str, metric: str, rows: list[dict], path: Path) -> None:
     ax.set_xlabel("latency, ms per sentence (batch 1, this machine)")
     ax.set_ylabel(metric)
     ax.set_title(f"{task}: quality vs latency (measured)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)  # off the lines
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -191,15 +220,6 @@ def curve_panels(results: list[dict]) -> dict[str, list[dict]]:
         if r.get("validation_curve"):
             panels.setdefault((r.get("provenance") or {}).get("experiment", "other"), []).append(r)
     return panels
-
-
-def curve_colours(runs: list[dict]) -> dict[str, tuple]:
-    """system -> colour, distinct within a panel (tab10, then tab20 beyond ten systems)."""
-    import matplotlib
-
-    systems = list(dict.fromkeys(r["system"] for r in runs))
-    cmap = matplotlib.colormaps["tab10" if len(systems) <= 10 else "tab20"]
-    return {s: cmap(i % cmap.N) for i, s in enumerate(systems)}
 
 
 def plot_curves(task: str, metric: str, results: list[dict], path: Path) -> bool:
@@ -218,7 +238,7 @@ def plot_curves(task: str, metric: str, results: list[dict], path: Path) -> bool
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
     for ax, (experiment, runs) in zip(axes.flat, panels.items()):
-        colours = curve_colours(runs)
+        colours = system_colours([r["system"] for r in runs])
         for r in runs:
             modes = sorted({k.split("/", 1)[1] for point in r["validation_curve"] for k in point
                             if k.startswith(f"{metric}/")})

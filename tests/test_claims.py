@@ -55,18 +55,3 @@ def test_a_family_claim_takes_the_variant_best_on_validation_not_on_test():
     assert claim["rows"] == ["janus_from_ar_onesided ar_beam5", "ar_cont ar_beam5"]
     assert claim["measured"] == -3.0 and not claim["holds"]
 
-
-def test_validation_curves_one_colour_per_system_and_a_panel_per_experiment():
-    from finetune.compare import MANNER_STYLES, curve_colours, curve_panels
-
-    curve = [{"step": 250, "bleu/ar_greedy": 1.0, "bleu/nar_T4": 0.5}]
-    results = [{"system": f"s{i}", "validation_curve": curve,
-                "provenance": {"experiment": "a" if i < 12 else "b"}} for i in range(17)]
-    results.append({"system": "old", "validation_curve": curve})  # no provenance
-    results.append({"system": "flat", "validation_curve": []})   # no curve: not drawn
-    panels = curve_panels(results)
-    assert list(panels) == ["a", "b", "other"] and len(panels["a"]) == 12
-    for runs in panels.values():
-        colours = curve_colours(runs)
-        assert len(set(colours.values())) == len(runs)
-    assert len(set(MANNER_STYLES.values())) == len(MANNER_STYLES)

@@ -8,6 +8,7 @@ or BANG's one-pass NAR) and scores the task's first metric.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,7 @@ from janus_pretrain.checkpoint import store, weights
 from janus_pretrain.checkpoint.files import AVERAGED, BEST, CHECKPOINTS, MARKER
 from janus_pretrain.errors import JanusError
 from janus_pretrain.generate.api import Generator
+from janus_pretrain.train.validation import weights_finite
 from finetune.live_eval import first_metric
 from finetune.tasks import TaskSpec, read_split
 
@@ -34,6 +36,9 @@ def validation_score(task: TaskSpec, path: Path, valid_size: int,
     sources, refs = read_split(task, "valid", root)
     sources, refs = sources[:valid_size], refs[:valid_size]
     gen = Generator.from_checkpoint(path)
+    if not weights_finite(gen.model):
+        print(f"select: {path.name} has non-finite weights: never the best", flush=True)
+        return float("-inf")
     modes = gen.cfg.objective.decoding_modes()
     if "ar" in modes:
         options = dict(mode="ar", beam=1)
@@ -55,6 +60,10 @@ def select_best(task: TaskSpec, run: Path, valid_size: int = 200,
     if not candidates:
         raise JanusError(f"select: no complete checkpoint under {ckpts}")
     scores = {p.name: validation_score(task, p, valid_size, root) for p in candidates}
-    best = max(candidates, key=lambda p: scores[p.name])
+    finite = [p for p in candidates if math.isfinite(scores[p.name])]
+    if not finite:
+        raise JanusError(f"select: every checkpoint under {ckpts} has non-finite weights "
+                         f"(diverged: lower optim.lr, or resume from an earlier run)")
+    best = max(finite, key=lambda p: scores[p.name])
     weights.copy_model(best, ckpts / BEST)
     return ckpts / BEST, scores

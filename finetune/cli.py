@@ -19,6 +19,7 @@ User errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from janus_pretrain.errors import JanusError, run_cli
@@ -79,6 +80,7 @@ def _train(args) -> None:
     from janus_pretrain.config import load_config
     from janus_pretrain.parallel import state
     from janus_pretrain.train.loop import train
+    from janus_pretrain.train.signals import REQUEUE_EXIT_CODE
     from finetune.pairs import data_overrides
     from finetune.tasks import get_task
 
@@ -95,10 +97,15 @@ def _train(args) -> None:
             live = task_eval(task, cfg, args.valid_size, args.data_root)
         result = train(cfg, resume=args.resume, task_eval=live)
         print(f"train: step {result.step}, checkpoint {result.checkpoint}")
-        if not cfg.train.eval_interval:
+        if result.stopped_by:  # preempted: no `select` in the grace period, ask for a requeue
+            print(f"train: stopped by {result.stopped_by} after step {result.step}; exit status "
+                  f"{REQUEUE_EXIT_CODE} asks for a requeue (then --resume)")
+        elif not cfg.train.eval_interval:
             _select(task, Path(cfg.train.output_dir), args)
     finally:
         state.shutdown()
+    if result.stopped_by:
+        sys.exit(REQUEUE_EXIT_CODE)
 
 
 def _select_cmd(args) -> None:

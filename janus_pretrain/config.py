@@ -237,7 +237,7 @@ class OptimConfig:
     clip_grad: float = 1.0
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(0 < self.lr < float("inf"), "optim.lr", "must be positive and finite")
         _check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
         _check(self.decay in ("cosine", "linear", "constant"), "optim.decay",
                f"'{self.decay}' is not one of cosine, linear, constant")

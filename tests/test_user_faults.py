@@ -115,3 +115,40 @@ def test_yaml_key_twice_and_syntax_errors_are_one_line_with_the_line(tmp_path):
     broken.write_text("model: tiny\ntrain:\n  steps: [10\n")
     with pytest.raises(JanusError, match=r"broken.yaml is not valid YAML at line 4, column 1: "):
         load_config(broken, ["data.train=x", "data.tokenizer=y"])
+
+
+def test_generate_refuses_an_unwritable_output_before_decoding(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "janus_pretrain.cli", "generate", "--checkpoint",
+                          str(tmp_path / "never_loaded"), "--mode", "ar", "--output",
+                          str(tmp_path / "no" / "such" / "dir" / "out.txt")],
+                         cwd=REPO, env=child_env(), input="hi\n", capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: generate: cannot write --output {tmp_path}/no/such/dir/out.txt: "
+        f"No such file or directory"]
+
+
+def test_generate_writes_each_batch_before_decoding_the_next(tmp_path, monkeypatch):
+    """Interrupted after its first batch, generate has written that batch's lines."""
+    from janus_pretrain.generate import api, cli
+
+    class Stops:
+        calls = 0
+
+        def generate(self, sources, **_):
+            Stops.calls += 1
+            if Stops.calls == 2:
+                raise KeyboardInterrupt
+            return [s.upper() for s in sources]
+
+    monkeypatch.setattr(api.Generator, "from_checkpoint", staticmethod(lambda path: Stops()))
+    (tmp_path / "in.txt").write_text("".join(f"line {i}\n" for i in range(5)))
+    parser = __import__("argparse").ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["generate", "--checkpoint", str(tmp_path), "--input",
+                              str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.txt"),
+                              "--batch-size", "2"])
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(args)
+    assert (tmp_path / "out.txt").read_text() == "LINE 0\nLINE 1\n"

@@ -70,18 +70,38 @@ def run(args) -> None:
     if bad:
         print(f"generate: warning: {len(bad)} input line(s) were not valid UTF-8 (first: line "
               f"{bad[0]}); their bad bytes were decoded as U+FFFD", file=sys.stderr, flush=True)
+    out = _open_output(args.output)
     consolidated = Path(args.checkpoint).is_file()
-    gen = (Generator.from_consolidated if consolidated else Generator.from_checkpoint)(args.checkpoint)
     try:
-        hyps = gen.generate(sources, force=args.force_mode, mode=args.mode, beam=args.beam,
-                            max_len=args.max_len, length_penalty=args.length_penalty,
-                            no_repeat_ngram=args.no_repeat_ngram, iterations=args.iterations,
-                            length_beam=args.length_beam, dedup=args.dedup, rerank=args.rerank,
-                            batch_size=args.batch_size, spec_block=args.spec_block,
-                            spec_accept=args.spec_accept, spec_top=args.spec_top,
-                            spec_margin=args.spec_margin)
+        gen = (Generator.from_consolidated if consolidated else Generator.from_checkpoint)(
+            args.checkpoint)
+        # One batch of sources at a time, in input order, each written and flushed before the
+        # next is decoded: an interrupted run keeps every finished line.
+        for start in range(0, len(sources), args.batch_size):
+            hyps = gen.generate(sources[start:start + args.batch_size], force=args.force_mode,
+                                mode=args.mode, beam=args.beam, max_len=args.max_len,
+                                length_penalty=args.length_penalty,
+                                no_repeat_ngram=args.no_repeat_ngram, iterations=args.iterations,
+                                length_beam=args.length_beam, dedup=args.dedup,
+                                rerank=args.rerank, batch_size=args.batch_size,
+                                spec_block=args.spec_block, spec_accept=args.spec_accept,
+                                spec_top=args.spec_top, spec_margin=args.spec_margin)
+            out.writelines(h + "\n" for h in hyps)
+            out.flush()
     finally:
         state.shutdown()
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    with out:
-        out.writelines(h + "\n" for h in hyps)
+        if out is not sys.stdout:
+            out.close()
+
+
+def _open_output(path: str):
+    """The hypothesis file, opened before any decoding: a path that cannot be written is one
+    line, not a traceback after the work."""
+    from janus_pretrain.errors import JanusError
+
+    if path == "-":
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise JanusError(f"generate: cannot write --output {path}: {e.strerror}") from None

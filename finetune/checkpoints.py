@@ -9,6 +9,7 @@ or BANG's one-pass NAR) and scores the task's first metric.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +36,11 @@ def validation_score(task: TaskSpec, path: Path, valid_size: int,
                      root: Optional[str] = None) -> float:
     sources, refs = read_split(task, "valid", root)
     sources, refs = sources[:valid_size], refs[:valid_size]
-    gen = Generator.from_checkpoint(path)
+    try:
+        gen = Generator.from_checkpoint(path)
+    except JanusError as e:  # a corrupt file: the other checkpoints may still serve
+        print(f"select: warning: skipping {path.name}: {e}", file=sys.stderr, flush=True)
+        return float("-inf")
     if not weights_finite(gen.model):
         print(f"select: {path.name} has non-finite weights: never the best", flush=True)
         return float("-inf")
@@ -61,9 +66,10 @@ def select_best(task: TaskSpec, run: Path, valid_size: int = 200,
         raise JanusError(f"select: no complete checkpoint under {ckpts}")
     scores = {p.name: validation_score(task, p, valid_size, root) for p in candidates}
     finite = [p for p in candidates if math.isfinite(scores[p.name])]
+    scores = {p.name: scores[p.name] for p in finite}
     if not finite:
-        raise JanusError(f"select: every checkpoint under {ckpts} has non-finite weights "
-                         f"(diverged: lower optim.lr, or resume from an earlier run)")
+        raise JanusError(f"select: no checkpoint under {ckpts} is usable: each is corrupt or has "
+                         f"non-finite weights (diverged: lower optim.lr)")
     best = max(finite, key=lambda p: scores[p.name])
     weights.copy_model(best, ckpts / BEST)
     return ckpts / BEST, scores

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from janus_pretrain.checkpoint.files import MARKER, TMP_PREFIX
+from janus_pretrain.errors import JanusError
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,6 +45,20 @@ def sha256(path: Path, sync: bool = False) -> str:
         if sync:
             os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def check_files(directory: Path, paths: list[Path]) -> None:
+    """Before reading `paths` of a published `directory`: each file the marker lists must still
+    have its sha256 (a copy cut short or a damaged disk), else one error naming the file."""
+    try:
+        manifest = json.loads((directory / MARKER).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest to check against (not a published directory)
+    for path in paths:
+        expected = manifest.get(str(path.relative_to(directory)))
+        if expected is not None and sha256(path) != expected:
+            raise JanusError(f"checkpoint: {path} is corrupt (its sha256 differs from the one "
+                             f"{directory / MARKER} recorded when it was written)")
 
 
 def files(directory: Path) -> list[str]:

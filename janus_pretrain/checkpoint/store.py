@@ -178,7 +178,10 @@ def read_meta(checkpoint: Path) -> dict:
     path = checkpoint / META
     if not path.is_file():
         raise JanusError(f"checkpoint: {checkpoint} is not a janus-pretrain checkpoint (no {META})")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise JanusError(f"checkpoint: {path} is corrupt ({e})") from None
 
 
 def load(engine, path: Path, tokenizer: Tokenizer) -> dict:

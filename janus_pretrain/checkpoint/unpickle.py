@@ -14,7 +14,7 @@ from janus_pretrain.errors import JanusError
 def load(path: Path, holds: str, allowed: Sequence = ()) -> dict:
     """`path` loaded with weights_only=True: tensors, plain values and the `allowed` classes.
     Anything else (a crafted pickle) is one error naming the class torch refused; `holds` says
-    what the file should hold."""
+    what the file should hold. A file torch cannot read (truncated) is one error naming it."""
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -23,3 +23,6 @@ def load(path: Path, holds: str, allowed: Sequence = ()) -> dict:
         why = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
         raise JanusError(f"checkpoint: {path} holds more than {holds}; refused without running it "
                          f"({why[:120]})") from None
+    except (RuntimeError, EOFError) as e:  # torch's reader on a truncated or damaged file
+        raise JanusError(f"checkpoint: {path} cannot be read: it is truncated or corrupt "
+                         f"({str(e).splitlines()[0][:120]})") from None

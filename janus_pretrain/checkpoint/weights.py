@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def tp_rank_weights(checkpoint: Path, tp_rank: int) -> Weights:
     files = tp_rank_files(checkpoint, tp_rank)
     if not files:
         raise JanusError(f"checkpoint: no DeepSpeed model states for TP rank {tp_rank} in {checkpoint}")
+    atomic.check_files(checkpoint, files)
     if not has_zero_shards(files):
         saved = unpickle.load(checkpoint / model_states_file(tp_rank), "tensors and plain values")
         return {k: v.float() if v.is_floating_point() else v
@@ -61,8 +63,12 @@ def tp_rank_weights(checkpoint: Path, tp_rank: int) -> Weights:
         view.mkdir()
         for f in files:
             os.symlink(f.resolve(), view / f.name)
-        with contextlib.redirect_stdout(io.StringIO()):  # it narrates every tensor
-            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it narrates every tensor
+                return get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise JanusError(f"checkpoint: the ZeRO files of TP rank {tp_rank} in {checkpoint} "
+                             f"cannot be read ({str(e).splitlines()[0][:120]})") from None
 
 
 def full_weights(checkpoint: Path, model: nn.Module) -> Weights:

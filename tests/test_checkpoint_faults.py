@@ -1,0 +1,121 @@
+"""A corrupt or truncated checkpoint file is one error line naming it, in every command that
+loads weights; `select` skips it."""
+from __future__ import annotations
+
+import pytest
+
+from janus_pretrain.errors import JanusError
+
+
+def write_checkpoint(target, source_dir, model, poison: bool = False):
+    """`model`'s weights as a model-only checkpoint at `target` (NaN in one weight if `poison`)."""
+    import torch
+
+    from janus_pretrain.checkpoint import weights
+
+    tensors = {k: v.clone() for k, v in weights.model_tensors(model).items()}
+    if poison:
+        next(v for v in tensors.values() if v.is_floating_point())[0] = float("nan")
+    return weights.write_model_checkpoint(source_dir, [tensors], target)
+
+
+@pytest.fixture
+def tiny_model_source(tmp_path, tokenizer_path, single_process):
+    """(a directory holding a tiny config's janus.json and the tokenizer, a random tiny model)."""
+    import json
+
+    import torch
+
+    from conftest import REPO
+    from janus_pretrain.config import load_config, to_dict
+    from janus_pretrain.model import JanusModel
+    from janus_pretrain.tokenizer import PAD, load_tokenizer
+
+    cfg = load_config(REPO / "configs" / "pretrain" / "demo.yaml",
+                      ["model=tiny", "data.max_source_len=32", "data.max_target_len=32"])
+    tok = load_tokenizer(tokenizer_path)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "janus.json").write_text(json.dumps({"config": to_dict(cfg)}))
+    (source / tok.filename).write_bytes(tok.model_bytes())
+    torch.manual_seed(0)
+    return source, JanusModel(cfg.model, tok.vocab_size, PAD)
+
+
+def damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    else:  # one flipped byte: torch would load it, with one wrong weight
+        path.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) +
+                         data[len(data) // 2 + 1:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_corrupt_checkpoint_is_named_by_every_loader(tiny_model_source, tmp_path, how):
+    from conftest import REPO
+    from janus_pretrain.checkpoint import consolidated, weights
+    from janus_pretrain.config import load_config
+    from janus_pretrain.generate.api import Generator
+    from janus_pretrain.model import JanusModel
+    from janus_pretrain.tokenizer import PAD, load_tokenizer
+    from janus_pretrain.checkpoint.init import init_weights
+
+    source, model = tiny_model_source
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000001", source, model)
+    single = consolidated.write(tmp_path / "model.safetensors", weights.model_tensors(model),
+                                {}, load_tokenizer(source), "test")
+    damaged = ckpt / "mp_rank_00_model_states.pt"
+    damage(damaged, how)
+    damage(single, how)
+    tok = load_tokenizer(source)
+    cfg = load_config(REPO / "configs" / "pretrain" / "demo.yaml", ["model=tiny"])
+    loads = {  # generate, evaluate, select and distill load through Generator.from_checkpoint
+        "generate": lambda: Generator.from_checkpoint(tmp_path / "run"),
+        "consolidate": lambda: weights.consolidate(ckpt, tmp_path / "out.safetensors"),
+        "init-from": lambda: init_weights(JanusModel(cfg.model, tok.vocab_size, PAD),
+                                          str(ckpt), tok),
+    }
+    for command, load in loads.items():
+        with pytest.raises(JanusError) as e:
+            load()
+        assert str(damaged) in str(e.value) and "\n" not in str(e.value), (command, e.value)
+    if how == "truncated":  # a flipped byte in a safetensors file may well load (no checksum)
+        with pytest.raises(JanusError, match=str(single)):
+            Generator.from_consolidated(single)
+        (ckpt / "COMPLETE").unlink()  # no manifest to check: torch's failure is named
+        with pytest.raises(JanusError, match=f"{damaged} cannot be read: it is truncated"):
+            weights.tp_rank_weights(ckpt, 0)
+
+
+def test_select_skips_a_corrupt_checkpoint(tiny_model_source, tmp_path, capsys):
+    from finetune.checkpoints import select_best
+    from finetune.tasks import get_task
+
+    source, model = tiny_model_source
+    ckpts = tmp_path / "run" / "checkpoints"
+    write_checkpoint(ckpts / "step_00000001", source, model)
+    damage(write_checkpoint(ckpts / "step_00000002", source, model) / "mp_rank_00_model_states.pt",
+           "truncated")
+    _, scores = select_best(get_task("multi30k_ende"), tmp_path / "run", valid_size=2)
+    assert list(scores) == ["step_00000001"]
+    assert f"{ckpts / 'step_00000002' / 'mp_rank_00_model_states.pt'} is corrupt" in \
+        capsys.readouterr().err
+
+
+def test_generate_on_a_truncated_checkpoint_is_one_error_line(tiny_model_source, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, child_env
+
+    source, model = tiny_model_source
+    ckpt = write_checkpoint(tmp_path / "step_00000001", source, model)
+    damage(ckpt / "mp_rank_00_model_states.pt", "truncated")
+    result = subprocess.run([sys.executable, "-m", "janus_pretrain.cli", "generate", "--checkpoint",
+                             str(ckpt)], cwd=REPO, env=child_env(), input="a source\n",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: checkpoint: {ckpt / 'mp_rank_00_model_states.pt'} is corrupt (its sha256 differs "
+        f"from the one {ckpt / 'COMPLETE'} recorded when it was written)"], result.stderr[-2000:]

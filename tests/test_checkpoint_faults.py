@@ -119,3 +119,17 @@ def test_generate_on_a_truncated_checkpoint_is_one_error_line(tiny_model_source,
     assert result.stderr.splitlines() == [
         f"error: checkpoint: {ckpt / 'mp_rank_00_model_states.pt'} is corrupt (its sha256 differs "
         f"from the one {ckpt / 'COMPLETE'} recorded when it was written)"], result.stderr[-2000:]
+
+
+def test_consolidate_to_an_unwritable_path_is_one_error(tmp_path, tokenizer_path):
+    import torch
+
+    from janus_pretrain.checkpoint import consolidated
+    from janus_pretrain.tokenizer import load_tokenizer
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for target in (tmp_path, a_file / "model.safetensors"):  # a directory; under a file
+        with pytest.raises(JanusError, match=f"cannot write {target}: ") as e:
+            consolidated.write(target, {"w": torch.zeros(2)}, {}, load_tokenizer(tokenizer_path), "t")
+        assert "\n" not in str(e.value)

@@ -33,11 +33,20 @@ class Consolidated:
 
 def write(path: str | Path, weights: dict[str, torch.Tensor], config: dict, tokenizer: Tokenizer,
           source: str) -> Path:
+    """A directory, or a place that cannot be written (a read-only mount), is one error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "config": json.dumps(config), "source": source,
               "tokenizer": base64.b64encode(tokenizer.model_bytes()).decode("ascii")}
-    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(path), metadata=header)
+    if path.is_dir():
+        raise JanusError(f"checkpoint: cannot write {path}: it is a directory (name a .safetensors "
+                         f"file)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(path),
+                  metadata=header)
+    except (OSError, SafetensorError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise JanusError(f"checkpoint: cannot write {path}: {why}") from None
     return path
 
 

@@ -152,3 +152,29 @@ def test_generate_writes_each_batch_before_decoding_the_next(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         cli.run(args)
     assert (tmp_path / "out.txt").read_text() == "LINE 0\nLINE 1\n"
+
+
+
+def test_a_second_training_into_a_locked_directory_is_refused(tmp_path):
+    from janus_pretrain.errors import JanusError
+    from janus_pretrain.train.run_lock import lock_run_directory
+
+    run = tmp_path / "run"
+    held = lock_run_directory(run)  # as a running training's rank 0 holds it
+    try:
+        with pytest.raises(JanusError, match=f"in use by another training \\(pid {os.getpid()} on "):
+            lock_run_directory(run)
+        result = subprocess.run(
+            [sys.executable, "-m", "janus_pretrain.cli", "train", "--config",
+             str(REPO / "configs" / "pretrain" / "demo.yaml"),
+             "model=tiny", f"train.output_dir={run}",  # refused before the data is opened
+             f"data.train={tmp_path / 'no_shards'}", f"data.tokenizer={tmp_path / 'no_tok'}"],
+            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+    finally:
+        held.close()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [
+        f"error: train: {run} is in use by another training (pid {os.getpid()} on "
+        f"{os.uname().nodename}): wait for it to end, or choose another train.output_dir"]
+    assert not (run / "checkpoints").exists()
+    lock_run_directory(run).close()  # free again once the holder is gone

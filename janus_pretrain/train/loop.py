@@ -32,6 +32,7 @@ from janus_pretrain.model.flops import matmul_peak
 from janus_pretrain.objectives.build import Objective, build_objective
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD, load_tokenizer
+from janus_pretrain.train import run_lock
 from janus_pretrain.train.engine import build_engine, read_deepspeed_json
 from janus_pretrain.train.metrics import RunLogger, StepStats
 from janus_pretrain.train.nonfinite import NonFiniteGuard
@@ -100,6 +101,13 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
                          "or a fine-tuning task (janus-finetune train)")
     read_deepspeed_json(cfg)
     topo = state.initialize(cfg.parallel.tensor_parallel)
+    with run_lock.hold(Path(cfg.train.output_dir), topo.is_main):
+        return _train(cfg, resume, task_eval, topo)
+
+
+def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: state.Topology
+           ) -> TrainResult:
+    """`train` once the process group is up and this run owns its output directory."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = open_corpus(cfg.data.train, tokenizer)
     objective = build_objective(cfg)

@@ -155,6 +155,8 @@ class ObjectiveConfig:
                f"'{self.loss_normalization}' is not one of term, target_tokens")
         _check(self.kl_warmup_steps >= 0, "objective.kl_warmup_steps", "must be >= 0")
         _check(self.encoder_passes in (1, 2), "objective.encoder_passes", "must be 1 or 2")
+        _check(self.encoder_passes == 1 or not self.is_bang, "objective.encoder_passes",
+               f"2 is a JANUS step (one encoder pass per stream); objective.kind={self.kind} has one")
         _check(0.0 <= self.label_smoothing < 1.0, "objective.label_smoothing", "must be in [0, 1)")
         for name in ("target_mask_ratio", "source_mask_ratio"):
             _check(0.0 < getattr(self, name) <= 1.0, f"objective.{name}", "must be in (0, 1]")

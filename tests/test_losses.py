@@ -250,3 +250,12 @@ def test_one_sided_kl_sends_no_gradient_into_ar(single_process):
     assert not torch.allclose(g2["ar"], ce_only["ar"])  # two-sided: AR is pulled
     for k in ("nar", "aux"):
         torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=0)
+
+
+def test_two_encoder_passes_are_a_janus_option_only():
+    from janus_pretrain.errors import JanusError
+
+    with pytest.raises(JanusError, match="^config: objective.encoder_passes: 2 is a JANUS step"):
+        ObjectiveConfig(kind="bang", masking="none", encoder_passes=2)
+    with pytest.raises(JanusError, match="must be 1 or 2"):
+        ObjectiveConfig(encoder_passes=3)

@@ -53,6 +53,8 @@ DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-binary deepspeed -w .whl "$D
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 -d .whl "${DOWNLOAD[@]}"
 
+(cd .whl && ls *.whl) > .whl/MANIFEST  # slurm/gpu_run.sh refuses to start if one is missing
+
 rm -rf .gpu_data && mkdir -p .gpu_data/nmt/multi30k
 for split in train val test_2016_flickr; do
     for lang in en de; do

@@ -17,7 +17,7 @@ EXPERIMENT := $(FINETUNE) experiment run
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install test demo results ablations ablations-protocol research glge-results clean
+.PHONY: install test demo results ablations ablations-protocol research glge-results gpu-wheels clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ research: install
 
 glge-results: install
 	$(EXPERIMENT) glge
+
+# What the one-GPU run carries (.whl/, .gpu_data/; docs/gpu.md).
+gpu-wheels:
+	bash slurm/gpu_wheels.sh $(DATA)
 
 clean:
 	rm -rf runs

@@ -1,9 +1,9 @@
-"""python -m janus_pretrain.bench {decode,gpu,memory,padding,train} [...]"""
+"""python -m janus_pretrain.bench {cuda,decode,gpu,memory,padding,train} [...]"""
 import sys
 
-from janus_pretrain.bench import decode, gpu, memory, padding, train
+from janus_pretrain.bench import cuda, decode, gpu, memory, padding, train
 
-BENCHMARKS = {"decode": decode.main, "gpu": gpu.main, "memory": memory.main,
+BENCHMARKS = {"cuda": cuda.main, "decode": decode.main, "gpu": gpu.main, "memory": memory.main,
               "padding": padding.main, "train": train.main}
 
 if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

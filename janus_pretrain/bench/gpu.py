@@ -8,10 +8,12 @@ Rows (single process, TP = 1; bench/train.py's step, timing and FLOP count, not 
     bart                       HF BART of the same shape, bf16, SDPA
     fp16 ar ZeRO-0             DeepSpeed fp16 with dynamic loss scaling (the scale is printed)
     bf16 janus ZeRO-2          DeepSpeed ZeRO-2 on one GPU
+    bf16 ar / janus compiled   sdpa with torch.compile, as train.compile=true (CUDA only)
 MFU is against a bf16 matmul peak measured in this process right before each row. Every row
 runs with attention_dropout = 0, since flex has none, so sdpa and flex compare like for like.
-The dry run skips the flex rows (no flex backward on CPU in torch 2.13) and runs the fp16 row in
-bf16 (DeepSpeed refuses fp16 on CPU).
+The dry run skips the flex and compiled rows (no flex backward on CPU in torch 2.13; compiling
+takes minutes there) and runs the fp16 row in bf16 (DeepSpeed refuses fp16 on CPU). --json is
+rewritten after each row, so a run cut short keeps the rows it finished.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import gc
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,11 @@ def rows(device: torch.device, args) -> dict:
     fp16 = "bf16" if cpu else "fp16"
     table[f"{fp16} ar ZeRO-0"] = lambda: run_engine("ar", fp16, 0, device, args)
     table["bf16 janus ZeRO-2"] = lambda: run_engine("janus", "bf16", 2, device, args)
+    if not cpu:
+        compiled = argparse.Namespace(**{**vars(args), "compile": True})
+        for name in ("ar", "janus"):
+            table[f"bf16 {name} compiled"] = lambda n=name: run_ours(n, "bf16", device, compiled,
+                                                                     NO_ATTN_DROPOUT)
     return table
 
 
@@ -103,11 +111,24 @@ def main(argv: list[str]) -> None:
     print(f"{'row':<20} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'peak TF/s':>9} "
           f"{'MFU':>6} {'peak MiB':>9} {'loss scale':>10}")
     results = {}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"device": name, "shape": SHAPES[args.dry_run_cpu],
+                                             "rows": results}, indent=1))
+
     for row, run in rows(device, args).items():
         gc.collect()
         peak = matmul_peak(device, torch.bfloat16, size=args.peak_size)
-        with PeakMemory(device) as mem:
-            r = run()
+        try:
+            with PeakMemory(device) as mem:
+                r = run()
+        except Exception as e:  # noqa: BLE001 - one GPU run: a failed row is a result, the next runs
+            traceback.print_exc()
+            results[row] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            print(f"{row:<20} failed: {results[row]['error'][:200]}", flush=True)
+            save()
+            continue
         achieved = r["flops"] / r["seconds"]
         results[row] = {**r, "tokens_per_s": tokens / r["seconds"], "peak_flops": peak,
                         "mfu": achieved / peak, "peak_bytes": mem.bytes}
@@ -115,10 +136,10 @@ def main(argv: list[str]) -> None:
         print(f"{row:<20} {r['seconds'] * 1000:>9.1f} {tokens / r['seconds']:>10.0f} "
               f"{achieved / 1e12:>8.2f} {peak / 1e12:>9.2f} {achieved / peak:>6.1%} "
               f"{mem.bytes / 2**20:>9.0f} {'' if scale is None else f'{scale:g}':>10}", flush=True)
-    if "bf16 janus flex" in results:
+        save()
+    if "mfu" in results.get("bf16 janus flex", {}):
         speedup = results["bf16 janus sdpa"]["seconds"] / results["bf16 janus flex"]["seconds"]
         print(f"janus flex over sdpa: {speedup:.2f}x", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "shape": SHAPES[args.dry_run_cpu],
-                                         "rows": results}, indent=1))
     state.shutdown()
+    if any("error" in r for r in results.values()):
+        sys.exit(1)

@@ -3,7 +3,8 @@ data-parallel group at each log interval, and written by rank 0 to the console (
 `<output_dir>/metrics.jsonl` and W&B.
 
 W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set; the offline run
-directory is printed at the end so it can be `wandb sync`-ed.
+directory is printed at the end so it can be `wandb sync`-ed. WANDB_MODE=disabled writes
+metrics.jsonl alone and never imports wandb (the one-GPU run carries no wandb: docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -112,15 +113,17 @@ class RunLogger:
         self.first: Optional[dict] = None
         self.last: Optional[dict] = None
         self.steps_since_log = 0
+        self.run = None
         if not enabled:
             return
-        import wandb
-
         output_dir.mkdir(parents=True, exist_ok=True)
         if self.file.is_file():
             drop_metrics_after(self.file, start_step)
-        self.run = wandb.init(project=project, name=name, dir=str(output_dir), config=config,
-                              mode=wandb_mode(), resume="allow")
+        if wandb_mode() != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=project, name=name, dir=str(output_dir), config=config,
+                                  mode=wandb_mode(), resume="allow")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         mininterval=1.0)
 
@@ -149,7 +152,8 @@ class RunLogger:
                              tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
         terms = " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in metrics.items())
         self.bar.write(f"step {step}: {terms}")
-        self.run.log(metrics, step=step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
 
     def write_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Validation metrics (train/validation.py): a line of their own in metrics.jsonl."""
@@ -158,13 +162,16 @@ class RunLogger:
         with open(self.file, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        self.run.log(metrics, step=step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
 
     def close(self) -> Optional[str]:
         """Finish; returns the W&B run directory (rank 0)."""
         if not self.enabled:
             return None
         self.bar.close()
+        if self.run is None:
+            return None
         run_dir = self.run.dir
         self.run.finish()
         return str(Path(run_dir).parent)

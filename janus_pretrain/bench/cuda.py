@@ -244,7 +244,7 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     if not args.dry_run_cpu and not torch.cuda.is_available():
         sys.exit("bench cuda: no CUDA device here (use --dry-run-cpu to check the script on CPU)")
-    vars(args).update(SHAPES[args.dry_run_cpu], task=None)
+    vars(args).update(SHAPES[args.dry_run_cpu], data=None)
     args.overrides = data_overrides(args)
     from janus_pretrain.parallel import state
 

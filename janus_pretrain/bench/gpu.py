@@ -24,7 +24,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from janus_pretrain.bench.train import (PeakMemory, data_overrides, host_batches, measured,

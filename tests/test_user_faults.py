@@ -178,3 +178,57 @@ def test_a_second_training_into_a_locked_directory_is_refused(tmp_path):
         f"{os.uname().nodename}): wait for it to end, or choose another train.output_dir"]
     assert not (run / "checkpoints").exists()
     lock_run_directory(run).close()  # free again once the holder is gone
+
+
+# --- 8. W&B: a resumed run continues the same run ------------------------------------------------
+
+def offline_history(run_dir) -> list[int]:
+    """The steps whose history an offline W&B run's .wandb file holds. The file is a LevelDB log
+    (7-byte ":W&B" header, 32 KiB blocks of records: crc32c, length, type, then the bytes) of
+    protobuf Records; wandb 0.31 reads it in its Go core only, so it is parsed here."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_dir.glob("*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending, steps = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left for a header: the block is padded
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                steps.append(record.history.step.num)
+    return steps
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    from conftest import read_metrics
+    from janus_pretrain.train.metrics import RunLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    def invocation(start_step: int, steps: range) -> None:
+        logger = RunLogger(True, tmp_path, 10, start_step, 1, 1.0, "test", None, {})
+        for step in steps:
+            logger.write_eval(step, {"eval/loss": float(step)})
+        logger.close()
+
+    invocation(0, range(1, 5))  # killed after logging step 4; its checkpoint is step 2
+    invocation(2, range(3, 7))  # resumed from step 2
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert [r.name.rsplit("-", 1)[1] for r in runs] == [run_id, run_id]
+    assert offline_history(runs[0]) == [1, 2, 3, 4]
+    assert offline_history(runs[1]) == [5, 6]  # W&B keeps steps 3 and 4 as first logged
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    invocation(0, range(1, 2))  # a fresh run (no checkpoint to resume) is a new W&B run
+    assert (tmp_path / "wandb_run_id").read_text().strip() != run_id

@@ -3,13 +3,17 @@ data-parallel group at each log interval, and written by rank 0 to the console (
 `<output_dir>/metrics.jsonl` and W&B.
 
 W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set; the offline run
-directory is printed at the end so it can be `wandb sync`-ed. WANDB_MODE=disabled writes
-metrics.jsonl alone and never imports wandb (the one-GPU run carries no wandb: docs/gpu.md).
+directory is printed at the end so it can be `wandb sync`-ed. A resumed run continues the same
+W&B run (its id is kept in `<output_dir>/wandb_run_id`), so a requeued job is one run; each
+invocation writes its own offline directory `wandb/offline-run-<time>-<id>`, and syncing them
+all, in order, fills the one run. WANDB_MODE=disabled writes metrics.jsonl alone and never
+imports wandb (the one-GPU run carries no wandb: docs/gpu.md).
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,6 +25,9 @@ from tqdm import tqdm
 from janus_pretrain.objectives.build import TERMS
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD
+
+
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def wandb_mode() -> str:
@@ -86,19 +93,39 @@ class StepStats:
         return out
 
 
+def _logged_step(line: str) -> Optional[int]:
+    """The step of a complete metrics.jsonl line; None for a line that a crash cut short."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def drop_metrics_after(path: Path, step: int) -> None:
     """Steps past the checkpoint we resume from (logged before a crash) will be logged again;
     so will a line that a crash cut short."""
-
-    def logged_step(line: str) -> float:
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            return float("inf")
-
     kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.endswith("\n") and logged_step(line) <= step]
+            if (logged := _logged_step(line)) is not None and logged <= step]
     path.write_text("".join(kept))
+
+
+def last_logged_step(path: Path) -> int:
+    """The last step metrics.jsonl records (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    steps = [_logged_step(line) for line in path.read_text().splitlines(keepends=True)]
+    return max((s for s in steps if s is not None), default=0)
+
+
+def wandb_run_id(output_dir: Path, start_step: int) -> str:
+    """The run's W&B id, kept in `<output_dir>/wandb_run_id`: a resumed (requeued) invocation
+    continues the same W&B run; a fresh one (step 0) starts a new run."""
+    path = output_dir / WANDB_ID_FILE
+    if start_step and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # W&B's own ids are 8 characters of [a-z0-9]
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 class RunLogger:
@@ -117,13 +144,17 @@ class RunLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        # W&B cannot take back logged steps: a resumed run logs only past the last step the
+        # interrupted one logged (it keeps those values; resuming is exact, so they are the same).
+        self.wandb_from = last_logged_step(self.file) if start_step else 0
         if self.file.is_file():
             drop_metrics_after(self.file, start_step)
         if wandb_mode() != "disabled":
             import wandb
 
             self.run = wandb.init(project=project, name=name, dir=str(output_dir), config=config,
-                                  mode=wandb_mode(), resume="allow")
+                                  mode=wandb_mode(), id=wandb_run_id(output_dir, start_step),
+                                  resume="allow")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         mininterval=1.0)
 
@@ -152,8 +183,7 @@ class RunLogger:
                              tok_s=f"{metrics['perf/tokens_per_s']:.0f}")
         terms = " ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in metrics.items())
         self.bar.write(f"step {step}: {terms}")
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._log_wandb(step, metrics)
 
     def write_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Validation metrics (train/validation.py): a line of their own in metrics.jsonl."""
@@ -162,7 +192,10 @@ class RunLogger:
         with open(self.file, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if self.run is not None:
+        self._log_wandb(step, metrics)
+
+    def _log_wandb(self, step: int, metrics: dict[str, float]) -> None:
+        if self.run is not None and step > self.wandb_from:
             self.run.log(metrics, step=step)
 
     def close(self) -> Optional[str]:

@@ -29,8 +29,9 @@ def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] =
     or `tokenizer.json` when `tokenizer` is a Hugging Face one); returns the summary also written
     to `<output>/pairs.json`. `distilled`: a `distill` output directory whose lines replace the
     targets (of the training sources it covers)."""
+    if max_pairs is not None and max_pairs < 1:
+        raise JanusError(f"prepare: --max-pairs must be at least 1, not {max_pairs}")
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     sources, targets = read_split(task, "train", root)
     if distilled is not None:
         from finetune.distill import distilled_targets  # imports torch, which prepare need not
@@ -40,6 +41,7 @@ def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] =
     kept = [(s, t) for s, t in zip(sources, targets) if s and t][:max_pairs]
     if not kept:
         raise JanusError(f"task {task.name}: no training pair with a non-empty source and target")
+    output.mkdir(parents=True, exist_ok=True)
     reused = load_tokenizer(tokenizer) if tokenizer else None
     tok_path = output / (reused or SentencePieceTokenizer).filename
     with tempfile.TemporaryDirectory(dir=output, prefix=".pairs-") as tmp:
@@ -69,4 +71,10 @@ def prepare_pairs(task: TaskSpec, output: str | Path, tokenizer: Optional[str] =
 def data_overrides(task: TaskSpec, output: str | Path) -> list[str]:
     """The config overrides that point a run at pairs `prepare_pairs` wrote to `output`, cut at
     the task's lengths (`janus-finetune train`; `bench train --data` reads the same)."""
+    output = Path(output)
+    for side in ("source", "target"):
+        if not (output / side / "meta.json").is_file():
+            raise JanusError(f"data: {output} is not a directory written by `janus-finetune "
+                             f"prepare` (no {output / side / 'meta.json'}): run `janus-finetune "
+                             f"prepare --task {task.name} --output {output}` first")
     return pair_overrides(output, task.max_source_len, task.max_target_len)

@@ -180,6 +180,16 @@ def _checked(path: Path, **source) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(path=path, sp=sp)
 
 
+# Longer lines are skipped by sentencepiece's trainer.
+MAX_SENTENCE_BYTES = 16384
+
+
+def has_trainable_line(path: str | Path) -> bool:
+    """Whether the file has a non-blank line sentencepiece trains on (stops at the first)."""
+    with open(path, "rb") as f:
+        return any(line.strip() and len(line.rstrip(b"\r\n")) <= MAX_SENTENCE_BYTES for line in f)
+
+
 def train_tokenizer(inputs: Sequence[str | Path], output: str | Path, vocab_size: int,
                     model_type: str = "unigram", max_sentences: int = 1_000_000,
                     num_threads: int = 2) -> SentencePieceTokenizer:
@@ -189,6 +199,10 @@ def train_tokenizer(inputs: Sequence[str | Path], output: str | Path, vocab_size
         raise JanusError(f"tokenizer: input file not found: {missing[0]}")
     if model_type not in ("unigram", "bpe"):
         raise JanusError(f"tokenizer: model type '{model_type}' is not one of unigram, bpe")
+    if not any(has_trainable_line(p) for p in inputs):
+        raise JanusError(f"tokenizer: {', '.join(map(str, inputs))}: no line to train on (every "
+                         f"line is empty or longer than {MAX_SENTENCE_BYTES} bytes, which "
+                         f"sentencepiece skips); give text with one sentence or paragraph a line")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -196,7 +210,8 @@ def train_tokenizer(inputs: Sequence[str | Path], output: str | Path, vocab_size
         spm.SentencePieceTrainer.train(
             input=[str(p) for p in inputs], model_writer=model, vocab_size=vocab_size,
             model_type=model_type, character_coverage=1.0, input_sentence_size=max_sentences,
-            shuffle_input_sentence=True, num_threads=num_threads, max_sentence_length=16384,
+            shuffle_input_sentence=True, num_threads=num_threads,
+            max_sentence_length=MAX_SENTENCE_BYTES,
             pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_piece="[PAD]", unk_piece="[UNK]",
             bos_piece="[BOS]", eos_piece="[EOS]", user_defined_symbols=["[MASK]"],
             minloglevel=2)

@@ -9,8 +9,6 @@ from janus_pretrain.errors import JanusError
 
 def write_checkpoint(target, source_dir, model, poison: bool = False):
     """`model`'s weights as a model-only checkpoint at `target` (NaN in one weight if `poison`)."""
-    import torch
-
     from janus_pretrain.checkpoint import weights
 
     tensors = {k: v.clone() for k, v in weights.model_tensors(model).items()}
@@ -133,3 +131,14 @@ def test_consolidate_to_an_unwritable_path_is_one_error(tmp_path, tokenizer_path
         with pytest.raises(JanusError, match=f"cannot write {target}: ") as e:
             consolidated.write(target, {"w": torch.zeros(2)}, {}, load_tokenizer(tokenizer_path), "t")
         assert "\n" not in str(e.value)
+
+
+def test_a_finished_run_resumed_names_its_checkpoint(tiny_model_source, tmp_path, monkeypatch):
+    from janus_pretrain.checkpoint import store
+
+    source, model = tiny_model_source
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004", source, model)
+    monkeypatch.setattr(store, "load", lambda engine, path, tokenizer: {"step": 4})
+    checkpointer = store.Checkpointer(None, tmp_path / "run", None, 2, 3)
+    assert checkpointer.start(resume=True, fallback=False) == {"step": 4}
+    assert checkpointer.last == ckpt  # what `train` reports when no step is left to run

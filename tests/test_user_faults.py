@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from janus_pretrain.errors import JanusError
 from tests.conftest import REPO, child_env, multi30k_slice
 
 
@@ -26,6 +27,32 @@ def pairs(tmp_path_factory):
                     "400", "--workers", "1"], cwd=REPO, env=child_env(), check=True,
                    capture_output=True)
     return root / "data", out
+
+
+def test_finetune_train_stopped_by_a_signal_requeues_without_select(tmp_path, monkeypatch, capsys):
+    import janus_pretrain.train.loop as loop
+    from janus_pretrain.parallel import state
+    from janus_pretrain.train.loop import TrainResult
+    from janus_pretrain.train.signals import REQUEUE_EXIT_CODE
+    from finetune import cli
+
+    selected = []
+    monkeypatch.setattr(state, "shutdown", lambda: None)
+    monkeypatch.setattr(cli, "_select", lambda *a: selected.append(a))
+    result = TrainResult(rank=0, start_step=0, step=7, checkpoint="ckpt", stopped_by="SIGTERM")
+    monkeypatch.setattr(loop, "train", lambda cfg, resume, task_eval: result)
+    for side in ("source", "target"):  # as `janus-finetune prepare` leaves it
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "meta.json").write_text("{}")
+    argv = ["train", "--task", "multi30k_ende", "--data", str(tmp_path), "--config",
+            "configs/finetune/janus.yaml", f"train.output_dir={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == REQUEUE_EXIT_CODE and selected == []
+    assert f"stopped by SIGTERM after step 7; exit status {REQUEUE_EXIT_CODE}" in capsys.readouterr().out
+    result.stopped_by = None  # a finished run is still selected, and exits 0
+    cli.main(argv)
+    assert len(selected) == 1
 
 
 def finetune_cmd(pairs, run: Path, *overrides: str) -> list[str]:
@@ -68,7 +95,6 @@ def test_sigterm_in_finetuning_exits_75_without_select(pairs, tmp_path):
 
 def test_infinite_learning_rate_is_refused_in_one_line():
     from janus_pretrain.config import load_config
-    from janus_pretrain.errors import JanusError
 
     with pytest.raises(JanusError, match=r"^config: optim.lr: must be positive and finite$"):
         load_config(REPO / "configs/finetune/ar.yaml", ["optim.lr=inf"])
@@ -104,7 +130,6 @@ def test_a_nonfinite_checkpoint_never_becomes_best(pairs, tmp_path):
 
 def test_yaml_key_twice_and_syntax_errors_are_one_line_with_the_line(tmp_path):
     from janus_pretrain.config import load_config
-    from janus_pretrain.errors import JanusError
 
     twice = tmp_path / "twice.yaml"
     twice.write_text("model: tiny\ntrain:\n  steps: 10\noptim:\n  lr: 1.0e-3\ntrain:\n  log_interval: 5\n")
@@ -156,7 +181,6 @@ def test_generate_writes_each_batch_before_decoding_the_next(tmp_path, monkeypat
 
 
 def test_a_second_training_into_a_locked_directory_is_refused(tmp_path):
-    from janus_pretrain.errors import JanusError
     from janus_pretrain.train.run_lock import lock_run_directory
 
     run = tmp_path / "run"
@@ -232,3 +256,42 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     invocation(0, range(1, 2))  # a fresh run (no checkpoint to resume) is a new W&B run
     assert (tmp_path / "wandb_run_id").read_text().strip() != run_id
+
+
+# --- 7. messages that pointed the wrong way ------------------------------------------------------
+
+def test_finetune_data_not_prepared_says_prepare(tmp_path):
+    from finetune.pairs import data_overrides
+    from finetune.tasks import get_task
+
+    with pytest.raises(JanusError, match=f"run `janus-finetune prepare --task multi30k_ende "
+                                         f"--output {tmp_path}` first"):
+        data_overrides(get_task("multi30k_ende"), tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n", b"x" * 1_000_000 + b"\n"])
+def test_tokenizer_without_a_usable_line_says_why(tmp_path, content):
+    from janus_pretrain.tokenizer import train_tokenizer
+
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(content)
+    with pytest.raises(JanusError, match=f"tokenizer: {text}: no line to train on"):
+        train_tokenizer([text], tmp_path / "tok.model", 100)
+
+
+def test_data_prepare_on_an_empty_file_says_empty(tmp_path):
+    from janus_pretrain.data.prepare import load_corpus
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(JanusError, match=f"data: {empty}: empty, nothing to prepare"):
+        load_corpus([str(empty)], "text", str(tmp_path / "cache"))
+
+
+def test_prepare_max_pairs_zero_is_refused_before_writing(tmp_path):
+    from finetune.pairs import prepare_pairs
+    from finetune.tasks import get_task
+
+    with pytest.raises(JanusError, match="--max-pairs must be at least 1, not 0"):
+        prepare_pairs(get_task("multi30k_ende"), tmp_path / "out", max_pairs=0)
+    assert not (tmp_path / "out").exists()

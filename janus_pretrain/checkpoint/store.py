@@ -238,7 +238,11 @@ class Checkpointer:
                                  f"--resume to continue, or choose another train.output_dir")
             return None
         found = find_resumable(self.root, fallback)
-        return None if found is None else load(self.engine, found, self.tokenizer)
+        if found is None:
+            return None
+        meta = load(self.engine, found, self.tokenizer)
+        self.last = found  # the run's checkpoint until this invocation saves one
+        return meta
 
     def after_step(self, step: int, done: bool, client_state) -> None:
         """Collective; `client_state()` builds what janus.json holds besides the step."""

@@ -56,6 +56,8 @@ def load_corpus(inputs: Sequence[str], field: str, cache_dir: str) -> datasets.D
             raise JanusError(f"data: inputs must all be one of {', '.join(sorted(FORMATS))}: "
                              f"got {', '.join(p.name for p in local)}")
         builder = kinds.pop()
+        if all(p.stat().st_size == 0 for p in local):
+            raise JanusError(f"data: {', '.join(map(str, local))}: empty, nothing to prepare")
         options = {"encoding_errors": "replace"} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(builder, data_files=[str(p) for p in local], split="train",

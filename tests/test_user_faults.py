@@ -207,30 +207,40 @@ def test_a_second_training_into_a_locked_directory_is_refused(tmp_path):
 # --- 8. W&B: a resumed run continues the same run ------------------------------------------------
 
 def offline_history(run_dir) -> list[int]:
-    """The steps whose history an offline W&B run's .wandb file holds. The file is a LevelDB log
-    (7-byte ":W&B" header, 32 KiB blocks of records: crc32c, length, type, then the bytes) of
-    protobuf Records; wandb 0.31 reads it in its Go core only, so it is parsed here."""
+    """The steps whose history an offline W&B run's .wandb file holds, once the run's exit
+    record is there (wandb's core process may still be writing after `finish` returns). The file
+    is a LevelDB log (7-byte ":W&B" header, 32 KiB blocks of records: crc32c, length, type, then
+    the bytes) of protobuf Records; wandb 0.31 reads it in its Go core only, so it is parsed here."""
     import struct
+    import time
 
     from wandb.proto import wandb_internal_pb2
 
-    data = next(run_dir.glob("*.wandb")).read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending, steps = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # too little room left for a header: the block is padded
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a full record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            if record.WhichOneof("record_type") == "history":
-                steps.append(record.history.step.num)
-    return steps
+    deadline = time.monotonic() + 60
+    while True:
+        data = next(run_dir.glob("*.wandb")).read_bytes()
+        assert data[:4] == b":W&B"
+        pos, block, pending, kinds, steps = 7, 32768, b"", [], []
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # too little room left for a header: the block is padded
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if pos + 7 + length > len(data):  # a record still being written
+                break
+            pending += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a full record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                pending = b""
+                kinds.append(record.WhichOneof("record_type"))
+                if kinds[-1] == "history":
+                    steps.append(record.history.step.num)
+        if "exit" in kinds:
+            return steps
+        assert time.monotonic() < deadline, f"{run_dir}: no exit record"
+        time.sleep(0.2)
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):

@@ -15,9 +15,9 @@ import yaml
 
 from finetune import experiment
 from finetune.cli import main as finetune_main
-from finetune.pairs import data_overrides
 from finetune.tasks import get_task
 from janus_pretrain.config import load_config
+from janus_pretrain.data.corpora import pair_overrides
 from janus_pretrain.errors import JanusError
 from tests.conftest import REPO, child_env, multi30k_slice
 
@@ -47,7 +47,9 @@ def test_dry_run_plan(name, capsys):
             cfg = step.argv[step.argv.index("--config") + 1]
             overrides = [a for a in step.argv if "=" in a and not a.startswith("--")]
             task = step.argv[step.argv.index("--task") + 1] if "--task" in step.argv else None
-            data = data_overrides(get_task(task), "d") if task else []
+            spec_task = get_task(task) if task else None
+            data = pair_overrides("d", spec_task.max_source_len, spec_task.max_target_len) \
+                if task else []
             load_config(REPO / cfg, [*data, *overrides])
     for task in experiment.tasks(spec):
         for system in spec["systems"]:

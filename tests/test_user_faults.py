@@ -180,7 +180,7 @@ def test_generate_writes_each_batch_before_decoding_the_next(tmp_path, monkeypat
 
 
 
-def test_a_second_training_into_a_locked_directory_is_refused(tmp_path):
+def test_a_second_training_into_a_locked_directory_is_refused(tmp_path, shards_dir, tokenizer_path):
     from janus_pretrain.train.run_lock import lock_run_directory
 
     run = tmp_path / "run"
@@ -191,8 +191,8 @@ def test_a_second_training_into_a_locked_directory_is_refused(tmp_path):
         result = subprocess.run(
             [sys.executable, "-m", "janus_pretrain.cli", "train", "--config",
              str(REPO / "configs" / "pretrain" / "demo.yaml"),
-             "model=tiny", f"train.output_dir={run}",  # refused before the data is opened
-             f"data.train={tmp_path / 'no_shards'}", f"data.tokenizer={tmp_path / 'no_tok'}"],
+             "model=tiny", f"train.output_dir={run}",  # refused before any training
+             f"data.train={shards_dir}", f"data.tokenizer={tokenizer_path}"],
             cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
     finally:
         held.close()

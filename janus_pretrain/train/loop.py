@@ -101,15 +101,17 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
                          "or a fine-tuning task (janus-finetune train)")
     read_deepspeed_json(cfg)
     topo = state.initialize(cfg.parallel.tensor_parallel)
-    with run_lock.hold(Path(cfg.train.output_dir), topo.is_main):
-        return _train(cfg, resume, task_eval, topo)
-
-
-def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: state.Topology
-           ) -> TrainResult:
-    """`train` once the process group is up and this run owns its output directory."""
+    # bad data fails before the output directory is created (for its lock)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = open_corpus(cfg.data.train, tokenizer)
+    with run_lock.hold(Path(cfg.train.output_dir), topo.is_main):
+        return _train(cfg, resume, task_eval, topo, tokenizer, corpus)
+
+
+def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: state.Topology,
+           tokenizer, corpus) -> TrainResult:
+    """`train` once the process group is up, the data open and this run owns its output
+    directory."""
     objective = build_objective(cfg)
     seed_everything(cfg.train.seed)
     model = JanusModel(cfg.model, tokenizer.vocab_size, PAD, mask_vector=cfg.objective.is_bang)

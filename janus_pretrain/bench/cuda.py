@@ -22,20 +22,19 @@ on CPU) and the decode check compares CPU with CPU.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from janus_pretrain.bench.train import Bf16Master, adamw, data_overrides, host_batches, objective_config
+from janus_pretrain.bench.train import device_run, Bf16Master, adamw, host_batches, objective_config
 from janus_pretrain.model import JanusModel
+from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD
 
 BF16_REL = 2e-2  # relative norm error allowed between two bf16 computations of the same thing
@@ -236,19 +235,7 @@ SHAPES = {False: dict(model="tiny", batch=8, src_len=64, tgt_len=64, vocab=1000,
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench cuda",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, help="write the checks here (after each one)")
-    p.add_argument("--dry-run-cpu", action="store_true",
-                   help="tiny shapes on CPU, flex_sdpa skipped: checks the script without a GPU")
-    args = p.parse_args(argv)
-    if not args.dry_run_cpu and not torch.cuda.is_available():
-        sys.exit("bench cuda: no CUDA device here (use --dry-run-cpu to check the script on CPU)")
-    vars(args).update(SHAPES[args.dry_run_cpu], data=None)
-    args.overrides = data_overrides(args)
-    from janus_pretrain.parallel import state
-
-    device = state.initialize(1).device
+    args, device = device_run("cuda", __doc__.splitlines()[0], argv, SHAPES, "flex_sdpa")
     results = {}
     for name, check in CHECKS.items():
         start = time.perf_counter()

@@ -22,13 +22,13 @@ import gc
 import json
 import sys
 import traceback
-from pathlib import Path
 
 import torch
 
-from janus_pretrain.bench.train import (PeakMemory, data_overrides, host_batches, measured,
+from janus_pretrain.bench.train import (device_run, PeakMemory, host_batches, measured,
                                         objective_config, run_bart, run_ours, time_steps)
 from janus_pretrain.model.flops import matmul_peak
+from janus_pretrain.parallel import state
 
 # peak_size: the matmul that measures the MFU denominator; small in the dry run, where a CPU
 # without bf16 instructions spends a minute on one 2048 x 2048 bf16 matmul.
@@ -89,19 +89,7 @@ def rows(device: torch.device, args) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench gpu",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, help="also write the rows here")
-    p.add_argument("--dry-run-cpu", action="store_true",
-                   help="tiny shapes on CPU, flex rows skipped: checks the script without a GPU")
-    args = p.parse_args(argv)
-    if not args.dry_run_cpu and not torch.cuda.is_available():
-        sys.exit("bench gpu: no CUDA device here (use --dry-run-cpu to check the script on CPU)")
-    vars(args).update(SHAPES[args.dry_run_cpu], data=None)
-    args.overrides = data_overrides(args)
-    from janus_pretrain.parallel import state
-
-    device = state.initialize(1).device
+    args, device = device_run("gpu", __doc__.splitlines()[0], argv, SHAPES, "flex rows")
     tokens = args.batch * (args.src_len + args.tgt_len)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device={name} torch={torch.__version__} model={args.model} batch={args.batch} "

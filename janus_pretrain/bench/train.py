@@ -42,6 +42,7 @@ import dataclasses
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -143,6 +144,22 @@ def time_steps(step: Callable[[int], None], warmup: int, steps: int, device: tor
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
+
+
+def device_run(name: str, doc: str, argv: list[str], shapes: dict, skipped: str):
+    """The command line `bench gpu` and `bench cuda` share: --json, and --dry-run-cpu (tiny shapes
+    on CPU, `skipped` left out) to check the script without a GPU; refused without CUDA otherwise.
+    -> (args with the shapes and config overrides, the device after process-group start)."""
+    p = argparse.ArgumentParser(prog=f"python -m janus_pretrain.bench {name}", description=doc)
+    p.add_argument("--json", type=Path, help="write the results here (rewritten after each one)")
+    p.add_argument("--dry-run-cpu", action="store_true",
+                   help=f"tiny shapes on CPU, {skipped} skipped: checks the script without a GPU")
+    args = p.parse_args(argv)
+    if not args.dry_run_cpu and not torch.cuda.is_available():
+        sys.exit(f"bench {name}: no CUDA device here (use --dry-run-cpu to check the script on CPU)")
+    vars(args).update(shapes[args.dry_run_cpu], data=None)
+    args.overrides = data_overrides(args)
+    return args, state.initialize(1).device
 
 
 def data_overrides(args) -> list[str]:

@@ -194,8 +194,9 @@ class _VocabTerms(torch.autograd.Function):
                 if not (a == "ar_m" and targets.detach_ar_kl):
                     kl[a].append((w, streams[b], kl_ab))
                 kl[b].append((w, streams[a], kl_ba))
+        # a stream no term differentiates (the AR side of a detached KL) gets no gradient work
         grads = {n: _stream_grad(s, kl[n], ce.get(n), targets.smoothing)
-                 for n, s in streams.items()}
+                 for n, s in streams.items() if kl[n] or n in ce}
         if "ar_m" in grads:
             b, t, v = grads["ar"].shape
             grads["ar"].view(b * t, v).index_add_(0, _flat_rows(targets.ar_rows, t),

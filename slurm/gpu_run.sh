@@ -15,7 +15,9 @@
 #                                           `make gpu-wheels`)
 #   bash slurm/gpu_run.sh OUT --dry-run-cpu every phase at tiny shapes on CPU, with this Python
 #                                           ($PYTHON, default python3) and DATA_ROOT's Multi30k
-# Phase limits and phase c's size come from the environment (defaults below).
+# Phase limits and phase c's size come from the environment (defaults below); so does a rerun of
+# a part: PHASES="a c" (default "a b c"), CHECKS="loss_scale_skip" (phase a's checks, default all),
+# C_RUNS=janus (phase c's runs, default "ar janus").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: slurm/gpu_run.sh OUT [--dry-run-cpu]}
@@ -49,16 +51,22 @@ else
     DATA_ROOT=${DATA_ROOT:-.gpu_data}
 fi
 FLAG=${DRY:+--dry-run-cpu}
+PHASES=${PHASES:-a b c} C_RUNS=(${C_RUNS:-ar janus})
 phase() { echo "== phase $1 ($(date -u +%T)): ${*:2}"; }
 failed=()  # the steps that failed or ran out of time: the exit status is 1 if any
 
-phase a "CUDA correctness, limit ${A_S}s"
-timeout "$A_S" $PY -m janus_pretrain.bench cuda $FLAG --json "$OUT/a_cuda.json"
-rc=$?; echo "phase a exit $rc"; [ $rc = 0 ] || failed+=(a)
+if [[ " $PHASES " == *" a "* ]]; then
+    phase a "CUDA correctness, limit ${A_S}s"
+    timeout "$A_S" $PY -m janus_pretrain.bench cuda $FLAG --json "$OUT/a_cuda.json"
+    rc=$?; echo "phase a exit $rc"; [ $rc = 0 ] || failed+=(a)
+fi
 
-phase b "speed, limit ${B_S}s"
-timeout "$B_S" $PY -m janus_pretrain.bench gpu $FLAG --json "$OUT/b_speed.json"
-rc=$?; echo "phase b exit $rc"; [ $rc = 0 ] || failed+=(b)
+if [[ " $PHASES " == *" b "* ]]; then
+    phase b "speed, limit ${B_S}s"
+    timeout "$B_S" $PY -m janus_pretrain.bench gpu $FLAG --json "$OUT/b_speed.json"
+    rc=$?; echo "phase b exit $rc"; [ $rc = 0 ] || failed+=(b)
+fi
+[[ " $PHASES " == *" c "* ]] || { echo "== done; failed: ${failed[*]:-none}"; [ ${#failed[@]} = 0 ]; exit; }
 
 phase c "Multi30k at model=$C_MODEL, $C_STEPS updates, training limit ${C_TRAIN_S}s"
 WORK=$(mktemp -d)
@@ -66,7 +74,7 @@ pids=() evals=()
 FT=($PY -m finetune.cli --data-root "$DATA_ROOT")
 "${FT[@]}" prepare --task multi30k_ende --output "$WORK/data" --vocab-size "$C_VOCAB" \
     --workers "$C_WORKERS" || exit 1
-for run in ar janus; do  # side by side on the one device
+for run in "${C_RUNS[@]}"; do  # side by side on the one device
     timeout "$C_TRAIN_S" "${FT[@]}" train --task multi30k_ende --data "$WORK/data" \
         --config "configs/finetune/$run.yaml" --valid-size "$C_VALID" "model=$C_MODEL" \
         parallel.precision=bf16 "data.max_tokens=$C_TOKENS" "train.steps=$C_STEPS" \
@@ -76,19 +84,19 @@ for run in ar janus; do  # side by side on the one device
     pids+=($!)
 done
 wait "${pids[@]}"  # by id: a bare `wait` also waits for the log's tee
-for run in ar janus; do
+for run in "${C_RUNS[@]}"; do
     tail -n 5 "$WORK/train_$run.log"
     grep -q "^train: step $C_STEPS," "$WORK/train_$run.log" || failed+=("c-train-$run")
     cp "$WORK/$run/metrics.jsonl" "$OUT/c_metrics_$run.jsonl"
 done
-for run in ar janus; do  # side by side too
+for run in "${C_RUNS[@]}"; do  # side by side too
     (timeout "$C_EVAL_S" "${FT[@]}" evaluate --task multi30k_ende \
         --checkpoint "$WORK/$run/checkpoints/best" --output "$OUT/c_$run.json" --batch-size 100 \
         --latency-sentences "$C_LATENCY" "${C_LIMIT[@]}"; echo "phase c evaluate $run exit $?") &
     evals+=($!)
 done
 wait "${evals[@]}"
-for run in ar janus; do [ -f "$OUT/c_$run.json" ] || failed+=("c-evaluate-$run"); done
+for run in "${C_RUNS[@]}"; do [ -f "$OUT/c_$run.json" ] || failed+=("c-evaluate-$run"); done
 rm -rf "$WORK"
 echo "== done ($(date -u +%T)); failed or cut short: ${failed[*]:-none}"
 [ ${#failed[@]} = 0 ]

@@ -61,7 +61,7 @@ def run_engine(name: str, precision: str, stage: int, device: torch.device, args
         engine.step()
 
     times = time_steps(step, args.warmup, args.steps, device)
-    scale = getattr(engine.optimizer, "cur_scale", None)
+    scale = getattr(engine.optimizer, "loss_scale", None)  # DeepSpeed's property: fp16 and ZeRO
     return {**measured(times, objective, host, cfg, engine.module.padded_vocab_size),
             "loss_scale": None if scale is None else float(scale)}
 

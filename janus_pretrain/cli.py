@@ -50,7 +50,7 @@ def _train(args) -> None:
         if result.rank == 0:
             print(f"checkpoint: {result.checkpoint}")
             print(f"wandb run (offline unless WANDB_MODE/WANDB_API_KEY): {result.wandb_dir}")
-            print(f"metrics: {cfg.train.output_dir}/metrics.jsonl")
+            print(f"metrics: {cfg.train.output_dir}/metrics.jsonl, curves: loss.png beside it")
             if result.stopped_by:
                 print(f"train: stopped by {result.stopped_by} after step {result.step}; "
                       f"exit status {REQUEUE_EXIT_CODE} asks for a requeue (then --resume)")

@@ -137,6 +137,7 @@ def test_without_a_task_best_has_the_lowest_eval_loss(shards_dir, tokenizer_path
     lowest = min(evals, key=lambda m: m["eval/loss"])
     assert read_best(out / "checkpoints" / "best") == {
         "metric": "eval/loss", "score": -lowest["eval/loss"], "step": lowest["step"]}
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # rank 0 plotted the run
 
 
 def test_eval_interval_needs_a_checkpoint_and_something_to_validate(tmp_path):

@@ -1,6 +1,6 @@
 """What a run reports: loss terms and throughput accumulated on the device, averaged over the
 data-parallel group at each log interval, and written by rank 0 to the console (tqdm),
-`<output_dir>/metrics.jsonl` and W&B.
+`<output_dir>/metrics.jsonl` and W&B; at the end, plotted to `<output_dir>/loss.png` (curves.py).
 
 W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set; the offline run
 directory is printed at the end so it can be `wandb sync`-ed. A resumed run continues the same
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from janus_pretrain.objectives.build import TERMS
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD
+from janus_pretrain.train.curves import plot_curves
 
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -199,10 +200,13 @@ class RunLogger:
             self.run.log(metrics, step=step)
 
     def close(self) -> Optional[str]:
-        """Finish; returns the W&B run directory (rank 0)."""
+        """Finish: plot the run's curves beside metrics.jsonl (curves.py); returns the W&B run
+        directory (rank 0)."""
         if not self.enabled:
             return None
         self.bar.close()
+        if self.file.is_file():
+            plot_curves(self.file)
         if self.run is None:
             return None
         run_dir = self.run.dir

@@ -48,7 +48,7 @@ def plot_curves(metrics: Path, output: Path | None = None) -> Path | None:
         for split, style in (("train", "-"), ("eval", "--")):
             if f"{split}/{term}" in series:
                 ax.plot(*series[f"{split}/{term}"], style, color=colour, label=f"{split}/{term}")
-    ax.set(xlabel="step", ylabel="loss", title=metrics.parent.name)
+    ax.set(xlabel="step", ylabel="loss", title=str(metrics.parent))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if tasks:

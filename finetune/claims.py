@@ -1,7 +1,7 @@
 """The claims a results report checks: the paper's claims at small scale, each a figure computed
 from the measured rows of one task against its target, so a report says in one table which hold.
 
-A figure names rows by (system, manner). Manners: `ar` (the AR beam row), `nar` (the best NAR
+A figure names rows by (system, mode). Modes: `ar` (the AR beam row), `nar` (the best NAR
 row: mask-predict at its best T, or BANG's one pass), or an exact setting name (`nar_T10`).
 A system name ending in `*` stands for the best of a family of variants (`janus_from_ar*`: the
 run `janus_from_ar` and every `janus_from_ar_<variant>`), the one whose selected checkpoint
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-Row = tuple[str, str]  # (system, manner or setting)
+Row = tuple[str, str]  # (system, mode or setting)
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,16 @@ def _best_on_validation(rows: list[dict], family: str) -> Optional[str]:
 
 
 def _row(rows: list[dict], key: Row, metric: str) -> Optional[dict]:
-    system, manner = key
+    system, mode = key
     if system.endswith("*"):
         system = _best_on_validation(rows, system)
     mine = [r for r in rows if r["system"] == system and r.get(metric) is not None]
-    if manner == "ar":
+    if mode == "ar":
         mine = [r for r in mine if r["setting"].startswith("ar_beam")]
-    elif manner == "nar":
+    elif mode == "nar":
         mine = [r for r in mine if r["setting"].startswith("nar_T") or r["setting"] == "bang_nar"]
     else:
-        mine = [r for r in mine if r["setting"] == manner]
+        mine = [r for r in mine if r["setting"] == mode]
     return max(mine, key=lambda r: r[metric], default=None)
 
 
@@ -108,8 +108,8 @@ NMT = [
 GLGE = [
     Claim(("janus", "nar"), ("bang", "nar"), strict=True),
     Claim(("janus", "ar"), ("ar", "ar")),
-    *[Claim((system, manner), ("scratch", manner), strict=True)
-      for system, manner in (("janus", "ar"), ("janus", "nar"), ("bang", "ar"), ("bang", "nar"),
+    *[Claim((system, mode), ("scratch", mode), strict=True)
+      for system, mode in (("janus", "ar"), ("janus", "nar"), ("bang", "ar"), ("bang", "nar"),
                              ("ar", "ar"))],
 ]
 

@@ -192,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--distilled", help="targets from this `distill` output, not the references")
     pr.set_defaults(handler=_prepare)
 
-    di = sub.add_parser("distill", help="decode the training sources with a teacher's AR manner "
+    di = sub.add_parser("distill", help="decode the training sources with a teacher's AR mode "
                                         "(sequence-level distillation; resumable)")
     di.add_argument("--task", required=True)
     di.add_argument("--teacher", required=True, help="run dir, checkpoints/best or a step dir")

@@ -26,7 +26,7 @@ JANUS_CODE = "JANUS authors' code release (github.com/dropreg/JANUS)"
 class Published:
     task: str
     system: str
-    manner: str  # AR or NAR
+    mode: str  # AR or NAR
     scores: dict
     source: str
 
@@ -134,8 +134,8 @@ def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequen
     if task in PUBLISHED_AS:
         out += [f"{PUBLISHED_AS[task][0]}: {PUBLISHED_AS[task][1]}.", ""]
     if quoted_same:
-        out.append(_table(["system", "manner", *metric_names, "source"],
-                          [[f"{p.system} (published)", p.manner, *[p.scores.get(m) for m in metric_names],
+        out.append(_table(["system", "mode", *metric_names, "source"],
+                          [[f"{p.system} (published)", p.mode, *[p.scores.get(m) for m in metric_names],
                             p.source] for p in quoted_same]))
     else:
         out.append(f"No published numbers on {task} are quoted here; the rows below are "
@@ -145,8 +145,8 @@ def markdown(task: str, metric_names: list[str], rows: list[dict], notes: Sequen
         names = sorted({m for p in quoted_other for m in p.scores},
                        key=["rouge1", "rouge2", "rougeL", "bleu4", "meteor", "bleu"].index)
         out += ["", "Other tasks:", "",
-                _table(["task", "system", "manner", *names, "source"],
-                       [[p.task, f"{p.system} (published)", p.manner, *[p.scores.get(m) for m in names], p.source]
+                _table(["task", "system", "mode", *names, "source"],
+                       [[p.task, f"{p.system} (published)", p.mode, *[p.scores.get(m) for m in names], p.source]
                         for p in quoted_other])]
     return "\n".join(out) + "\n"
 
@@ -196,7 +196,7 @@ def plot(task: str, metric: str, rows: list[dict], path: Path) -> None:
     for p in published(task):
         if metric in p.scores:
             ax.axhline(p.scores[metric], ls="--", lw=0.8, color="gray")
-            ax.annotate(f"{p.system} {p.manner} (published)", (0.01, p.scores[metric]),
+            ax.annotate(f"{p.system} {p.mode} (published)", (0.01, p.scores[metric]),
                         xycoords=("axes fraction", "data"), fontsize=7, color="gray")
     ax.set_xscale("log")
     ax.set_xlabel("latency, ms per sentence (batch 1, this machine)")
@@ -208,8 +208,8 @@ def plot(task: str, metric: str, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-# One line style per decoding manner in the validation curves; one colour per system in a panel.
-MANNER_STYLES = {"ar_greedy": "-", "nar_T4": "--", "nar_T1": ":", "nar_T10": "-."}
+# One line style per decoding mode in the validation curves; one colour per system in a panel.
+MODE_STYLES = {"ar_greedy": "-", "nar_T4": "--", "nar_T1": ":", "nar_T10": "-."}
 
 
 def curve_panels(results: list[dict]) -> dict[str, list[dict]]:
@@ -224,7 +224,7 @@ def curve_panels(results: list[dict]) -> dict[str, list[dict]]:
 
 def plot_curves(task: str, metric: str, results: list[dict], path: Path) -> bool:
     """Validation `metric` against updates for every run with an in-loop validation curve: a panel
-    per experiment, a colour per system, a line style per decoding manner (MANNER_STYLES); the
+    per experiment, a colour per system, a line style per decoding mode (MODE_STYLES); the
     selected (best) step circled. False when no run has a curve."""
     panels = curve_panels(results)
     if not panels:
@@ -245,7 +245,7 @@ def plot_curves(task: str, metric: str, results: list[dict], path: Path) -> bool
             for i, mode in enumerate(modes):
                 points = [(p["step"], p[f"{metric}/{mode}"]) for p in r["validation_curve"]
                           if f"{metric}/{mode}" in p]
-                ax.plot(*zip(*points), MANNER_STYLES.get(mode, ":"), marker=".",
+                ax.plot(*zip(*points), MODE_STYLES.get(mode, ":"), marker=".",
                         color=colours[r["system"]], label=r["system"] if i == 0 else None)
                 best = r.get("selected") or {}
                 if best.get("step") in dict(points):
@@ -257,7 +257,7 @@ def plot_curves(task: str, metric: str, results: list[dict], path: Path) -> bool
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    styles = ", ".join(f"{m} {s}" for m, s in MANNER_STYLES.items())
+    styles = ", ".join(f"{m} {s}" for m, s in MODE_STYLES.items())
     fig.suptitle(f"{task}: in-loop validation ({styles}; circle: the selected checkpoint)",
                  fontsize=9)
     fig.tight_layout()

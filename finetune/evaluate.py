@@ -3,7 +3,7 @@
 Settings are AR beam search (the task's beam) and greedy (`ar_greedy`), NAR mask-predict with
 T = 1, 4 and 10, BANG's one-pass NAR (`bang_nar`) and speculative decoding (`spec_exact`: AR
 greedy's output, drafted by the NAR stream; `spec_relaxed`: GAD++'s acceptance) for checkpoints
-that trained both AR and NAR (generate/spec.py); a checkpoint is only decoded in the manners its objective trained
+that trained both AR and NAR (generate/spec.py); a checkpoint is only decoded in the modes its objective trained
 (ObjectiveConfig.decoding_modes: the `ar` ablation has no NAR stream worth decoding, `cmlm`
 no AR one, `bang_ar` decodes AR with its predicting stream, `bang_nar` only in one pass).
 Two timings per setting, on this machine: `latency_ms` is wall time per sentence decoding one

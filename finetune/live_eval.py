@@ -1,7 +1,7 @@
 """The fine-tuning half of in-loop validation (janus_pretrain/train/validation.py, which cannot
 import finetune/): the task's first metric on the first `valid_size` validation pairs, decoded
 from the live model AR greedy, NAR mask-predict T = 4 and BANG's one-pass NAR (batched), in the
-manners the objective trains only (ObjectiveConfig.decoding_modes). The first manner's value
+modes the objective trains only (ObjectiveConfig.decoding_modes). The first mode's value
 is the score for `best`."""
 from __future__ import annotations
 

@@ -82,13 +82,13 @@ class LossWeights:
     length: float = 0.0
 
     def decoding_modes(self) -> list[str]:
-        """The manners ("ar", "nar") these weights train (objective.kind=janus; see
+        """The modes ("ar", "nar") these weights train (objective.kind=janus; see
         ObjectiveConfig.decoding_modes): a stream without its cross-entropy term was never
         taught to produce text (the KL terms only pull it towards another)."""
         return [mode for mode, term in DECODING_TERMS.items() if getattr(self, term) > 0]
 
 
-# The cross-entropy term that trains each decoding manner.
+# The cross-entropy term that trains each decoding mode.
 DECODING_TERMS = {"ar": "ce_ar", "nar": "ce_nar"}
 # objective.kind -> what it builds (docs/method.md, sections 1-4 and 9).
 OBJECTIVE_KINDS = ("janus", "bang", "bang_nar")
@@ -173,7 +173,7 @@ class ObjectiveConfig:
         return self.kind != "janus"
 
     def decoding_modes(self) -> list[str]:
-        """The manners this objective trains (`evaluate` decodes these, `generate` refuses the
+        """The modes this objective trains (`evaluate` decodes these, `generate` refuses the
         others): JANUS's from its weights; BANG's AR predicting stream is decoded as `ar`, its
         NAR fine-tuning as `bang_nar` (one pass)."""
         if self.kind == "bang":

@@ -5,10 +5,10 @@
 
 Each of the first `count` non-empty paragraphs, cut to `max-tokens` tokens, is noised exactly as
 pretraining noised its targets (the checkpoint's own objective: text infilling, spans replaced by
-one [MASK]) and the model reconstructs it in the manners its objective trained (JANUS: AR beam
+one [MASK]) and the model reconstructs it in the modes its objective trained (JANUS: AR beam
 search and NAR mask-predict; BANG pretraining: AR), at most `max-tokens` tokens; the outputs are printed with the wall time per sentence at batch 1 (after
 one untimed warm-up decode). A model pretrained for minutes reconstructs little; this shows both
-manners running, not how good they get.
+modes running, not how good they get.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def reconstruct(gen, texts: list[str], max_tokens: int, beam: int, iterations: i
     batch = objective.collate([(None, ids) for ids in originals], np.random.default_rng(seed))
     sources = [row[row != PAD].numpy() for row in batch["src"]]
     # Outputs no longer than the originals: a poor model would otherwise run to max_target_len.
-    # Only the manners the objective trained (a BANG-pretrained model decodes AR only).
+    # Only the modes the objective trained (a BANG-pretrained model decodes AR only).
     every = {"ar": (f"AR beam {beam}", DecodeOptions(mode="ar", beam=beam, max_len=max_tokens)),
              "nar": (f"NAR T={iterations}", DecodeOptions(mode="nar", iterations=iterations,
                                                           max_len=max_tokens)),

@@ -115,7 +115,7 @@ def launch_training(shards_dir, tokenizer_path):
 
 @pytest.fixture(scope="session")
 def trained_run(launch_training, tmp_path_factory):
-    """A run directory holding a 2-step checkpoint of the demo objective (both manners)."""
+    """A run directory holding a 2-step checkpoint of the demo objective (both modes)."""
     run = tmp_path_factory.mktemp("generate") / "run"
     result = launch_training(run, nproc=1, extra=("train.steps=2",
                                                   "parallel.deepspeed_config=configs/deepspeed/zero0.json"))

@@ -1,4 +1,4 @@
-"""Sharp edges a new user hits (issue 17): another tokenizer of the same size, decoding a manner
+"""Sharp edges a new user hits (issue 17): another tokenizer of the same size, decoding a mode
 the checkpoint never trained, bad text on generate's input, long and empty sources, and errors
 that must be the only line printed."""
 from __future__ import annotations
@@ -85,7 +85,7 @@ def generator(tokenizer_path, *weights: str) -> Generator:
     (("ce_nar=0",), "nar", "ar"),  # the `ar` ablation
     (("ce_ar=0",), "ar", "nar"),  # `cmlm`
 ])
-def test_generate_refuses_a_manner_never_trained(single_process, tokenizer_path, weights,
+def test_generate_refuses_a_mode_never_trained(single_process, tokenizer_path, weights,
                                                  untrained, trained):
     from finetune.evaluate import settings
     from finetune.tasks import get_task
@@ -99,7 +99,7 @@ def test_generate_refuses_a_manner_never_trained(single_process, tokenizer_path,
     # spec drafts with the NAR stream and verifies with the AR stream: it needs both
     with pytest.raises(JanusError, match=rf"objective\.weights\.{weights[0]}\.0.*--force-mode"):
         gen.generate(["a source"], mode="spec", **options)
-    # evaluate decides the manners with the same function
+    # evaluate decides the modes with the same function
     assert {s.split("_")[0] for s in settings(get_task("multi30k_ende"), gen)} == {trained}
 
 

@@ -220,7 +220,7 @@ def test_generator_and_evaluate_use_the_modes_trained(model):
 def test_pretrain_bang_then_finetune_evaluate_and_generate_bang_nar(
         launch_training, tokenizer_path, single_process, tmp_path):
     """BANG pretraining on two data-parallel ranks under ZeRO-2 (demo.yaml), its weights
-    fine-tuned as bang_nar ([MASK] vector kept), evaluated in the one manner it trains (with
+    fine-tuned as bang_nar ([MASK] vector kept), evaluated in the one mode it trains (with
     latencies), and decoded by the Generator in the mode `generate --mode bang_nar` selects."""
     import sys
 
@@ -237,7 +237,7 @@ def test_pretrain_bang_then_finetune_evaluate_and_generate_bang_nar(
                                                   "train.steps=2", "train.save_interval=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(pre)[-1]["train/ce_bang"] > 0
-    # `make demo`'s showcase on a BANG-pretrained checkpoint: only the AR manner it trained
+    # `make demo`'s showcase on a BANG-pretrained checkpoint: only the AR mode it trained
     shown = reconstruct(Generator.from_checkpoint(pre), ["a dog runs across the green park"],
                         max_tokens=8, beam=2, iterations=2, seed=0)
     assert set(shown[0]["outputs"]) == {"AR beam 2"}

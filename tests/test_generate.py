@@ -311,7 +311,7 @@ def test_generate_cli_both_modes(trained_run, tmp_path, corpus_file):
     assert [line for line in missing.stderr.splitlines() if line.strip()][-1].startswith("error:")
 
 
-def test_generate_cli_untrained_manner_and_bad_lines(trained_run, tmp_path):
+def test_generate_cli_untrained_mode_and_bad_lines(trained_run, tmp_path):
     """`--mode nar` on a checkpoint whose objective has no NAR term is one line of error unless
     --force-mode; then non-UTF-8 and empty lines keep the output aligned (issue 17)."""
     import json

@@ -1,8 +1,8 @@
 """The report's figures: a colour per system (distinct however many systems a report has), a
-panel per experiment and a line style per decoding manner in the validation curves."""
+panel per experiment and a line style per decoding mode in the validation curves."""
 import pytest
 
-from finetune.compare import MANNER_STYLES, curve_panels, latency_series, system_colours
+from finetune.compare import MODE_STYLES, curve_panels, latency_series, system_colours
 
 
 def test_validation_curves_one_colour_per_system_and_a_panel_per_experiment():
@@ -16,7 +16,7 @@ def test_validation_curves_one_colour_per_system_and_a_panel_per_experiment():
     for runs in panels.values():
         colours = system_colours([r["system"] for r in runs])
         assert len(set(colours.values())) == len(runs)
-    assert len(set(MANNER_STYLES.values())) == len(MANNER_STYLES)
+    assert len(set(MODE_STYLES.values())) == len(MODE_STYLES)
 
 
 @pytest.mark.parametrize("n", [3, 11, 15, 25])

@@ -13,7 +13,7 @@ def test_shown_writes_each_mask(tokenizer_path):
     assert shown(tok, np.array([MASK, *a, MASK, *b])) == "<mask> the first words <mask> and the last"
 
 
-def test_reconstruct_noises_then_decodes_both_manners(trained_run, single_process):
+def test_reconstruct_noises_then_decodes_both_modes(trained_run, single_process):
     gen = Generator.from_checkpoint(trained_run)
     texts = paragraphs(SHARED_DATA / "pretrain" / "enwiki" / "valid.txt", 3)
     rows = reconstruct(gen, texts, max_tokens=24, beam=2, iterations=2, seed=0)

@@ -83,8 +83,8 @@ def test_crash_while_updating_best_keeps_the_previous_one(shards_dir, tokenizer_
 @pytest.mark.parametrize("preset,keys", [
     ("janus", ["eval/multi30k_ende/bleu/ar_greedy", "eval/multi30k_ende/bleu/nar_T4"]),
     ("cmlm", ["eval/multi30k_ende/bleu/nar_T4"])])
-def test_task_eval_decodes_the_trained_manners(preset, keys, tokenizer_path, single_process):
-    """finetune's callback for the loop: one key per trained manner, AR (the score) first."""
+def test_task_eval_decodes_the_trained_modes(preset, keys, tokenizer_path, single_process):
+    """finetune's callback for the loop: one key per trained mode, AR (the score) first."""
     from finetune.live_eval import task_eval
     from finetune.tasks import get_task
     from janus_pretrain.model import JanusModel
@@ -99,7 +99,7 @@ def test_task_eval_decodes_the_trained_manners(preset, keys, tokenizer_path, sin
 
 
 def test_finetune_cli_validates_in_the_loop(tmp_path):
-    """janus-finetune train with train.eval_interval: the task metric per manner is logged and
+    """janus-finetune train with train.eval_interval: the task metric per mode is logged and
     best is the step with the best AR greedy BLEU (not `select`'s pick)."""
     import sys
 

@@ -12,7 +12,7 @@ A BANG checkpoint (objective.kind=bang) decodes `ar` with its first predicting s
 
 Sources are sorted by length and decoded in batches of `batch_size`, then returned in input
 order; an empty source gives an empty hypothesis. Sources longer than data.max_source_len are cut
-(counted on stderr). A manner the checkpoint's objective never trained is refused unless
+(counted on stderr). A mode the checkpoint's objective never trained is refused unless
 `force=True`. Under tensor parallelism every rank calls `generate` with the same inputs.
 
 A consolidated file decoded at TP = 1 needs torch alone: no process group, and neither
@@ -42,7 +42,7 @@ from janus_pretrain.parallel import reshard, tp
 from janus_pretrain.tokenizer import PAD, Tokenizer, load_tokenizer
 
 
-# Decoding manners: AR search, JANUS mask-predict, BANG's one-pass NAR, and self-speculative
+# Decoding modes: AR search, JANUS mask-predict, BANG's one-pass NAR, and self-speculative
 # decoding (the NAR stream drafts, the AR stream verifies: generate/spec.py).
 MODES = ("ar", "nar", "bang_nar", "spec")
 
@@ -89,7 +89,7 @@ class DecodeOptions:
 
 @dataclass
 class DecodeStats:
-    """Decoder passes and emitted tokens (EOS included) of one `decode_ids` call, for the manners
+    """Decoder passes and emitted tokens (EOS included) of one `decode_ids` call, for the modes
     that count them: AR greedy (one pass per token) and spec (a draft and a verify pass per
     iteration). Times: spec's draft and verify phases (generate/spec.py::SpecStats)."""
     sentences: int = 0
@@ -111,7 +111,7 @@ class DecodeStats:
 
 
 class Generator:
-    """Decodes with one model, in the manners its objective trained (see check_mode)."""
+    """Decodes with one model, in the modes its objective trained (see check_mode)."""
 
     def __init__(self, model: JanusModel, tokenizer: Tokenizer, cfg: RunConfig,
                  device: torch.device):
@@ -150,7 +150,7 @@ class Generator:
         return cls(model.to(device), saved.tokenizer, cfg, device)
 
     def check_mode(self, mode: str, force: bool = False) -> None:
-        """Refuse a manner the objective never trained (ObjectiveConfig.decoding_modes): its
+        """Refuse a mode the objective never trained (ObjectiveConfig.decoding_modes): its
         stream decodes to fluent-looking repetition, not to an error."""
         objective = self.cfg.objective
         trained = objective.decoding_modes()
@@ -242,7 +242,7 @@ class Generator:
     def generate(self, sources: Sequence[str], force: bool = False, **options) -> list[str]:
         """Source strings -> hypothesis strings, one each (see DecodeOptions for the options).
         A source with no tokens gives "" without decoding: the model would invent a sentence.
-        `force` decodes in a manner the objective never trained (see check_mode)."""
+        `force` decodes in a mode the objective never trained (see check_mode)."""
         opts = DecodeOptions(**options)
         self.check_mode(opts.mode, force)
         src = self.source_ids(sources)

@@ -50,7 +50,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from janus_pretrain.config import CONFIG_ROOT, ModelConfig, load_config
+from janus_pretrain.config import CONFIG_ROOT, ModelConfig, RunConfig, load_config
 from janus_pretrain.data.loader import build_loader
 from janus_pretrain.model import JanusModel
 from janus_pretrain.model.flops import matmul_peak
@@ -224,12 +224,29 @@ def autocast_context(device: torch.device, dtype) -> Callable:
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def run_ours(name: str, precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
+@dataclasses.dataclass
+class Step:
+    """One training step ready to run: run(i) steps on batch i of `host` (on the device);
+    the rest is what `measured` needs to turn its times into a row."""
+    run: Callable[[int], None]
+    objective: JanusObjective
+    host: list[dict]
+    cfg: RunConfig
+    vocab: int
+
+    def timed(self, args, device: torch.device) -> dict:
+        """`measured` of args.steps timed steps after args.warmup untimed ones."""
+        times = time_steps(self.run, args.warmup, args.steps, device)
+        return measured(times, self.objective, self.host, self.cfg, self.vocab)
+
+
+def ours_step(name: str, precision: str, device: torch.device, args, overrides: tuple = ()
+              ) -> Step:
+    """Our model's step under objective `name` (configs/finetune/NAME.yaml)."""
     weights, amp_dtype, _ = PRECISIONS[precision]
     cfg, objective = objective_config(name, args, overrides)
     torch.manual_seed(0)
     model = JanusModel(cfg.model, args.vocab, PAD).to(device=device, dtype=weights)
-    vocab = model.padded_vocab_size
     if args.compile:
         model.compile()
     model.train()
@@ -246,8 +263,11 @@ def run_ours(name: str, precision: str, device: torch.device, args, overrides: t
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = time_steps(step, args.warmup, args.steps, device)
-    return measured(times, objective, host, cfg, vocab)
+    return Step(step, objective, host, cfg, model.padded_vocab_size)
+
+
+def run_ours(name: str, precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
+    return ours_step(name, precision, device, args, overrides).timed(args, device)
 
 
 def run_loop(name: str, device: torch.device, args) -> list[float]:
@@ -293,7 +313,8 @@ def bart_model(mcfg: ModelConfig, vocab: int, max_positions: int):
     return BartForConditionalGeneration._from_config(config, attn_implementation="sdpa")
 
 
-def run_bart(precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
+def bart_step(precision: str, device: torch.device, args, overrides: tuple = ()) -> Step:
+    """HF BART's step, AR cross entropy on the batches of our `ar` objective."""
     weights, amp_dtype, _ = PRECISIONS[precision]
     cfg, objective = objective_config("ar", args, overrides)
     torch.manual_seed(0)
@@ -314,8 +335,11 @@ def run_bart(precision: str, device: torch.device, args, overrides: tuple = ()) 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = time_steps(step, args.warmup, args.steps, device)
-    return measured(times, objective, host, cfg, args.vocab)
+    return Step(step, objective, host, cfg, args.vocab)
+
+
+def run_bart(precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
+    return bart_step(precision, device, args, overrides).timed(args, device)
 
 
 def mean_flops(objective, host: list[dict], model: ModelConfig, vocab: int) -> float:

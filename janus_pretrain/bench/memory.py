@@ -101,18 +101,21 @@ def worker(stage: int, preset: str, precision: str, out: str) -> None:
 
 
 def activation_worker(checkpointing: str, argv: list[str]) -> None:
-    from janus_pretrain.bench.train import PeakMemory, host_batches, objective_config
+    from janus_pretrain.bench.train import (PeakMemory, data_overrides, host_batches,
+                                            objective_config)
     from janus_pretrain.model import JanusModel
     from janus_pretrain.parallel import state
     from janus_pretrain.tokenizer import PAD
 
     args = _parser().parse_args(argv)
     device = state.initialize(1).device
-    cfg, objective = objective_config("janus", args.model, args)
+    args.data = None  # synthetic full-length pairs of --src-len / --tgt-len
+    args.overrides = data_overrides(args)
+    cfg, objective = objective_config("janus", args)
     cfg.model.activation_checkpointing = checkpointing
     torch.manual_seed(0)
     model = JanusModel(cfg.model, args.vocab, PAD).to(device).train()
-    batches = [{k: v.to(device) for k, v in b.items()} for b in host_batches(objective, args, 2)]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in host_batches(cfg, objective, args, 2)]
 
     def step(batch: dict) -> None:
         prep = objective.prepare(batch)

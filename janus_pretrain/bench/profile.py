@@ -25,8 +25,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from janus_pretrain.bench.train import (PRECISIONS, Step, bart_step, data_overrides, mean_flops,
-                                        ours_step, time_steps)
+from janus_pretrain.bench.train import (PRECISIONS, Step, add_shape_arguments, bart_step,
+                                        data_overrides, mean_flops, ours_step, time_steps)
 from janus_pretrain.parallel import state
 
 SYSTEMS = ("ar", "janus", "bart")
@@ -140,15 +140,9 @@ def markdown(results: dict[str, dict], top: list[str]) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench profile",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="model preset under configs/model/")
-    p.add_argument("--batch", type=int, default=8,
-                   help="pairs per batch (with --data: data.micro_batch_size)")
-    p.add_argument("--src-len", type=int, default=128, help="synthetic mode only")
-    p.add_argument("--tgt-len", type=int, default=128, help="synthetic mode only")
+    add_shape_arguments(p, model="tiny")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="as bench train (fp32, bf16 with fp32 master weights, autocast)")
-    p.add_argument("--data", help="profile on the real batches of these prepared pairs "
-                   "(`janus-finetune prepare --task T --output DIR`) instead of random ones")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per system")
     p.add_argument("--steps", type=int, default=3, help="profiled steps per system")
     p.add_argument("--top", type=int, default=20, help="ops in the side-by-side table")

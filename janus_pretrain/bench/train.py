@@ -355,17 +355,23 @@ def cpu_name() -> str:
     return "unknown"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench train",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="base", help="model preset under configs/model/")
+def add_shape_arguments(p: argparse.ArgumentParser, model: str) -> None:
+    """The batches' options `bench train` and `bench profile` share: random full-length pairs of
+    --batch x (--src-len + --tgt-len), or a prepared task's real batches (--data)."""
+    p.add_argument("--model", default=model, help="model preset under configs/model/")
     p.add_argument("--batch", type=int, default=8,
                    help="pairs per batch (with --data: data.micro_batch_size, unless --max-tokens)")
     p.add_argument("--src-len", type=int, default=128, help="synthetic mode only")
     p.add_argument("--tgt-len", type=int, default=128, help="synthetic mode only")
-    p.add_argument("--vocab", type=int, help="vocabulary size of the random batches (default 32000)")
-    p.add_argument("--data", help="benchmark on the real batches of these prepared pairs "
+    p.add_argument("--data", help="use the real batches of these prepared pairs "
                    "(`janus-finetune prepare --task T --output DIR`) instead of random ones")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench train",
+                                description=__doc__.splitlines()[0])
+    add_shape_arguments(p, model="base")
+    p.add_argument("--vocab", type=int, help="vocabulary size of the random batches (default 32000)")
     p.add_argument("--max-tokens", type=int, help="with --data: data.max_tokens (token budget)")
     p.add_argument("--json", help="also write the table to this JSON file")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")

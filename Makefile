@@ -31,16 +31,18 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 demo: install
-	$(BIN)/janus-pretrain tokenizer train --input $(DATA)/pretrain/enwiki/train.txt \
-		--max-sentences 20000 --vocab-size 8000 --output $(DEMO)/tokenizer.model
-	$(BIN)/janus-pretrain data prepare --input $(DATA)/pretrain/enwiki/train.txt \
+	mkdir -p $(DEMO)
+	cp $(DATA)/nmt/multi30k/train.en $(DEMO)/captions.txt
+	$(BIN)/janus-pretrain tokenizer train --input $(DEMO)/captions.txt --vocab-size 2000 \
+		--output $(DEMO)/tokenizer.model
+	$(BIN)/janus-pretrain data prepare --input $(DEMO)/captions.txt \
 		--tokenizer $(DEMO)/tokenizer.model --output $(DEMO)/data --workers 2
 	rm -rf $(DEMO)/train
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed --num_gpus 2 --no_local_rank \
 		--master_port $$($(BIN)/python -c 'from janus_pretrain.parallel.state import free_port; print(free_port())') \
-		--module janus_pretrain.cli train --config configs/pretrain/demo.yaml
+		--module janus_pretrain.cli train --config configs/pretrain/captions_demo.yaml
 	$(BIN)/python -m janus_pretrain.showcase --checkpoint $(DEMO)/train \
-		--input $(DATA)/pretrain/enwiki/valid.txt --count 4
+		--input $(DATA)/nmt/multi30k/val.en --count 6
 
 results: install
 	$(EXPERIMENT) multi30k

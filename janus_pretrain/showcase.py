@@ -1,14 +1,14 @@
-"""What `make demo` prints last: a pretrained checkpoint at work on held-out paragraphs, AR and NAR.
+"""What `make demo` prints last: a pretrained checkpoint at work on held-out text, AR and NAR.
 
     python -m janus_pretrain.showcase --checkpoint runs/demo/train \
-        --input ../shared/data/pretrain/enwiki/valid.txt [--count 4] [--max-tokens 64]
+        --input ../shared/data/nmt/multi30k/val.en [--count 6] [--max-tokens 64]
 
-Each of the first `count` non-empty paragraphs, cut to `max-tokens` tokens, is noised exactly as
+Each of the first `count` non-empty lines, cut to `max-tokens` tokens, is noised exactly as
 pretraining noised its targets (the checkpoint's own objective: text infilling, spans replaced by
 one [MASK]) and the model reconstructs it in the modes its objective trained (JANUS: AR beam
-search and NAR mask-predict; BANG pretraining: AR), at most `max-tokens` tokens; the outputs are printed with the wall time per sentence at batch 1 (after
-one untimed warm-up decode). A model pretrained for minutes reconstructs little; this shows both
-modes running, not how good they get.
+search and NAR mask-predict; BANG pretraining: AR), at most `max-tokens` tokens; the outputs are
+printed with the wall time per sentence at batch 1 (after one untimed warm-up decode). Whether
+an output follows its source is what minutes of pretraining show; how good it gets is not.
 """
 from __future__ import annotations
 

@@ -66,37 +66,37 @@ if [[ " $PHASES " == *" b "* ]]; then
     timeout "$B_S" $PY -m janus_pretrain.bench gpu $FLAG --json "$OUT/b_speed.json"
     rc=$?; echo "phase b exit $rc"; [ $rc = 0 ] || failed+=(b)
 fi
-[[ " $PHASES " == *" c "* ]] || { echo "== done; failed: ${failed[*]:-none}"; [ ${#failed[@]} = 0 ]; exit; }
-
-phase c "Multi30k at model=$C_MODEL, $C_STEPS updates, training limit ${C_TRAIN_S}s"
-WORK=$(mktemp -d)
-pids=() evals=()
-FT=($PY -m finetune.cli --data-root "$DATA_ROOT")
-"${FT[@]}" prepare --task multi30k_ende --output "$WORK/data" --vocab-size "$C_VOCAB" \
-    --workers "$C_WORKERS" || exit 1
-for run in "${C_RUNS[@]}"; do  # side by side on the one device
-    timeout "$C_TRAIN_S" "${FT[@]}" train --task multi30k_ende --data "$WORK/data" \
-        --config "configs/finetune/$run.yaml" --valid-size "$C_VALID" "model=$C_MODEL" \
-        parallel.precision=bf16 "data.max_tokens=$C_TOKENS" "train.steps=$C_STEPS" \
-        "train.eval_interval=$C_EVAL" "train.save_interval=$C_EVAL" train.keep_checkpoints=1 \
-        train.log_interval=50 "optim.warmup_steps=$C_WARMUP" "train.output_dir=$WORK/$run" \
-        > "$WORK/train_$run.log" 2>&1 &
-    pids+=($!)
-done
-wait "${pids[@]}"  # by id: a bare `wait` also waits for the log's tee
-for run in "${C_RUNS[@]}"; do
-    tail -n 5 "$WORK/train_$run.log"
-    grep -q "^train: step $C_STEPS," "$WORK/train_$run.log" || failed+=("c-train-$run")
-    cp "$WORK/$run/metrics.jsonl" "$OUT/c_metrics_$run.jsonl"
-done
-for run in "${C_RUNS[@]}"; do  # side by side too
-    (timeout "$C_EVAL_S" "${FT[@]}" evaluate --task multi30k_ende \
-        --checkpoint "$WORK/$run/checkpoints/best" --output "$OUT/c_$run.json" --batch-size 100 \
-        --latency-sentences "$C_LATENCY" "${C_LIMIT[@]}"; echo "phase c evaluate $run exit $?") &
-    evals+=($!)
-done
-wait "${evals[@]}"
-for run in "${C_RUNS[@]}"; do [ -f "$OUT/c_$run.json" ] || failed+=("c-evaluate-$run"); done
-rm -rf "$WORK"
+if [[ " $PHASES " == *" c "* ]]; then
+    phase c "Multi30k at model=$C_MODEL, $C_STEPS updates, training limit ${C_TRAIN_S}s"
+    WORK=$(mktemp -d)
+    pids=() evals=()
+    FT=($PY -m finetune.cli --data-root "$DATA_ROOT")
+    "${FT[@]}" prepare --task multi30k_ende --output "$WORK/data" --vocab-size "$C_VOCAB" \
+        --workers "$C_WORKERS" || exit 1
+    for run in "${C_RUNS[@]}"; do  # side by side on the one device
+        timeout "$C_TRAIN_S" "${FT[@]}" train --task multi30k_ende --data "$WORK/data" \
+            --config "configs/finetune/$run.yaml" --valid-size "$C_VALID" "model=$C_MODEL" \
+            parallel.precision=bf16 "data.max_tokens=$C_TOKENS" "train.steps=$C_STEPS" \
+            "train.eval_interval=$C_EVAL" "train.save_interval=$C_EVAL" train.keep_checkpoints=1 \
+            train.log_interval=50 "optim.warmup_steps=$C_WARMUP" "train.output_dir=$WORK/$run" \
+            > "$WORK/train_$run.log" 2>&1 &
+        pids+=($!)
+    done
+    wait "${pids[@]}"  # by id: a bare `wait` also waits for the log's tee
+    for run in "${C_RUNS[@]}"; do
+        tail -n 5 "$WORK/train_$run.log"
+        grep -q "^train: step $C_STEPS," "$WORK/train_$run.log" || failed+=("c-train-$run")
+        cp "$WORK/$run/metrics.jsonl" "$OUT/c_metrics_$run.jsonl"
+    done
+    for run in "${C_RUNS[@]}"; do  # side by side too
+        (timeout "$C_EVAL_S" "${FT[@]}" evaluate --task multi30k_ende \
+            --checkpoint "$WORK/$run/checkpoints/best" --output "$OUT/c_$run.json" --batch-size 100 \
+            --latency-sentences "$C_LATENCY" "${C_LIMIT[@]}"; echo "phase c evaluate $run exit $?") &
+        evals+=($!)
+    done
+    wait "${evals[@]}"
+    for run in "${C_RUNS[@]}"; do [ -f "$OUT/c_$run.json" ] || failed+=("c-evaluate-$run"); done
+    rm -rf "$WORK"
+fi
 echo "== done ($(date -u +%T)); failed or cut short: ${failed[*]:-none}"
 [ ${#failed[@]} = 0 ]

@@ -58,3 +58,23 @@ def test_gpu_run_dry_run_cpu_writes_every_phase(tmp_path):
         logged = [json.loads(x) for x in (out / f"c_metrics_{run}.jsonl").read_text().splitlines()]
         assert logged[-1]["step"] == 4 and any("eval/multi30k_ende/bleu/ar_greedy" in x
                                                for x in logged)
+
+
+def test_gpu_run_reruns_a_part(tmp_path):
+    """PHASES and CHECKS (how a lent GPU's second call reran one check): only phase a, only the
+    named check; an unknown check name is refused in one line."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               DATA_ROOT=str(tmp_path), PHASES="a", CHECKS="bf16_step")
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", "slurm/gpu_run.sh", str(out), "--dry-run-cpu"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["a_cuda.json", "log.txt"]
+    checks = json.loads((out / "a_cuda.json").read_text())["checks"]
+    assert {k: v["status"] for k, v in checks.items()} == {"bf16_step": "pass"}
+
+    env["CHECKS"] = "bf16_step no_such_check"
+    run = subprocess.run(["bash", "slurm/gpu_run.sh", str(tmp_path / "out2"), "--dry-run-cpu"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and "bench cuda: CHECKS names no check ['no_such_check']" in run.stdout

@@ -239,6 +239,8 @@ def main(argv: list[str]) -> None:
     args, device = device_run("cuda", __doc__.splitlines()[0], argv, SHAPES, "flex_sdpa")
     results = {}
     only = os.environ.get("CHECKS", "").split() or list(CHECKS)  # gpu_run.sh's rerun of a few
+    if unknown := sorted(set(only) - set(CHECKS)):
+        sys.exit(f"bench cuda: CHECKS names no check {unknown}; the checks: {' '.join(CHECKS)}")
     for name, check in ((n, CHECKS[n]) for n in only):
         start = time.perf_counter()
         if name == "flex_sdpa" and device.type == "cpu":

@@ -154,8 +154,9 @@ def test_generate_refuses_an_unwritable_output_before_decoding(tmp_path):
         f"No such file or directory"]
 
 
-def test_generate_writes_each_batch_before_decoding_the_next(tmp_path, monkeypatch):
-    """Interrupted after its first batch, generate has written that batch's lines."""
+def test_generate_writes_each_chunk_before_decoding_the_next(tmp_path, monkeypatch):
+    """Interrupted after its first chunk of WRITE_EVERY batches, generate has written that
+    chunk's lines (and decoded the chunk in one call, so it is sorted by length as a whole)."""
     from janus_pretrain.generate import api, cli
 
     class Stops:
@@ -168,7 +169,8 @@ def test_generate_writes_each_batch_before_decoding_the_next(tmp_path, monkeypat
             return [s.upper() for s in sources]
 
     monkeypatch.setattr(api.Generator, "from_checkpoint", staticmethod(lambda path: Stops()))
-    (tmp_path / "in.txt").write_text("".join(f"line {i}\n" for i in range(5)))
+    chunk = 2 * cli.WRITE_EVERY  # --batch-size 2
+    (tmp_path / "in.txt").write_text("".join(f"line {i}\n" for i in range(chunk + 3)))
     parser = __import__("argparse").ArgumentParser()
     cli.add_parser(parser.add_subparsers())
     args = parser.parse_args(["generate", "--checkpoint", str(tmp_path), "--input",
@@ -176,7 +178,7 @@ def test_generate_writes_each_batch_before_decoding_the_next(tmp_path, monkeypat
                               "--batch-size", "2"])
     with pytest.raises(KeyboardInterrupt):
         cli.run(args)
-    assert (tmp_path / "out.txt").read_text() == "LINE 0\nLINE 1\n"
+    assert (tmp_path / "out.txt").read_text() == "".join(f"LINE {i}\n" for i in range(chunk))
 
 
 

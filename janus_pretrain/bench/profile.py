@@ -26,7 +26,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from janus_pretrain.bench.train import (PRECISIONS, Step, add_shape_arguments, bart_step,
-                                        data_overrides, mean_flops, ours_step, time_steps)
+                                        checked_shape, data_overrides, mean_flops, ours_step,
+                                        time_steps)
 from janus_pretrain.parallel import state
 
 SYSTEMS = ("ar", "janus", "bart")
@@ -148,8 +149,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=20, help="ops in the side-by-side table")
     p.add_argument("--json", type=Path, help="also write the profile to this JSON file")
     # What the shared step builders read that this benchmark keeps fixed.
-    p.set_defaults(vocab=None, max_tokens=None, compile=False)
-    return p.parse_args(argv)
+    p.set_defaults(vocab=None, compile=False)
+    return checked_shape(p, p.parse_args(argv))
 
 
 def main(argv: list[str]) -> None:
@@ -163,7 +164,8 @@ def main(argv: list[str]) -> None:
     for name in SYSTEMS:
         gc.collect()
         results[name] = profiled(builders[name](), args, device)
-    shape = f"data={args.data}" if args.data else f"src_len={args.src_len} tgt_len={args.tgt_len}"
+    shape = (f"data={args.data} max_tokens={args.max_tokens}" if args.data
+             else f"src_len={args.src_len} tgt_len={args.tgt_len}")
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"model={args.model} batch={args.batch} {shape} precision={args.precision} "
           f"steps={args.warmup}+{args.steps}\n")

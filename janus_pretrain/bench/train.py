@@ -365,6 +365,7 @@ def add_shape_arguments(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--tgt-len", type=int, default=128, help="synthetic mode only")
     p.add_argument("--data", help="use the real batches of these prepared pairs "
                    "(`janus-finetune prepare --task T --output DIR`) instead of random ones")
+    p.add_argument("--max-tokens", type=int, help="with --data: data.max_tokens (token budget)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -372,7 +373,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 description=__doc__.splitlines()[0])
     add_shape_arguments(p, model="base")
     p.add_argument("--vocab", type=int, help="vocabulary size of the random batches (default 32000)")
-    p.add_argument("--max-tokens", type=int, help="with --data: data.max_tokens (token budget)")
     p.add_argument("--json", help="also write the table to this JSON file")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
@@ -382,7 +382,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also time `janus` under autocast (left out by default to stay in 5 min)")
     p.add_argument("--compile", action="store_true", help="torch.compile our model, as train.compile=true does (minutes of compiling)")
     p.add_argument("--no-bart", action="store_true", help="skip the HF BART rows")
-    args = p.parse_args(argv)
+    return checked_shape(p, p.parse_args(argv))
+
+
+def checked_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     if args.data is None and args.max_tokens:
         p.error("--max-tokens needs --data")
     return args

@@ -171,13 +171,11 @@ class JanusModel(nn.Module):
         assert multiple % tp == 0, "config check: vocab_divisible_by % tensor_parallel"
         self.vocab_size = vocab_size
         self.padded_vocab_size = (vocab_size + multiple - 1) // multiple * multiple
-        # Added to this rank's logit shard: 0 in the columns of real tokens, -inf in those that
-        # pad the table (a bias, so the matmul applies it in the same pass).
+        # This rank's logit shard holds columns [first, first + v_local); those from
+        # `real_local` on pad the table (the last shard's tail) and are set to -inf.
         v_local = self.padded_vocab_size // tp
         first = layers.tp_rank * v_local
-        columns = torch.arange(first, first + v_local)
-        self.register_buffer("padding_bias", torch.zeros(v_local).masked_fill(
-            columns >= vocab_size, float("-inf")), persistent=False)
+        self.real_local = min(v_local, max(0, vocab_size - first))
         self.pad_id = pad_id
         self.cfg = cfg
         self.embed = layers.embedding(self.padded_vocab_size, cfg.hidden_size)
@@ -313,11 +311,14 @@ class JanusModel(nn.Module):
         -inf in the padding columns of the table (the last shard's tail): no token, probability 0
         in every softmax, no share of label smoothing, no gradient."""
         hidden = to_tensor_parallel(hidden)
-        # A buffer: DeepSpeed's bf16/fp16 modes cast only the parameters.
-        bias = self.padding_bias.to(self.embed.weight.dtype)
-        if self.final_logits_bias is not None:
-            bias = bias + self.final_logits_bias
-        return F.linear(hidden, self.embed.weight, bias)
+        logits = F.linear(hidden, self.embed.weight, self.final_logits_bias)
+        # In place on the padding columns only: a -inf bias would first copy its broadcast into
+        # every row of the output (a [rows, V] pass). The product's backward does not read its
+        # output, and the fill's backward zeroes those columns' gradient.
+        pad = logits.shape[-1] - self.real_local
+        if pad:
+            logits.narrow(-1, self.real_local, pad).fill_(float("-inf"))
+        return logits
 
     def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder output -> [B, length_classes]."""
@@ -348,10 +349,11 @@ class JanusModel(nn.Module):
                 memory, memory_mask = self.run_encoder(src_tokens)
         if nar_tokens is not None:
             h = self.decode(nar_tokens, nar_positions, memory, memory_mask, self_mask=nar_mask)
-            rows = torch.cat([nar_rows, aux_rows], dim=1)
-            picked = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
-            nar, aux = self.output_logits(picked).split(nar_rows.shape[1], dim=1)
-            out["nar"], out["aux"] = nar, aux
+            # One projection per stream, not one split in two: the split's backward would
+            # concatenate the two [B, K, V] gradients into a fresh buffer.
+            out["nar"], out["aux"] = (
+                self.output_logits(h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1])))
+                for rows in (nar_rows, aux_rows))
         if bang_tokens is not None:
             h = self.decode(bang_tokens, bang_positions, memory, memory_mask, self_mask=bang_mask,
                             causal=bang_mask is None, query=bang_query)

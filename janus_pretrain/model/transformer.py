@@ -171,11 +171,13 @@ class JanusModel(nn.Module):
         assert multiple % tp == 0, "config check: vocab_divisible_by % tensor_parallel"
         self.vocab_size = vocab_size
         self.padded_vocab_size = (vocab_size + multiple - 1) // multiple * multiple
-        # This rank's logit shard holds columns [first, first + v_local); those from
-        # `real_local` on pad the table (the last shard's tail) and are set to -inf.
+        # Added to this rank's logit shard: 0 in the columns of real tokens, -inf in those that
+        # pad the table (a bias, so the matmul applies it in the same pass).
         v_local = self.padded_vocab_size // tp
         first = layers.tp_rank * v_local
-        self.real_local = min(v_local, max(0, vocab_size - first))
+        columns = torch.arange(first, first + v_local)
+        self.register_buffer("padding_bias", torch.zeros(v_local).masked_fill(
+            columns >= vocab_size, float("-inf")), persistent=False)
         self.pad_id = pad_id
         self.cfg = cfg
         self.embed = layers.embedding(self.padded_vocab_size, cfg.hidden_size)
@@ -311,14 +313,13 @@ class JanusModel(nn.Module):
         -inf in the padding columns of the table (the last shard's tail): no token, probability 0
         in every softmax, no share of label smoothing, no gradient."""
         hidden = to_tensor_parallel(hidden)
-        logits = F.linear(hidden, self.embed.weight, self.final_logits_bias)
-        # In place on the padding columns only: a -inf bias would first copy its broadcast into
-        # every row of the output (a [rows, V] pass). The product's backward does not read its
-        # output, and the fill's backward zeroes those columns' gradient.
-        pad = logits.shape[-1] - self.real_local
-        if pad:
-            logits.narrow(-1, self.real_local, pad).fill_(float("-inf"))
-        return logits
+        # A buffer: DeepSpeed's bf16/fp16 modes cast only the parameters. (A -inf fill of the
+        # padding columns in place would save the bias's broadcast copy in the forward, but its
+        # backward copies the whole gradient.)
+        bias = self.padding_bias.to(self.embed.weight.dtype)
+        if self.final_logits_bias is not None:
+            bias = bias + self.final_logits_bias
+        return F.linear(hidden, self.embed.weight, bias)
 
     def length_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder output -> [B, length_classes]."""

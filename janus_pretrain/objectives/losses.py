@@ -41,33 +41,22 @@ class Targets:
 
 
 class _Stream:
-    """One stream's normalised shard: logp [..., V_local] fp32 (0, not -inf, in padding
-    columns, so that products and sums over the shard stay finite), p = exp(logp) (0 there),
-    real [V_local] (1.0 for a real token, 0.0 for padding), the global real-vocabulary size
-    and, once asked for, sum_v p log p per row."""
+    """Normalised logits: logp [..., V_local] fp32 (0, not -inf, in padding columns, so that
+    products and sums over the shard stay finite), p = exp(logp) (0 there), real [V_local] (1.0
+    for a real token, 0.0 for padding) and the global real-vocabulary size."""
 
-    def __init__(self, logp: torch.Tensor, p: torch.Tensor, real: torch.Tensor,
-                 vocab: torch.Tensor):
-        self.logp, self.p, self.real, self.vocab = logp, p, real, vocab
-        self._neg_entropy = None
-
-    @classmethod
-    def of(cls, logits: torch.Tensor) -> "_Stream":
-        logp = log_softmax(logits)
-        p = logp.exp()
+    def __init__(self, logits: torch.Tensor):
+        self.logp = log_softmax(logits)
+        self.p = self.logp.exp()
         real = torch.isfinite(logits.detach()[(0,) * (logits.dim() - 1)])
-        logp.masked_fill_(~real, 0.0)
-        return cls(logp, p, real.float(), tp_sum(real.sum().float()))
+        self.logp.masked_fill_(~real, 0.0)
+        self.real = real.float()
+        self.vocab = tp_sum(real.sum().float())
 
-    def gathered(self, rows: torch.Tensor) -> "_Stream":
-        """The rows [B, K] of a [B, T, V_local] stream as a [B, K, V_local] one."""
-        return _Stream(_take_rows(self.logp, rows), _take_rows(self.p, rows), self.real,
-                       self.vocab)
 
-    def neg_entropy(self, scratch: torch.Tensor) -> torch.Tensor:
-        if self._neg_entropy is None:
-            self._neg_entropy = vocab_dot(self.p, self.logp, scratch)
-        return self._neg_entropy
+# The streams read at the masked slots, in the order they are stacked: the AR stream's rows that
+# predict the masked positions, then NAR and AUX.
+SLOTS = ("ar_m", "nar", "aux")
 
 
 def _flat_rows(rows: torch.Tensor, t: int) -> torch.Tensor:
@@ -80,13 +69,6 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     not an element-wise gather)."""
     b, t, v = x.shape
     return x.reshape(b * t, v).index_select(0, _flat_rows(rows, t)).view(b, -1, v)
-
-
-def vocab_dot(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """sum_v x y over the (split) vocabulary: [..., V_local] x 2 -> [...]; the products go to
-    `scratch` (of x's shape), reused by every dot product of the step (a fresh tensor each time
-    costs page faults)."""
-    return tp_sum(torch.mul(x, y, out=scratch).sum(-1))
 
 
 def _mean_weights(valid: torch.Tensor) -> torch.Tensor:
@@ -102,112 +84,130 @@ def _label_local(labels: torch.Tensor, v_local: int) -> tuple[torch.Tensor, torc
     return local.clamp(0, v_local - 1), here
 
 
-def _cross_entropy(s: _Stream, labels: torch.Tensor, weights: torch.Tensor, eps: float
-                   ) -> torch.Tensor:
-    local, here = _label_local(labels, s.logp.shape[-1])
-    nll = -tp_sum(s.logp.gather(-1, local[..., None])[..., 0] * here)
+def _cross_entropy(logp: torch.Tensor, vocab: torch.Tensor, labels: torch.Tensor,
+                   weights: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weighted sum of label-smoothed CE over rows of logp [..., V_local] (vocab: real size)."""
+    local, here = _label_local(labels, logp.shape[-1])
+    nll = -tp_sum(logp.gather(-1, local[..., None])[..., 0] * here)
     if eps > 0:
-        nll = (1.0 - eps) * nll - eps * vocab_sum(s.logp) / s.vocab
+        nll = (1.0 - eps) * nll - eps * vocab_sum(logp) / vocab
     return (nll * weights).sum()
 
 
-def _kl_pair(a: _Stream, b: _Stream, scratch: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL(a||b), KL(b||a)) per row, from sum p log p and the two cross sums."""
-    return (a.neg_entropy(scratch) - vocab_dot(a.p, b.logp, scratch),
-            b.neg_entropy(scratch) - vocab_dot(b.p, a.logp, scratch))
-
-
-def _stream_grad(x: _Stream, kl: list, ce: Optional[tuple], eps: float) -> torch.Tensor:
-    """d loss / d logits of one stream [..., V_local].
-
-    kl: (w [..., 1], partner y, KL(x||y) [...]) per symKL term on x, w its weight per row / 2;
-    d symKL / d logits_x = p_x (log p_x - log p_y - KL(x||y) + 1) - p_y  (times w), so
-        grad = p_x (sum_w (1 - KL) + w_ce + (sum_w) log p_x - sum_y w log p_y) - sum_y w p_y
-               - w_ce ((1 - eps) onehot(label) + eps real / V_real)
-    with ce = (labels, w_ce [..., 1]) for the cross entropy on x. In-place updates of one
-    buffer: a fresh [rows, V] tensor costs page faults that in-place ops do not."""
-    offset = sum(w * (1.0 - k[..., None]) for w, _, k in kl) if kl else 0.0
-    if ce is not None:
-        offset = offset + ce[1]
-    if kl:
-        grad = x.logp * sum(w for w, _, _ in kl)
-        grad.add_(offset)
-        for w, y, _ in kl:
-            grad.addcmul_(y.logp, w, value=-1.0)
-        grad.mul_(x.p)
-        for w, y, _ in kl:
-            grad.addcmul_(y.p, w, value=-1.0)
-    elif ce is not None:
-        grad = x.p * offset
-    else:
-        grad = torch.zeros_like(x.p)
-    if ce is not None:
-        labels, w = ce
-        if eps > 0:
-            grad.addcmul_(x.real, w, value=-eps / x.vocab)
-        local, here = _label_local(labels, x.p.shape[-1])
-        grad.scatter_add_(-1, local[..., None], -(1.0 - eps) * w * here[..., None])
-    return grad
+def _subtract_ce(grad: torch.Tensor, s: _Stream, labels: torch.Tensor, w: torch.Tensor,
+                 eps: float) -> None:
+    """grad [..., V_local] -= w ((1 - eps) onehot(label) + eps real / V_real), in place; the
+    w p part of the CE gradient is the caller's (w [..., 1])."""
+    if eps > 0:
+        grad.addcmul_(s.real, w, value=-eps / s.vocab)
+    local, here = _label_local(labels, grad.shape[-1])
+    grad.scatter_add_(-1, local[..., None], -(1.0 - eps) * w * here[..., None])
 
 
 class _VocabTerms(torch.autograd.Function):
+    """CE_AR over the AR stream's rows; every term at the masked slots over the slot streams
+    (SLOTS) stacked as [B, K, s, V_local], so that one batched product gives every sum
+    sum_v p_x log p_y of a row (the s x s matrix `dots`) and one more pass the s gradients.
+
+    symKL(x, y) = (KL(x||y) + KL(y||x)) / 2 with KL(x||y) = dots[x, x] - dots[x, y], and
+    d symKL / d logits_x = (p_x (log p_x - log p_y - KL(x||y) + 1) - p_y) / 2, so with w the
+    term's weight per row / 2 and w_ce that of a CE on x, every slot stream's gradient is
+        p_x (c_x + sum_y A[x, y] log p_y) - sum_y Bm[x, y] p_y - w_ce (CE's one-hot, smoothing)
+    c_x = sum w (1 - KL(x||y)) + w_ce, A[x, x] = sum w, A[x, y] = -w, Bm[x, y] = w: two batched
+    products, one in-place product and the CE's sparse part. In-place updates of fresh buffers
+    only: a fresh [rows, V] tensor costs page faults that in-place ops do not."""
+
     @staticmethod
     def forward(ctx, names: tuple, targets: Targets, ar, nar, aux):
-        streams = {n: _Stream.of(x) for n, x in (("ar", ar), ("nar", nar), ("aux", aux))
-                   if x is not None}
-        if any(n.startswith("kl_ar") for n in names):
-            streams["ar_m"] = streams["ar"].gathered(targets.ar_rows)
-        w_ar = _mean_weights(targets.ar_valid) if ar is not None else None
-        w_m = _mean_weights(targets.valid) if nar is not None else None
+        ar_stream = _Stream(ar) if "ce_ar" in names else None
+        slots = [n for n in SLOTS if any(n in _slots_of(name) for name in names)]
+        logits = {"nar": nar, "aux": aux}
+        if "ar_m" in slots:
+            logits["ar_m"] = _take_rows(ar, targets.ar_rows)
+        stacked = _Stream(torch.stack([logits[n] for n in slots], dim=2)) if slots else None
+        dots = None
+        if any(name.startswith("kl_") for name in names):
+            p, logp = (x.flatten(0, -3) for x in (stacked.p, stacked.logp))
+            dots = tp_sum(torch.bmm(p, logp.transpose(1, 2)).view(*stacked.p.shape[:-1], -1))
+        w_ar = _mean_weights(targets.ar_valid) if ar_stream is not None else None
+        w_m = _mean_weights(targets.valid) if slots else None
         values, kls = [], {}
-        scratch = torch.empty_like(streams["nar"].p) if nar is not None else None
         for name in names:
             if name == "ce_ar":
-                values.append(_cross_entropy(streams["ar"], targets.ar_labels, w_ar,
-                                             targets.smoothing))
+                values.append(_cross_entropy(ar_stream.logp, ar_stream.vocab, targets.ar_labels,
+                                             w_ar, targets.smoothing))
             elif name.startswith("ce_"):
-                values.append(_cross_entropy(streams[name[3:]], targets.labels, w_m,
-                                             targets.smoothing))
+                x = slots.index(name[3:])
+                values.append(_cross_entropy(stacked.logp[:, :, x], stacked.vocab,
+                                             targets.labels, w_m, targets.smoothing))
             else:
-                a, b = _kl_sides(name)
-                kls[name] = _kl_pair(streams[a], streams[b], scratch)
+                x, y = (slots.index(n) for n in _slots_of(name))
+                diag = dots.diagonal(dim1=-2, dim2=-1)
+                kls[name] = (diag[..., x] - dots[..., x, y], diag[..., y] - dots[..., y, x])
                 values.append(((kls[name][0] + kls[name][1]) * w_m).sum() / 2)
-        ctx.names, ctx.targets, ctx.streams, ctx.kls = names, targets, streams, kls
-        ctx.weights = {"ar": w_ar, "m": w_m}
+        ctx.names, ctx.targets, ctx.slots, ctx.kls = names, targets, slots, kls
+        ctx.ar_stream, ctx.stacked, ctx.w_ar, ctx.w_m = ar_stream, stacked, w_ar, w_m
+        ctx.ar_shape = ar.shape if ar is not None else None
         return torch.stack(values)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        streams, targets = ctx.streams, ctx.targets
-        kl = {n: [] for n in streams}
-        ce = {}
-        for g, name in zip(grad.unbind(), ctx.names):
-            if name == "ce_ar":
-                ce["ar"] = (targets.ar_labels, (ctx.weights["ar"] * g)[..., None])
-            elif name.startswith("ce_"):
-                ce[name[3:]] = (targets.labels, (ctx.weights["m"] * g)[..., None])
-            else:
-                a, b = _kl_sides(name)
-                w = (ctx.weights["m"] * (g / 2))[..., None]
-                kl_ab, kl_ba = ctx.kls[name]
-                if not (a == "ar_m" and targets.detach_ar_kl):
-                    kl[a].append((w, streams[b], kl_ab))
-                kl[b].append((w, streams[a], kl_ba))
-        # a stream no term differentiates (the AR side of a detached KL) gets no gradient work
-        grads = {n: _stream_grad(s, kl[n], ce.get(n), targets.smoothing)
-                 for n, s in streams.items() if kl[n] or n in ce}
-        if "ar_m" in grads:
-            b, t, v = grads["ar"].shape
-            grads["ar"].view(b * t, v).index_add_(0, _flat_rows(targets.ar_rows, t),
-                                                   grads["ar_m"].view(-1, v))
-        return None, None, grads.get("ar"), grads.get("nar"), grads.get("aux")
+        targets, slots, eps = ctx.targets, ctx.slots, ctx.targets.smoothing
+        grad_ar = grad_slots = None
+        g = dict(zip(ctx.names, grad.unbind()))
+        if "ce_ar" in g:
+            s, w = ctx.ar_stream, (ctx.w_ar * g["ce_ar"])[..., None]
+            grad_ar = s.p * w
+            _subtract_ce(grad_ar, s, targets.ar_labels, w, eps)
+        if slots:
+            s = ctx.stacked
+            n = len(slots)
+            c = s.p.new_zeros(*s.p.shape[:-2], n)
+            a = s.p.new_zeros(*s.p.shape[:-2], n, n)
+            bm = torch.zeros_like(a)
+            trained = set()
+            for name, (kl_xy, kl_yx) in ctx.kls.items():
+                w = ctx.w_m * (g[name] / 2)
+                x_name, y_name = _slots_of(name)
+                x, y = slots.index(x_name), slots.index(y_name)
+                sides = [(y, x, kl_yx)]
+                if not (x_name == "ar_m" and targets.detach_ar_kl):
+                    sides.append((x, y, kl_xy))
+                for i, j, kl in sides:
+                    c[..., i] += w * (1.0 - kl)
+                    a[..., i, i] += w
+                    a[..., i, j] -= w
+                    bm[..., i, j] += w
+                    trained.add(i)
+            ce = {}
+            for name in ("ce_nar", "ce_aux"):
+                if name in g:
+                    i = slots.index(name[3:])
+                    ce[i] = (ctx.w_m * g[name])[..., None]
+                    c[..., i] += ce[i][..., 0]
+                    trained.add(i)
+            grad_slots = torch.baddbmm(*(t.flatten(0, -3) for t in (c[..., None], a, s.logp)))
+            grad_slots = grad_slots.view_as(s.p).mul_(s.p)
+            grad_slots.flatten(0, -3).baddbmm_(bm.flatten(0, -3), s.p.flatten(0, -3), alpha=-1)
+            for i, w in ce.items():
+                _subtract_ce(grad_slots[:, :, i], s, targets.labels, w, eps)
+            grads = {n: grad_slots[:, :, i] for i, n in enumerate(slots) if i in trained}
+            if "ar_m" in grads:
+                if grad_ar is None:  # the AR rows take gradient from the KL terms only
+                    grad_ar = s.p.new_zeros(ctx.ar_shape)
+                b, t, v = grad_ar.shape
+                grad_ar.view(b * t, v).index_add_(0, _flat_rows(targets.ar_rows, t),
+                                                  grads["ar_m"].reshape(-1, v))
+            return None, None, grad_ar, grads.get("nar"), grads.get("aux")
+        return None, None, grad_ar, None, None
 
 
-def _kl_sides(name: str) -> tuple[str, str]:
-    """kl_ar_nar -> ("ar_m", "nar"): the AR side of a KL term is read at the masked slots."""
-    a, b = name[3:].split("_")
-    return ("ar_m" if a == "ar" else a), b
+def _slots_of(name: str) -> tuple[str, ...]:
+    """The slot streams a term reads: ce_ar none (it reads the AR rows themselves), ce_nar
+    ("nar",), kl_ar_aux ("ar_m", "aux"): the AR side of a KL term is read at the masked slots."""
+    if name == "ce_ar":
+        return ()
+    return tuple("ar_m" if side == "ar" else side for side in name.split("_")[1:])
 
 
 def vocab_terms(names: tuple[str, ...], targets: Targets, ar: Optional[torch.Tensor],

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from janus_pretrain.cpu_memory import reuse_freed_memory
 from janus_pretrain.errors import JanusError
 from janus_pretrain.parallel.tp import pick_device
 
@@ -55,6 +56,8 @@ def initialize(tensor_parallel: int = 1) -> Topology:
         raise JanusError(f"config: parallel.tensor_parallel: {tensor_parallel} does not divide "
                          f"the world size {world_size}")
     device = pick_device(local_rank)
+    if device.type == "cpu":
+        reuse_freed_memory()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size,

@@ -1,0 +1,34 @@
+"""Host memory on a CPU run: freed blocks are kept for reuse instead of going back to the OS.
+
+A CPU training step allocates its large tensors afresh every step: activations, logits,
+log-probabilities and their gradients ([rows, vocabulary] fp32 runs to hundreds of MB). glibc's
+malloc serves each block of 32 MB or more with its own mmap and unmaps it on free, so every step
+faults all of those pages in again, each zeroed by the kernel. On 2 cores at the Multi30k task
+shape that was ~30% of a janus step, more than its loss arithmetic (docs/performance.md, "Where
+a CPU step's time goes"). Served from the heap and never trimmed, the same blocks are reused
+without a fault. The cost: the process keeps its peak heap, which a training process reaches
+every step anyway. CUDA memory has its own caching allocator and is not affected.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameters (glibc malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the largest free heap top kept (2 GB)
+
+
+def reuse_freed_memory() -> bool:
+    """No mmap'd blocks, no trimming of the heap's free top below 2 GB. False where the C
+    library has no mallopt (not glibc): nothing changes there."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))

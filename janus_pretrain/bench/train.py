@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import statistics
@@ -233,11 +234,22 @@ class Step:
     host: list[dict]
     cfg: RunConfig
     vocab: int
+    compiled: bool = False
 
     def timed(self, args, device: torch.device) -> dict:
-        """`measured` of args.steps timed steps after args.warmup untimed ones."""
+        """`measured` of args.steps timed steps after args.warmup untimed ones. A compiled step
+        first runs every batch once: torch.compile compiles again for each new shape until it
+        marks the sizes dynamic, and in a long run those compilations are behind it, so the
+        timed steps are steady state and what the first pass took is `compile_s`."""
+        compile_s = None
+        if self.compiled:
+            start = time.perf_counter()
+            for i in range(args.warmup + args.steps):
+                self.run(i)
+            compile_s = time.perf_counter() - start
         times = time_steps(self.run, args.warmup, args.steps, device)
-        return measured(times, self.objective, self.host, self.cfg, self.vocab)
+        return {**measured(times, self.objective, self.host, self.cfg, self.vocab),
+                "compile_s": compile_s}
 
 
 def ours_step(name: str, precision: str, device: torch.device, args, overrides: tuple = ()
@@ -263,7 +275,7 @@ def ours_step(name: str, precision: str, device: torch.device, args, overrides: 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Step(step, objective, host, cfg, model.padded_vocab_size)
+    return Step(step, objective, host, cfg, model.padded_vocab_size, compiled=args.compile)
 
 
 def run_ours(name: str, precision: str, device: torch.device, args, overrides: tuple = ()) -> dict:
@@ -380,7 +392,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="comma-separated subset of fp32, bf16, autocast")
     p.add_argument("--autocast-janus", action="store_true",
                    help="also time `janus` under autocast (left out by default to stay in 5 min)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model, as train.compile=true does (minutes of compiling)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our steps torch.compiled, as train.compile=true runs them, "
+                   "beside the eager ones (minutes of compiling)")
     p.add_argument("--no-bart", action="store_true", help="skip the HF BART rows")
     return checked_shape(p, p.parse_args(argv))
 
@@ -393,9 +407,12 @@ def checked_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpa
 
 def run_precision(precision: str, device: torch.device, args, table: dict) -> None:
     """Time and print every row of one precision (and, in task mode at fp32, the loop)."""
-    rows = {"ar": lambda: run_ours("ar", precision, device, args)}
-    if precision != "autocast" or args.autocast_janus:
-        rows["janus"] = lambda: run_ours("janus", precision, device, args)
+    eager = argparse.Namespace(**{**vars(args), "compile": False})
+    ours = ["ar"] + (["janus"] if precision != "autocast" or args.autocast_janus else [])
+    rows = {name: functools.partial(run_ours, name, precision, device, eager) for name in ours}
+    if args.compile:
+        rows.update({f"{name}-c": functools.partial(run_ours, name, precision, device, args)
+                     for name in ours})
     if not args.no_bart:
         rows["bart"] = lambda: run_bart(precision, device, args)
     results = {}
@@ -413,7 +430,7 @@ def run_precision(precision: str, device: torch.device, args, table: dict) -> No
                               "tokens_per_s": r["tokens"] / r["seconds"],
                               "gflop_per_step": r["flops"] / 1e9, "mfu": achieved / peak,
                               "peak_mib": mem.bytes / 2**20})
-        print(f"{precision:<8} {name:<6} {r['seconds'] * 1000:>9.0f} "
+        print(f"{precision:<8} {name:<7} {r['seconds'] * 1000:>9.0f} "
               f"{r['tokens'] / r['seconds']:>9.1f} {r['flops'] / 1e9:>11.1f} {achieved / 1e9:>8.1f} "
               f"{peak / 1e9:>9.1f} {achieved / peak:>6.1%} {mem.bytes / 2**20:>9.0f}", flush=True)
         if table["pad_fraction"] is None:
@@ -425,6 +442,13 @@ def run_precision(precision: str, device: torch.device, args, table: dict) -> No
         table["janus_over_ar"][precision] = results["janus"]["seconds"] / ar
     ratios = [f"{other}/ar step time {results[other]['seconds'] / ar:.2f}x"
               for other in ("janus", "bart") if other in results]
+    for name in ours:
+        if f"{name}-c" in results:
+            c = results[f"{name}-c"]
+            ratio = c["seconds"] / results[name]["seconds"]
+            table["compiled_over_eager"][f"{precision} {name}"] = ratio
+            ratios.append(f"{name} compiled/eager step time {ratio:.2f}x "
+                          f"(first pass over the batches, compiling: {c['compile_s']:.0f} s)")
     if args.data is not None and precision == "fp32":
         for name in ("ar", "janus"):
             if name in results:
@@ -446,9 +470,10 @@ def main(argv: list[str]) -> None:
     print(f"device={device} cpu={cpu_name()!r} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} model={args.model} batch={args.batch} {shape} "
           f"vocab={args.vocab} steps={args.warmup}+{args.steps} compile={args.compile}", flush=True)
-    print(f"{'prec':<8} {'row':<6} {'ms/step':>9} {'tokens/s':>9} {'GFLOP/step':>11} "
+    print(f"{'prec':<8} {'row':<7} {'ms/step':>9} {'tokens/s':>9} {'GFLOP/step':>11} "
           f"{'GFLOP/s':>8} {'peak GF/s':>9} {'MFU':>6} {'peak MiB':>9}")
     table = {"rows": [], "janus_over_ar": {}, "pad_fraction": None, "loop_over_step": {},
+             "compiled_over_eager": {},
              "settings": {k: v for k, v in vars(args).items() if k != "overrides"}}
     for precision in args.precisions.split(","):
         run_precision(precision, device, args, table)

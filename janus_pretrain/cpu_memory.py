@@ -21,14 +21,30 @@ M_MMAP_MAX = -4
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int: the largest free heap top kept (2 GB)
 
 
+def _glibc(name: str):
+    """The C library's function `name`, or None off Linux or where it has none (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def reuse_freed_memory() -> bool:
     """No mmap'd blocks, no trimming of the heap's free top below 2 GB. False where the C
-    library has no mallopt (not glibc): nothing changes there."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError):
+    library has no mallopt: nothing changes there."""
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free blocks back to the OS now (malloc_trim): a measurement of one
+    block's peak memory (bench train's peak column) must not count what earlier ones freed."""
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim.argtypes = [ctypes.c_size_t]
+        trim(0)

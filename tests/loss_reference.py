@@ -1,11 +1,11 @@
 """The unfused JANUS loss terms (log-softmax per stream, then each CE and each symKL term on its
 own, autograd for the backward), the reference that objectives/losses.py must equal at any TP
-size. Same definition: padding columns of the table (-inf logits) have probability 0, take no
+size. Same definition: padding columns of the table (PAD_LOGIT) have probability 0, take no
 part in a KL term and no share of label smoothing, whose uniform term is over the real
 vocabulary only."""
 import torch
 
-from janus_pretrain.parallel.vocab import log_softmax, shard_start, tp_sum, vocab_sum
+from janus_pretrain.parallel.vocab import PAD_LOGIT, log_softmax, shard_start, tp_sum, vocab_sum
 
 
 def label_log_prob(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,7 @@ def label_log_prob(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _real(logits: torch.Tensor) -> torch.Tensor:
     """[..., V_local] -> [V_local] bool, False in the padding columns."""
-    return torch.isfinite(logits.detach()[(0,) * (logits.dim() - 1)])
+    return logits.detach()[(0,) * (logits.dim() - 1)] > PAD_LOGIT / 2
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def cross_entropy(logits, labels, valid, smoothing=0.0):
 def sym_kl(logits_p, logits_q, valid):
     real = _real(logits_p)
     lp, lq = log_softmax(logits_p), log_softmax(logits_q)
-    diff = (lp - lq).masked_fill(~real, 0.0)  # -inf - -inf in the padding columns
+    diff = (lp - lq).masked_fill(~real, 0.0)  # padding columns take no part
     per_row = vocab_sum((lp.exp() - lq.exp()) * diff) / 2
     return masked_mean(per_row, valid)
 

@@ -12,6 +12,7 @@ from janus_pretrain.config import LossWeights, ModelConfig, ObjectiveConfig
 from janus_pretrain.model import JanusModel
 from janus_pretrain.objectives import losses
 from janus_pretrain.objectives.janus import JanusObjective
+from janus_pretrain.parallel.vocab import PAD_LOGIT
 from janus_pretrain.tokenizer import PAD
 
 
@@ -20,9 +21,9 @@ WEIGHTS = {"ce_ar": 1.0, "ce_nar": 0.5, "ce_aux": 0.5, "kl_ar_nar": 1.0, "kl_ar_
 
 
 def padded_logits(*shape, vocab: int) -> torch.Tensor:
-    """Random logits [*shape] whose columns from `vocab` on are the table's padding (-inf)."""
+    """Random logits [*shape] whose columns from `vocab` on are the table's padding."""
     x = torch.randn(*shape)
-    x[..., vocab:] = float("-inf")
+    x[..., vocab:] = PAD_LOGIT
     return x
 
 
@@ -101,7 +102,7 @@ def test_janus_loss_terms_by_hand(single_process, normalization):
     tgt, masked = batch["tgt"], batch["masked"]
     eps = 0.1
     ar_valid = tgt[:, 1:] != PAD
-    # The real vocabulary only: the model's padding columns are -inf.
+    # The real vocabulary only: the model's padding columns hold PAD_LOGIT.
     out = {**out, **{k: out[k][..., :40] for k in ("ar", "nar", "aux")}}
     ce_ar = F.cross_entropy(out["ar"][ar_valid], tgt[:, 1:][ar_valid], label_smoothing=eps)
     # NAR/AUX slots hold the masked positions in ascending order.

@@ -14,7 +14,9 @@ Objectives: `ar` is configs/finetune/ar.yaml (CE_AR only), `janus` configs/finet
 (the fine-tuning loss of docs/method.md, section 4, span masking of 70% of the target). BART is
 BartForConditionalGeneration from a BartConfig of the same layers, hidden size, heads, FFN,
 vocabulary, positions and dropouts (random init, nothing downloaded), SDPA attention, AR cross
-entropy on the same batch.
+entropy on the same batch with the `ar` objective's label smoothing. `--rounds R` runs the rows R
+times in turn and pools their steps, so that a drift of the machine's speed (a shared host's
+neighbours) falls on every row alike.
 
 Precisions (rows fp32, bf16, autocast):
     fp32      fp32 weights and compute
@@ -32,7 +34,9 @@ collates them, so padding, lengths and masking are real. tokens/s then counts no
 only, and the pad fraction of those batches is printed (target and source). In fp32 the whole loop
 is timed too on the same batches: DeepSpeed engine (train/engine.py), collation with prefetch, the
 loop's `optimizer_step` (train/loop.py) and its per-step bookkeeping and logging; `loop/step` is
-whole-loop throughput over bare-step throughput. `--json PATH` writes the table.
+whole-loop throughput over bare-step throughput. `--json PATH` writes the table. On CPU the process
+keeps freed memory for reuse (janus_pretrain/cpu_memory.py), as training does; each row's peak is
+measured after handing the heap's free blocks back.
 """
 from __future__ import annotations
 
@@ -50,8 +54,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from janus_pretrain.config import CONFIG_ROOT, ModelConfig, RunConfig, load_config
+from janus_pretrain.cpu_memory import release_freed_memory
 from janus_pretrain.data.loader import build_loader
 from janus_pretrain.model import JanusModel
 from janus_pretrain.model.flops import matmul_peak
@@ -118,6 +124,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            release_freed_memory()  # the heap keeps what earlier rows freed (cpu_memory.py)
             with contextlib.suppress(OSError):
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
         return self
@@ -326,7 +333,9 @@ def bart_model(mcfg: ModelConfig, vocab: int, max_positions: int):
 
 
 def bart_step(precision: str, device: torch.device, args, overrides: tuple = ()) -> Step:
-    """HF BART's step, AR cross entropy on the batches of our `ar` objective."""
+    """HF BART's step: AR cross entropy on the batches of our `ar` objective, label-smoothed as
+    that objective is, in torch's fused cross entropy on BART's logits (what HF's Trainer does
+    with label_smoothing_factor, in one kernel)."""
     weights, amp_dtype, _ = PRECISIONS[precision]
     cfg, objective = objective_config("ar", args, overrides)
     torch.manual_seed(0)
@@ -341,8 +350,10 @@ def bart_step(precision: str, device: torch.device, args, overrides: tuple = ())
         src, tgt = batches[i]["src"], batches[i]["tgt"]
         labels = tgt[:, 1:].masked_fill(tgt[:, 1:] == PAD, -100)
         with amp():
-            loss = model(input_ids=src, attention_mask=src != PAD, decoder_input_ids=tgt[:, :-1],
-                         decoder_attention_mask=tgt[:, :-1] != PAD, labels=labels).loss
+            logits = model(input_ids=src, attention_mask=src != PAD, decoder_input_ids=tgt[:, :-1],
+                           decoder_attention_mask=tgt[:, :-1] != PAD).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                   label_smoothing=cfg.objective.label_smoothing)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -388,6 +399,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", help="also write the table to this JSON file")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per row")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row (median)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the rows this many times in turn (ar, janus, bart, ar, ...), their "
+                   "steps pooled: a drift in the machine's speed then falls on every row alike")
     p.add_argument("--precisions", default="fp32,bf16,autocast",
                    help="comma-separated subset of fp32, bf16, autocast")
     p.add_argument("--autocast-janus", action="store_true",
@@ -405,6 +419,14 @@ def checked_shape(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpa
     return args
 
 
+def pooled(before: dict | None, r: dict) -> dict:
+    """A row's figures over its rounds: every round's step times, their median."""
+    if before is None:
+        return r
+    times = before["times"] + r["times"]
+    return {**before, "times": times, "seconds": statistics.median(times)}
+
+
 def run_precision(precision: str, device: torch.device, args, table: dict) -> None:
     """Time and print every row of one precision (and, in task mode at fp32, the loop)."""
     eager = argparse.Namespace(**{**vars(args), "compile": False})
@@ -415,24 +437,29 @@ def run_precision(precision: str, device: torch.device, args, table: dict) -> No
                      for name in ours})
     if not args.no_bart:
         rows["bart"] = lambda: run_bart(precision, device, args)
-    results = {}
-    for name, run in rows.items():
-        gc.collect()
-        # Measured right before each row, so that a row and its peak see the same machine load.
-        peak = matmul_peak(device, PRECISIONS[precision][2])
-        with PeakMemory(device) as mem:
-            r = run()
-        gc.collect()
-        results[name] = r
+    results, peaks, mem_bytes = {}, {name: [] for name in rows}, dict.fromkeys(rows, 0)
+    for _ in range(args.rounds):
+        for name, run in rows.items():
+            gc.collect()
+            # Measured right before each row, so that a row and its peak see the same load.
+            peaks[name].append(matmul_peak(device, PRECISIONS[precision][2]))
+            with PeakMemory(device) as mem:
+                r = run()
+            gc.collect()
+            mem_bytes[name] = max(mem_bytes[name], mem.bytes)
+            results[name] = pooled(results.get(name), r)
+    for name, r in results.items():
+        peak = statistics.median(peaks[name])
         achieved = r["flops"] / r["seconds"]
         table["rows"].append({"objective": name, "precision": precision,
                               "ms_per_step": r["seconds"] * 1000,
                               "tokens_per_s": r["tokens"] / r["seconds"],
                               "gflop_per_step": r["flops"] / 1e9, "mfu": achieved / peak,
-                              "peak_mib": mem.bytes / 2**20})
+                              "peak_mib": mem_bytes[name] / 2**20})
         print(f"{precision:<8} {name:<7} {r['seconds'] * 1000:>9.0f} "
               f"{r['tokens'] / r['seconds']:>9.1f} {r['flops'] / 1e9:>11.1f} {achieved / 1e9:>8.1f} "
-              f"{peak / 1e9:>9.1f} {achieved / peak:>6.1%} {mem.bytes / 2**20:>9.0f}", flush=True)
+              f"{peak / 1e9:>9.1f} {achieved / peak:>6.1%} {mem_bytes[name] / 2**20:>9.0f}",
+              flush=True)
         if table["pad_fraction"] is None:
             table["pad_fraction"] = r["pad"]
             print(f"pad fraction: target {r['pad']['target']:.1%}, "
@@ -453,8 +480,9 @@ def run_precision(precision: str, device: torch.device, args, table: dict) -> No
         for name in ("ar", "janus"):
             if name in results:
                 loop = run_loop(name, device, args)
-                # The same batches, so throughput ratio = time ratio.
-                table["loop_over_step"][name] = sum(results[name]["times"]) / sum(loop)
+                # The same batches (each round runs them all), so throughput ratio = time ratio.
+                table["loop_over_step"][name] = (statistics.fmean(results[name]["times"])
+                                                 / statistics.fmean(loop))
                 ratios.append(f"{name} loop/step throughput {table['loop_over_step'][name]:.2f} "
                               f"({statistics.median(loop) * 1000:.0f} ms/step in the loop)")
     print(f"{precision:<8} ratios: {'; '.join(ratios)}", flush=True)

@@ -18,7 +18,7 @@ def banned(allow_eos: bool) -> list[int]:
 
 def full_log_probs(logits: torch.Tensor, vocab_size: int, allow_eos: bool) -> torch.Tensor:
     """Vocab-parallel logits [..., V/tp] -> fp32 log-probs [..., V] over the real vocabulary, with
-    [PAD], [BOS], [MASK] (and [EOS] unless allowed) and the padding rows of the table at -inf."""
+    [PAD], [BOS], [MASK] (and [EOS] unless allowed) at -inf; the table's padding rows are cut."""
     lp = gather_vocab(log_softmax(logits))[..., :vocab_size]
     return lp.index_fill(-1, torch.tensor(banned(allow_eos), device=lp.device), float("-inf"))
 

@@ -23,6 +23,7 @@ from janus_pretrain.config import ModelConfig
 from janus_pretrain.model.recompute import run_layer
 from janus_pretrain.model.flex import FlexMask, causal_mask
 from janus_pretrain.model.layers import Layers, init_normal, linear, to_tensor_parallel
+from janus_pretrain.parallel.vocab import PAD_LOGIT
 
 # BART's learned position tables start with two rows its position ids never reach.
 BART_POSITION_OFFSET = 2
@@ -157,7 +158,7 @@ class JanusModel(nn.Module):
       or None (causal): a BANG pass (objectives/bang.py); the `bang_query` rows take the learned
       [MASK] vector as input and are the only rows projected to logits.
     With `mask_vector` (BANG objectives) the model holds that one learned [MASK] input vector.
-    Logits are vocab-parallel: `[..., padded_vocab / tp]` on each TP rank, -inf in the columns
+    Logits are vocab-parallel: `[..., padded_vocab / tp]` on each TP rank, PAD_LOGIT in the columns
     that pad the table.
     """
 
@@ -171,13 +172,13 @@ class JanusModel(nn.Module):
         assert multiple % tp == 0, "config check: vocab_divisible_by % tensor_parallel"
         self.vocab_size = vocab_size
         self.padded_vocab_size = (vocab_size + multiple - 1) // multiple * multiple
-        # Added to this rank's logit shard: 0 in the columns of real tokens, -inf in those that
-        # pad the table (a bias, so the matmul applies it in the same pass).
+        # Added to this rank's logit shard: 0 in the columns of real tokens, PAD_LOGIT in those
+        # that pad the table (a bias, so the matmul applies it in the same pass).
         v_local = self.padded_vocab_size // tp
         first = layers.tp_rank * v_local
         columns = torch.arange(first, first + v_local)
         self.register_buffer("padding_bias", torch.zeros(v_local).masked_fill(
-            columns >= vocab_size, float("-inf")), persistent=False)
+            columns >= vocab_size, PAD_LOGIT), persistent=False)
         self.pad_id = pad_id
         self.cfg = cfg
         self.embed = layers.embedding(self.padded_vocab_size, cfg.hidden_size)
@@ -310,12 +311,12 @@ class JanusModel(nn.Module):
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> vocab-parallel logits [..., padded_vocab / tp] (tied to the embedding),
-        -inf in the padding columns of the table (the last shard's tail): no token, probability 0
-        in every softmax, no share of label smoothing, no gradient."""
+        PAD_LOGIT in the padding columns of the table (the last shard's tail): no token,
+        probability 0 in every softmax, no share of label smoothing, no gradient."""
         hidden = to_tensor_parallel(hidden)
-        # A buffer: DeepSpeed's bf16/fp16 modes cast only the parameters. (A -inf fill of the
-        # padding columns in place would save the bias's broadcast copy in the forward, but its
-        # backward copies the whole gradient.)
+        # A buffer: DeepSpeed's bf16/fp16 modes cast only the parameters. (Filling the padding
+        # columns in place would save the bias's broadcast copy in the forward, but its backward
+        # copies the whole gradient.)
         bias = self.padding_bias.to(self.embed.weight.dtype)
         if self.final_logits_bias is not None:
             bias = bias + self.final_logits_bias

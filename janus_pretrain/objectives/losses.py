@@ -9,9 +9,9 @@ difference per KL term. Logits arrive split over the tensor-parallel group along
 all-reduced, the backward needs no communication (every gradient is local given the global
 per-row sums).
 
-Only the real vocabulary counts: the model's padding columns are -inf (probability 0), they are
-left out of label smoothing's uniform distribution (1 / V_real each), and contribute nothing to
-a KL term. Terms are means over the valid token rows of the micro-batch, in fp32:
+Only the real vocabulary counts: the model's padding columns hold PAD_LOGIT (probability 0;
+finite, so p log p is 0 there), they are left out of label smoothing's uniform distribution
+(1 / V_real each), and contribute nothing to a KL term. Terms are means over the valid token rows of the micro-batch, in fp32:
     CE    (1 - eps) * -log p(y) + eps * mean over the real vocabulary of -log p(v)
     symKL (KL(p||q) + KL(q||p)) / 2 = sum_v (p - q)(log p - log q) / 2, gradients into both sides
 """
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from janus_pretrain.parallel.vocab import log_softmax, shard_start, tp_sum, vocab_sum
+from janus_pretrain.parallel.vocab import log_softmax, real_columns, shard_start, tp_sum
 
 
 @dataclass
@@ -41,17 +41,22 @@ class Targets:
 
 
 class _Stream:
-    """Normalised logits: logp [..., V_local] fp32 (0, not -inf, in padding columns, so that
-    products and sums over the shard stay finite), p = exp(logp) (0 there), real [V_local] (1.0
-    for a real token, 0.0 for padding) and the global real-vocabulary size."""
+    """Normalised logits: logp [..., V_local] fp32 (finite in padding columns), p = exp(logp) (0
+    there), real [V_local] (1.0 for a real token, 0.0 for padding) and the global
+    real-vocabulary size."""
 
     def __init__(self, logits: torch.Tensor):
         self.logp = log_softmax(logits)
         self.p = self.logp.exp()
-        real = torch.isfinite(logits.detach()[(0,) * (logits.dim() - 1)])
-        self.logp.masked_fill_(~real, 0.0)
-        self.real = real.float()
-        self.vocab = tp_sum(real.sum().float())
+        self.real = real_columns(logits)
+        self.vocab = tp_sum(self.real.sum())
+        self._real_sum = None
+
+    def real_sum(self) -> torch.Tensor:
+        """sum of logp over the real columns, per row [...]: a product with `real`, not a mask."""
+        if self._real_sum is None:
+            self._real_sum = tp_sum(self.logp @ self.real)
+        return self._real_sum
 
 
 # The streams read at the masked slots, in the order they are stacked: the AR stream's rows that
@@ -84,13 +89,16 @@ def _label_local(labels: torch.Tensor, v_local: int) -> tuple[torch.Tensor, torc
     return local.clamp(0, v_local - 1), here
 
 
-def _cross_entropy(logp: torch.Tensor, vocab: torch.Tensor, labels: torch.Tensor,
-                   weights: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weighted sum of label-smoothed CE over rows of logp [..., V_local] (vocab: real size)."""
+def _cross_entropy(s: _Stream, slot: Optional[int], labels: torch.Tensor, weights: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """Weighted sum of label-smoothed CE over the rows of stream s (of its slot `slot` [B, K]
+    when s is stacked [B, K, s, V_local])."""
+    pick = (lambda x: x) if slot is None else (lambda x: x[:, :, slot])
+    logp = pick(s.logp)
     local, here = _label_local(labels, logp.shape[-1])
     nll = -tp_sum(logp.gather(-1, local[..., None])[..., 0] * here)
     if eps > 0:
-        nll = (1.0 - eps) * nll - eps * vocab_sum(logp) / vocab
+        nll = (1.0 - eps) * nll - eps * pick(s.real_sum()) / s.vocab
     return (nll * weights).sum()
 
 
@@ -114,7 +122,7 @@ class _VocabTerms(torch.autograd.Function):
     term's weight per row / 2 and w_ce that of a CE on x, every slot stream's gradient is
         p_x (c_x + sum_y A[x, y] log p_y) - sum_y Bm[x, y] p_y - w_ce (CE's one-hot, smoothing)
     c_x = sum w (1 - KL(x||y)) + w_ce, A[x, x] = sum w, A[x, y] = -w, Bm[x, y] = w: two batched
-    products, one in-place product and the CE's sparse part. In-place updates of fresh buffers
+    products, one in-place product and the CE's smoothing and sparse parts. In-place updates of fresh buffers
     only: a fresh [rows, V] tensor costs page faults that in-place ops do not."""
 
     @staticmethod
@@ -134,12 +142,11 @@ class _VocabTerms(torch.autograd.Function):
         values, kls = [], {}
         for name in names:
             if name == "ce_ar":
-                values.append(_cross_entropy(ar_stream.logp, ar_stream.vocab, targets.ar_labels,
-                                             w_ar, targets.smoothing))
+                values.append(_cross_entropy(ar_stream, None, targets.ar_labels, w_ar,
+                                             targets.smoothing))
             elif name.startswith("ce_"):
                 x = slots.index(name[3:])
-                values.append(_cross_entropy(stacked.logp[:, :, x], stacked.vocab,
-                                             targets.labels, w_m, targets.smoothing))
+                values.append(_cross_entropy(stacked, x, targets.labels, w_m, targets.smoothing))
             else:
                 x, y = (slots.index(n) for n in _slots_of(name))
                 diag = dots.diagonal(dim1=-2, dim2=-1)
@@ -186,9 +193,12 @@ class _VocabTerms(torch.autograd.Function):
                     ce[i] = (ctx.w_m * g[name])[..., None]
                     c[..., i] += ce[i][..., 0]
                     trained.add(i)
-            grad_slots = torch.baddbmm(*(t.flatten(0, -3) for t in (c[..., None], a, s.logp)))
-            grad_slots = grad_slots.view_as(s.p).mul_(s.p)
-            grad_slots.flatten(0, -3).baddbmm_(bm.flatten(0, -3), s.p.flatten(0, -3), alpha=-1)
+            # p_x c_x is row scaling, so (c + A log p) p - Bm p = (A log p) p + (diag(c) - Bm) p:
+            # no broadcast of c to copy into the fresh buffer first.
+            p, logp = s.p.flatten(0, -3), s.logp.flatten(0, -3)
+            grad_slots = torch.bmm(a.flatten(0, -3), logp).mul_(p)
+            grad_slots.baddbmm_((torch.diag_embed(c) - bm).flatten(0, -3), p)
+            grad_slots = grad_slots.view_as(s.p)
             for i, w in ce.items():
                 _subtract_ce(grad_slots[:, :, i], s, targets.labels, w, eps)
             grads = {n: grad_slots[:, :, i] for i, n in enumerate(slots) if i in trained}

@@ -14,6 +14,16 @@ import torch.distributed as dist
 
 from janus_pretrain.parallel import tp
 
+# The logit of a column that pads the vocabulary table (model output_logits). Far enough below any
+# real logit that its probability is exactly 0, yet finite in fp16, bf16 and fp32: the loss's
+# products p log p are then 0 there (not 0 * -inf), so no pass over the logits has to mask them.
+PAD_LOGIT = -30000.0
+
+
+def real_columns(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V_local] -> [V_local] fp32, 1.0 in the columns of real tokens, 0.0 in padding."""
+    return (logits.detach()[(0,) * (logits.dim() - 1)] > PAD_LOGIT / 2).float()
+
 
 def tp_sum(x: torch.Tensor) -> torch.Tensor:
     """All-reduce over the TP group in the forward pass, identity in the backward pass."""

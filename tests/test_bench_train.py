@@ -98,3 +98,12 @@ def test_bench_train_task_json(single_process, tmp_path, capsys):
         assert all(0 <= f <= 1 for f in table["pad_fraction"].values())
     for side in ("target", "source"):
         assert budget["pad_fraction"][side] < fixed["pad_fraction"][side], (budget, fixed)
+
+
+def test_rounds_pool_every_step_of_a_row():
+    from janus_pretrain.bench.train import pooled
+
+    first = {"times": [3.0, 1.0, 2.0], "seconds": 2.0, "flops": 7.0}
+    both = pooled(pooled(None, first), {"times": [10.0, 11.0, 12.0], "seconds": 11.0, "flops": 7.0})
+    assert both["times"] == [3.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    assert both["seconds"] == 6.5 and both["flops"] == 7.0

@@ -140,6 +140,31 @@ def test_janus_loss_terms_by_hand(single_process, normalization):
     assert math.isfinite(float(total))
 
 
+def test_padding_columns_hold_pad_logit_and_train_nothing(single_process):
+    """The model's padding columns: PAD_LOGIT plus a product, probability exactly 0, and, through
+    every JANUS term, no gradient into the embedding rows that pad the table."""
+    torch.manual_seed(3)
+    obj = JanusObjective(ObjectiveConfig(masking="span", weights=LossWeights(**WEIGHTS),
+                                         label_smoothing=0.1), 32, 32, 64)
+    cfg = ModelConfig(encoder_layers=1, decoder_layers=1, hidden_size=16, ffn_hidden_size=32,
+                      num_heads=2, max_positions=64, length_classes=64, dropout=0.0,
+                      attention_dropout=0.0)
+    model = JanusModel(cfg, 40, PAD)
+    assert model.padded_vocab_size > 40
+    rng = np.random.default_rng(0)
+    batch = obj.collate([(rng.integers(5, 40, 6), rng.integers(5, 40, n)) for n in (4, 9)], rng)
+    prep = obj.prepare(batch)
+    out = model(**prep.model_inputs)
+    for name in ("ar", "nar", "aux"):
+        assert torch.isfinite(out[name]).all() and (out[name][..., 40:] < PAD_LOGIT / 2).all()
+        assert (out[name][..., :40].abs() < 100).all()
+        assert (out[name].float().softmax(-1)[..., 40:] == 0).all()
+    total, _ = obj.loss(out, prep)
+    total.backward()
+    grad = model.embed.weight.grad
+    assert grad[:40].abs().sum() > 0 and (grad[40:] == 0).all()
+
+
 def test_zero_weights_skip_streams(single_process):
     ar_only = JanusObjective(ObjectiveConfig(masking="span", weights=LossWeights(
         ce_ar=1, ce_nar=0, ce_aux=0, kl_ar_aux=0, kl_nar_aux=0)), 16, 16, 32)

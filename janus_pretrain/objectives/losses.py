@@ -3,15 +3,17 @@
 
 Each stream's logits are normalised once (log-probabilities and probabilities), every CE and
 symKL term is read from those, and the backward is written out: one gradient per stream's
-logits, accumulated term by term, instead of autograd through a log-softmax, an exp and a
-difference per KL term. Logits arrive split over the tensor-parallel group along the vocabulary
+logits, instead of autograd through a log-softmax, an exp and a difference per KL term. The
+streams read at the masked slots are stacked, so that their sums and gradients are batched
+products (`_VocabTerms`). Logits arrive split over the tensor-parallel group along the vocabulary
 (janus_pretrain.parallel.vocab) and are never gathered; the forward's vocabulary sums are
 all-reduced, the backward needs no communication (every gradient is local given the global
 per-row sums).
 
 Only the real vocabulary counts: the model's padding columns hold PAD_LOGIT (probability 0;
 finite, so p log p is 0 there), they are left out of label smoothing's uniform distribution
-(1 / V_real each), and contribute nothing to a KL term. Terms are means over the valid token rows of the micro-batch, in fp32:
+(1 / V_real each), and contribute nothing to a KL term. Terms are means over the valid token
+rows of the micro-batch, in fp32:
     CE    (1 - eps) * -log p(y) + eps * mean over the real vocabulary of -log p(v)
     symKL (KL(p||q) + KL(q||p)) / 2 = sum_v (p - q)(log p - log q) / 2, gradients into both sides
 """
@@ -122,8 +124,8 @@ class _VocabTerms(torch.autograd.Function):
     term's weight per row / 2 and w_ce that of a CE on x, every slot stream's gradient is
         p_x (c_x + sum_y A[x, y] log p_y) - sum_y Bm[x, y] p_y - w_ce (CE's one-hot, smoothing)
     c_x = sum w (1 - KL(x||y)) + w_ce, A[x, x] = sum w, A[x, y] = -w, Bm[x, y] = w: two batched
-    products, one in-place product and the CE's smoothing and sparse parts. In-place updates of fresh buffers
-    only: a fresh [rows, V] tensor costs page faults that in-place ops do not."""
+    products, one in-place product and the CE's smoothing and sparse parts, all but the first
+    in place (each fresh [rows, V] buffer is one more pass of writes)."""
 
     @staticmethod
     def forward(ctx, names: tuple, targets: Targets, ar, nar, aux):

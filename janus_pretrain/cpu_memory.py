@@ -5,9 +5,11 @@ log-probabilities and their gradients ([rows, vocabulary] fp32 runs to hundreds 
 malloc serves each block of 32 MB or more with its own mmap and unmaps it on free, so every step
 faults all of those pages in again, each zeroed by the kernel. On 2 cores at the Multi30k task
 shape that was ~30% of a janus step, more than its loss arithmetic (docs/performance.md, "Where
-a CPU step's time goes"). Served from the heap and never trimmed, the same blocks are reused
-without a fault. The cost: the process keeps its peak heap, which a training process reaches
-every step anyway. CUDA memory has its own caching allocator and is not affected.
+a CPU step's time goes"). Served from the heap and never trimmed, freed blocks are reused
+without a fault. Not every time: torch's aligned allocations ask for a little more than the
+block a tensor of the same size freed, so some still take fresh pages; over whole steps the gain
+is measured in docs/performance.md. The cost: the process keeps its peak heap, which a training
+process reaches every step anyway. CUDA memory has its own caching allocator and is not affected.
 """
 from __future__ import annotations
 

@@ -12,12 +12,14 @@ onto BartForConditionalGeneration's (checkpoint/hf.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from janus_pretrain.config import ModelConfig
 from janus_pretrain.model.recompute import run_layer
@@ -78,10 +80,21 @@ class Attention(nn.Module):
         if isinstance(mask, FlexMask):
             out = mask.attend(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=causal)
+            with sdpa_backend(q):
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                    is_causal=causal)
         return linear(self.out, out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+def sdpa_backend(q: torch.Tensor):
+    """SDPA's math backend for bf16 / fp16 on CPU, torch's own choice elsewhere. On CPU the flash
+    kernel's backward is slow in reduced precision: forward + backward in bf16 took 2-3.7x the
+    math backend's time at our shapes on the 2-core test machine (in fp32, flash is the faster;
+    docs/performance.md, "Where a CPU step's time goes")."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 class FeedForward(nn.Module):

@@ -142,6 +142,7 @@ class _VocabTerms(torch.autograd.Function):
         w_ar = _mean_weights(targets.ar_valid) if ar_stream is not None else None
         w_m = _mean_weights(targets.valid) if slots else None
         values, kls = [], {}
+        diag = dots.diagonal(dim1=-2, dim2=-1) if dots is not None else None
         for name in names:
             if name == "ce_ar":
                 values.append(_cross_entropy(ar_stream, None, targets.ar_labels, w_ar,
@@ -151,7 +152,6 @@ class _VocabTerms(torch.autograd.Function):
                 values.append(_cross_entropy(stacked, x, targets.labels, w_m, targets.smoothing))
             else:
                 x, y = (slots.index(n) for n in _slots_of(name))
-                diag = dots.diagonal(dim1=-2, dim2=-1)
                 kls[name] = (diag[..., x] - dots[..., x, y], diag[..., y] - dots[..., y, x])
                 values.append(((kls[name][0] + kls[name][1]) * w_m).sum() / 2)
         ctx.names, ctx.targets, ctx.slots, ctx.kls = names, targets, slots, kls

@@ -20,6 +20,7 @@ megatron-core nor DeepSpeed is imported (model/layers.py, parallel/tp.py).
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -76,15 +77,22 @@ class DecodeOptions:
     def __post_init__(self):
         if self.mode not in MODES:
             raise JanusError(f"generate: mode '{self.mode}' is not one of {', '.join(MODES)}")
-        for name in ("beam", "max_len", "iterations", "length_beam", "batch_size", "spec_block",
-                     "spec_top"):
-            if getattr(self, name) < 1:
-                raise JanusError(f"generate: {name} must be at least 1")
+        # The name is the option's and, with dashes, the command line's flag.
+        for name, least in (("beam", 1), ("max_len", 1), ("iterations", 1), ("length_beam", 1),
+                            ("batch_size", 1), ("spec_block", 1), ("spec_top", 1),
+                            ("no_repeat_ngram", 0)):
+            if getattr(self, name) < least:
+                raise JanusError(f"generate: {name} (--{name.replace('_', '-')}) must be at "
+                                 f"least {least}, not {getattr(self, name)}")
+        for name in ("length_penalty", "spec_margin"):
+            if not math.isfinite(getattr(self, name)):
+                raise JanusError(f"generate: {name} (--{name.replace('_', '-')}) must be a "
+                                 f"finite number, not {getattr(self, name)}")
         if self.spec_accept not in ACCEPT:
             raise JanusError(f"generate: spec_accept '{self.spec_accept}' is not one of "
                              f"{', '.join(ACCEPT)}")
         if self.spec_margin < 0:
-            raise JanusError("generate: spec_margin must be at least 0")
+            raise JanusError("generate: spec_margin (--spec-margin) must be at least 0")
 
 
 @dataclass

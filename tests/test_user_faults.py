@@ -118,14 +118,19 @@ def test_a_nonfinite_checkpoint_never_becomes_best(pairs, tmp_path):
     assert not all(torch.isfinite(v).all() for v in states.values())  # it did diverge
     assert not (run / "checkpoints" / "best").exists()
 
+    # Diverged at step 3 (steps 2 and 3 skipped): the error names no NaN checkpoint as the
+    # weights to go back to.
     live = tmp_path / "live"
     out = subprocess.run(finetune_cmd(pairs, live, "train.steps=4", "optim.lr=1e39",
-                                      "optim.clip_grad=0", "train.eval_interval=2"),
+                                      "optim.clip_grad=0", "train.eval_interval=2",
+                                      "train.max_bad_steps=2"),
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "has non-finite weights: never a candidate for best" in out.stdout
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "validation: step 2 has non-finite weights: never a candidate for best" in out.stdout
+    assert out.stderr.splitlines()[-1].startswith("error: train: 2 steps in a row (up to step 3)")
+    assert "no checkpoint holds finite weights. Lower optim.lr" in out.stderr.splitlines()[-1]
     assert not (live / "checkpoints" / "best").exists()
-    assert json.loads((live / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    assert json.loads((live / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
 
 
 def test_yaml_key_twice_and_syntax_errors_are_one_line_with_the_line(tmp_path):

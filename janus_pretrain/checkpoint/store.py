@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import atomic, unpickle
+from janus_pretrain.checkpoint import atomic, finite, unpickle
 from janus_pretrain.checkpoint.files import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
                                               rng_file, step_name)
 from janus_pretrain.errors import JanusError
@@ -83,10 +83,11 @@ def save(engine, root: Path, step: int, client_state: dict, tokenizer: Tokenizer
     dist.barrier()
     torch.save(rng_state(), tmp / rng_file(rank))
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    healthy = finite.weights_finite(engine.module)  # collective; never `best` when False
     if rank == 0:
         if os.environ.get(KILL_IN_SAVE) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
-        (tmp / META).write_text(json.dumps({"step": step, **client_state,
+        (tmp / META).write_text(json.dumps({"step": step, **client_state, finite.RECORD: healthy,
                                             "layout": relayout.of_engine(engine).as_dict()}, indent=2))
         (tmp / tokenizer.filename).write_bytes(tokenizer.model_bytes())
     dist.barrier()

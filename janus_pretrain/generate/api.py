@@ -32,7 +32,7 @@ import torch
 from janus_pretrain.checkpoint import consolidated, store, weights
 from janus_pretrain.config import DECODING_TERMS, RunConfig, from_dict
 from janus_pretrain.data.padding import pad_batch, with_bos_eos
-from janus_pretrain.errors import JanusError
+from janus_pretrain.errors import JanusError, NonFiniteOutput
 from janus_pretrain.generate.ar import beam_search, greedy
 from janus_pretrain.generate.bang import one_pass
 from janus_pretrain.generate.hypothesis import Hypothesis
@@ -193,7 +193,8 @@ class Generator:
         return [with_bos_eos(np.asarray(x[:keep], dtype=np.int64)) for x in ids]
 
     def decode_ids(self, src: list[np.ndarray], opts: DecodeOptions) -> list[Hypothesis]:
-        """Source id arrays (with BOS/EOS) -> the best hypothesis each, in input order."""
+        """Source id arrays (with BOS/EOS) -> the best hypothesis each, in input order; a
+        non-finite log-probability is NonFiniteOutput."""
         order = sorted(range(len(src)), key=lambda i: len(src[i]))
         self.stats = DecodeStats()
         out: list[Optional[Hypothesis]] = [None] * len(src)
@@ -203,6 +204,11 @@ class Generator:
             forced = None if opts.force_lengths is None else [opts.force_lengths[i] for i in idx]
             for i, hyp in zip(idx, self._search(batch, opts, forced)):
                 out[i] = hyp
+        bad = sum(not math.isfinite(h.log_prob) for h in out)
+        if bad:  # NaN log-probs decode to empty or repeated tokens: never a result
+            raise NonFiniteOutput(f"generate: the model's log-probabilities are NaN or inf for "
+                                  f"{bad} of {len(out)} sources: its weights diverged (a run "
+                                  f"whose loss went NaN); decode an earlier checkpoint")
         return out
 
     @torch.no_grad()
@@ -245,7 +251,8 @@ class Generator:
         beams = beam_search(self.model, memory, memory_mask, opts.beam, opts.max_len,
                             opts.length_penalty, opts.no_repeat_ngram, force_len,
                             predict_stream=stream)
-        return [b[0] for b in beams]
+        # A source with no finished hypothesis: every score was NaN (decode_ids refuses it).
+        return [b[0] if b else Hypothesis([], math.nan, math.nan) for b in beams]
 
     def generate(self, sources: Sequence[str], force: bool = False, **options) -> list[str]:
         """Source strings -> hypothesis strings, one each (see DecodeOptions for the options).

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import store
+from janus_pretrain.checkpoint import finite, store
 from janus_pretrain.checkpoint.init import init_weights
 from janus_pretrain.config import RunConfig, to_dict
 from janus_pretrain.data.corpora import open_corpus, open_sources, validation_loader
@@ -161,8 +161,11 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     if stopping and step < last_step:  # a signal during the last step changes nothing
         result.stopped_by = stop_request.received.name if stop_request.requested else "another rank"
     if diverged:
+        good = finite.newest(store.complete(checkpointer.root))
         raise JanusError(f"train: {bad_in_a_row} steps in a row (up to step {step}) had a non-finite "
                          f"loss or gradient and were skipped (train.max_bad_steps="
-                         f"{cfg.train.max_bad_steps}); {result.checkpoint} holds the last good "
-                         f"weights. Lower optim.lr or check the data before resuming")
+                         f"{cfg.train.max_bad_steps}); " +
+                         (f"{good} is the newest checkpoint with finite weights" if good else
+                          "no checkpoint holds finite weights") +
+                         ". Lower optim.lr or check the data before resuming")
     return result

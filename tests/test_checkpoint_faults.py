@@ -101,3 +101,54 @@ def test_a_finished_run_resumed_names_its_checkpoint(tiny_model_source, tmp_path
     checkpointer = store.Checkpointer(None, tmp_path / "run", None, 2, 3)
     assert checkpointer.start(resume=True, fallback=False) == {"step": 4}
     assert checkpointer.last == ckpt  # what `train` reports when no step is left to run
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_never_chosen_again(tiny_model_source, tmp_path,
+                                                                   capsys):
+    """After a fallback resume, a plain --resume (a requeue), generate and retention no longer
+    meet the corrupt checkpoint; its files are kept under a name no step directory has."""
+    from janus_pretrain.checkpoint import store, weights
+
+    source, model = tiny_model_source
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3):
+        write_checkpoint(root / f"step_{step:08d}", source, model)
+    damage(root / "step_00000003" / "mp_rank_00_model_states.pt", "flipped")
+    assert store.find_resumable(root, fallback=True) == root / "step_00000002"
+    assert "set aside as step_00000003.corrupt" in capsys.readouterr().err
+    assert (root / "step_00000003.corrupt" / "mp_rank_00_model_states.pt").is_file()
+    assert store.find_resumable(root, fallback=False) == root / "step_00000002"
+    assert weights.resolve(tmp_path / "run") == root / "step_00000002"
+    store._prune(root, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003.corrupt"]
+
+
+def test_a_manifest_that_does_not_parse_is_a_corrupt_checkpoint(tiny_model_source, tmp_path,
+                                                                 capsys):
+    from janus_pretrain.checkpoint import store, weights
+    from janus_pretrain.generate.api import Generator
+
+    source, model = tiny_model_source
+    root = tmp_path / "run" / "checkpoints"
+    ckpt = write_checkpoint(root / "step_00000001", source, model)
+    (ckpt / "COMPLETE").write_text('{"sha256": {"janus.json": ')
+    states = ckpt / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # weights torch would load unchecked
+    states.write_bytes(bytes(data))
+    with pytest.raises(JanusError, match=f"^checkpoint: {ckpt / 'COMPLETE'} is corrupt .*"
+                                         f"cannot be verified"):
+        Generator.from_checkpoint(tmp_path / "run")
+    with pytest.raises(JanusError, match=f"^checkpoint: {ckpt / 'COMPLETE'} is corrupt"):
+        store.find_resumable(root, fallback=False)
+
+    # A newer step directory without its marker is named, not skipped without a word.
+    write_checkpoint(root / "step_00000000", source, model)
+    (root / "step_00000001" / "COMPLETE").unlink()
+    capsys.readouterr()
+    assert weights.resolve(tmp_path / "run") == root / "step_00000000"
+    assert capsys.readouterr().err == (f"warning: checkpoint: ignoring {root / 'step_00000001'}: "
+                                       f"no COMPLETE marker (its save was interrupted)\n")
+    with pytest.raises(JanusError, match="step_00000001 has no COMPLETE marker: its save was "
+                                         "interrupted"):
+        weights.resolve(root / "step_00000001")

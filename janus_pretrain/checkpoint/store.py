@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from janus_pretrain.checkpoint import atomic, finite, unpickle
-from janus_pretrain.checkpoint.files import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
-                                              rng_file, step_name)
+from janus_pretrain.checkpoint.files import (CHECKPOINTS, CORRUPT_SUFFIX, LATEST, MARKER, META,
+                                              STEP, TMP_PREFIX, rng_file, step_name)
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import Tokenizer, load_tokenizer
 
@@ -66,7 +66,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _warn(message: str) -> None:
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -116,6 +116,20 @@ def complete(root: Path) -> list[Path]:
     return [p for p in _checkpoint_dirs(root) if not p.name.startswith(".") and (p / MARKER).is_file()]
 
 
+def newer_than(root: Path, checkpoint: Path) -> list[Path]:
+    """Step directories under `root` (complete or not) of a later step than `checkpoint`."""
+    dirs = _checkpoint_dirs(root)
+    return dirs[:dirs.index(checkpoint)] if checkpoint in dirs else dirs
+
+
+def warn_incomplete(paths: list[Path]) -> None:
+    """One line for each of `paths` without its marker: a save that was interrupted, never
+    skipped without a word."""
+    for path in paths:
+        if not (path / MARKER).is_file():
+            _warn(f"checkpoint: ignoring {path}: no {MARKER} marker (its save was interrupted)")
+
+
 def _prune(root: Path, keep: int) -> None:
     """Delete complete checkpoints beyond the newest `keep`, and interrupted saves. The marker
     goes first, so a crash half way through leaves an ignored directory, never a bad "complete" one."""
@@ -130,32 +144,52 @@ def verify(path: Path) -> list[str]:
     """Collective: the files of checkpoint `path` that are missing or fail their sha256."""
     try:
         manifest = json.loads((path / MARKER).read_text())["sha256"]
-        names = sorted(manifest)
+        names = sorted(manifest) if isinstance(manifest, dict) else None
     except (ValueError, KeyError, TypeError, AttributeError):
+        names = None
+    if names is None:  # a marker that does not parse: a corrupt checkpoint, never unchecked
         return [MARKER]
     mine = [n for n in _share(names, dist.get_rank(), dist.get_world_size())
             if not (path / n).is_file() or atomic.sha256(path / n) != manifest[n]]
     return sorted(_gather(mine))
 
 
+def set_aside(path: Path) -> Path:
+    """Collective: rename a checkpoint that failed verification to `<name>.corrupt` (rank 0),
+    a name no step directory matches, so resuming, decoding and pruning never choose it again
+    and the user still has its files."""
+    aside = path.with_name(f"{path.name}{CORRUPT_SUFFIX}")
+    n = 1
+    while aside.exists():  # the same step corrupt twice (saved again after a fallback)
+        aside, n = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{n}"), n + 1
+    if dist.get_rank() == 0:
+        os.replace(path, aside)
+        atomic.fsync_dir(path.parent)
+    dist.barrier()
+    return aside
+
+
 def find_resumable(root: Path, fallback: bool) -> Optional[Path]:
     """Collective: the newest complete checkpoint whose files pass their checksums, or None when
-    there is no checkpoint. A corrupt one is an error unless `fallback` allows the previous one."""
+    there is no checkpoint. A corrupt one is an error unless `fallback` allows the previous one;
+    then it is set aside (`set_aside`), so the next resume does not meet it again."""
     if not root.is_dir():
         return None
-    for path in _checkpoint_dirs(root):
-        if not (path / MARKER).is_file():
-            _warn(f"checkpoint: ignoring {path}: no {MARKER} marker (its save was interrupted)")
+    warn_incomplete(_checkpoint_dirs(root))
     candidates = complete(root)
     for path in candidates:
         bad = verify(path)
         if not bad:
             return path
-        problem = f"checkpoint: {path / bad[0]} is missing or corrupt (sha256 differs from {MARKER})"
+        problem = (f"checkpoint: {path / MARKER} is corrupt (not a manifest of sha256 sums)"
+                   if bad == [MARKER] else
+                   f"checkpoint: {path / bad[0]} is missing or corrupt (sha256 differs from {MARKER})")
         if not fallback:
             raise JanusError(f"{problem}; set train.resume_fallback=true to resume from the "
                              f"previous complete checkpoint instead")
-        _warn(f"{problem}; falling back to the previous complete checkpoint")
+        aside = set_aside(path)
+        _warn(f"{problem}; set aside as {aside.name}, falling back to the previous complete "
+              f"checkpoint")
     if candidates:
         raise JanusError(f"checkpoint: no intact checkpoint left under {root}")
     return None

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from janus_pretrain.checkpoint import atomic, consolidated, finite, unpickle
-from janus_pretrain.checkpoint.files import (CHECKPOINTS, MARKER, META, has_zero_shards,
-                                              model_states_file, tp_rank_files, tp_size)
-from janus_pretrain.checkpoint.store import complete, read_meta
+from janus_pretrain.checkpoint.files import (CHECKPOINTS, MARKER, META, STEP, TMP_PREFIX,
+                                              has_zero_shards, model_states_file, tp_rank_files,
+                                              tp_size)
+from janus_pretrain.checkpoint.store import complete, newer_than, read_meta, warn_incomplete
 from janus_pretrain.config import from_dict
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
@@ -35,14 +36,19 @@ Weights = dict[str, torch.Tensor]
 
 def resolve(path: str | Path) -> Path:
     """A step (or model-only) directory, a checkpoints/ directory or a run directory -> the
-    newest complete checkpoint directory."""
+    newest complete checkpoint directory; newer step directories without a marker are named in
+    a warning."""
     path = Path(path)
     if (path / MARKER).is_file():
         return path
     for root in (path / CHECKPOINTS, path):
         found = complete(root)
         if found:
+            warn_incomplete(newer_than(root, found[0]))
             return found[0]
+    if path.is_dir() and STEP.fullmatch(path.name.removeprefix(TMP_PREFIX)):
+        raise JanusError(f"checkpoint: {path} has no {MARKER} marker: its save was interrupted "
+                         f"(use an earlier checkpoint)")
     raise JanusError(f"checkpoint: no complete checkpoint at {path}")
 
 

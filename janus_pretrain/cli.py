@@ -30,9 +30,16 @@ def _tokenizer_train(args) -> None:
 
 
 def _data_prepare(args) -> None:
-    from janus_pretrain.data.prepare import prepare
+    from janus_pretrain import disk_space
+    from janus_pretrain.data.prepare import files_in, prepare, written_since
 
-    meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field, args.max_docs)
+    before = files_in(args.output)
+    with disk_space.one_line(
+            "data", args.output,
+            lambda: (sum(p.stat().st_size for p in written_since(args.output, before)), True),
+            lambda: [p.unlink() for p in written_since(args.output, before)]):
+        meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field,
+                       args.max_docs)
     print(f"data: {meta['documents']} documents, {meta['tokens']} tokens in "
           f"{len(meta['shards'])} shards -> {args.output}; skipped {meta['skipped']['empty']} "
           f"empty and {meta['skipped']['invalid_utf8']} non-UTF-8 documents")

@@ -152,3 +152,37 @@ def test_a_manifest_that_does_not_parse_is_a_corrupt_checkpoint(tiny_model_sourc
     with pytest.raises(JanusError, match="step_00000001 has no COMPLETE marker: its save was "
                                          "interrupted"):
         weights.resolve(root / "step_00000001")
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "iostream"])
+def test_a_full_disk_while_saving_is_one_line_and_frees_the_partial_save(tiny_model_source,
+                                                                          tmp_path, monkeypatch,
+                                                                          error):
+    """torch's writer reports a full disk without an errno ("basic_ios::clear: iostream
+    error"): then the free space decides."""
+    import errno
+
+    from janus_pretrain import disk_space
+    from janus_pretrain.checkpoint import store
+    from janus_pretrain.tokenizer import load_tokenizer
+
+    source, model = tiny_model_source
+    root = tmp_path / "run" / "checkpoints"
+    previous = write_checkpoint(root / "step_00000002", source, model)
+
+    class FillsTheDisk:  # DeepSpeed's save, cut short by the disk
+        def save_checkpoint(self, save_dir, tag, save_latest):
+            (root / tag / "mp_rank_00_model_states.pt").write_bytes(bytes(1000))
+            if error == "ENOSPC":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(disk_space, "free_bytes", lambda path: 500)
+            raise RuntimeError("basic_ios::clear: iostream error")
+
+    checkpointer = store.Checkpointer(FillsTheDisk(), tmp_path / "run", load_tokenizer(source), 2, 3)
+    with pytest.raises(JanusError) as e:
+        checkpointer.after_step(4, False, dict)
+    needed = disk_space.size(disk_space.bytes_under(previous))
+    assert str(e.value).startswith(f"checkpoint: no space left on the device to write "
+                                   f"{root / 'step_00000004'}: it needs about {needed}, ")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]

@@ -312,3 +312,45 @@ def test_prepare_max_pairs_zero_is_refused_before_writing(tmp_path):
     with pytest.raises(JanusError, match="--max-pairs must be at least 1, not 0"):
         prepare_pairs(get_task("multi30k_ende"), tmp_path / "out", max_pairs=0)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["shards", "datasets cache"])
+def test_a_full_disk_in_data_prepare_is_one_line_and_removes_what_it_wrote(
+        tmp_path, tokenizer_path, monkeypatch, capsys, where):
+    """ENOSPC writing a shard, or `datasets`' own "Not enough disk space" for its cache (once
+    reported as an input that cannot be read): one line naming the output; the files the
+    prepare wrote are gone, the user's own are not."""
+    import errno
+
+    import datasets
+
+    from janus_pretrain import cli
+    from janus_pretrain.data import prepare
+
+    real = prepare.write_shard
+
+    def fills_the_disk(prefix, docs, dtype):
+        real(prefix, docs, dtype)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def no_room(*args, **kwargs):
+        raise OSError("Not enough disk space. Needed: 12.0 MB (download: 12.0 MB)")
+
+    if where == "shards":
+        monkeypatch.setattr(prepare, "write_shard", fills_the_disk)
+    else:
+        monkeypatch.setattr(datasets, "load_dataset", no_room)
+    (tmp_path / "in.txt").write_text("a first document\na second one\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["data", "prepare", "--input", str(tmp_path / "in.txt"), "--tokenizer",
+                  str(tokenizer_path), "--output", str(out), "--workers", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err  # beside datasets' progress bars
+    assert "Traceback" not in err and "cannot read" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: data: no space left on the device to write {out}: " + err.split(f"{out}: ")[-1]
+        .splitlines()[0]]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from janus_pretrain import disk_space
 from janus_pretrain.checkpoint import atomic, finite, unpickle
 from janus_pretrain.checkpoint.files import (CHECKPOINTS, CORRUPT_SUFFIX, LATEST, MARKER, META,
                                               STEP, TMP_PREFIX, rng_file, step_name)
@@ -282,5 +283,17 @@ class Checkpointer:
     def after_step(self, step: int, done: bool, client_state) -> None:
         """Collective; `client_state()` builds what janus.json holds besides the step."""
         if step % self.save_interval == 0 or done:
-            self.last = save(self.engine, self.root, step, client_state(), self.tokenizer,
-                             self.keep)
+            # A full disk (ENOSPC, or torch's errno-less "iostream error" with less free than a
+            # checkpoint takes): the partial save is removed, so it holds no space, and the
+            # error is one line. The previous checkpoints are intact.
+            partial = self.root / f"{TMP_PREFIX}{step_name(step)}"
+            with disk_space.one_line("checkpoint", self.root / step_name(step),
+                                     lambda: self._space_needed(partial),
+                                     lambda: shutil.rmtree(partial, ignore_errors=True)):
+                self.last = save(self.engine, self.root, step, client_state(), self.tokenizer,
+                                 self.keep)
+
+    def _space_needed(self, partial: Path) -> tuple[int, bool]:
+        """What a checkpoint takes: the newest one's size, or more than the partial one's."""
+        previous = complete(self.root)
+        return disk_space.bytes_under(previous[0] if previous else partial), not previous

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import datasets
 
+from janus_pretrain import disk_space
 from janus_pretrain.data.shards import token_dtype, write_shard
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import load_tokenizer
@@ -64,6 +65,8 @@ def load_corpus(inputs: Sequence[str], field: str, cache_dir: str) -> datasets.D
                                        cache_dir=cache_dir, **options)
         except Exception as e:  # noqa: BLE001 - arrow and json readers raise many types
             root = e.__cause__ or e  # datasets wraps the reader's error
+            if disk_space.is_full(root, cache_dir):  # its cache, not the input (cli.py says so)
+                raise root from None
             detail = (str(root).splitlines() or [""])[0]
             raise JanusError(f"data: cannot read {', '.join(map(str, local))} as {builder} "
                              f"({type(root).__name__}: {detail})") from None
@@ -111,3 +114,15 @@ def prepare(inputs: Sequence[str], tokenizer: str, output: str | Path, num_worke
             "skipped": skipped, "inputs": [str(p) for p in inputs]}
     (output / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def files_in(output: str | Path) -> dict[str, int]:
+    """{name: mtime in ns} of the files in `output` (nothing if it does not exist yet)."""
+    return {p.name: p.stat().st_mtime_ns for p in Path(output).glob("*") if p.is_file()}
+
+
+def written_since(output: str | Path, before: dict[str, int]) -> list[Path]:
+    """The files of `output` that are new or changed since `before` = files_in(output): what a
+    failed prepare (a full disk) removes, so nothing half-written is taken for data."""
+    return [Path(output) / name for name, mtime in files_in(output).items()
+            if before.get(name) != mtime]

@@ -63,19 +63,13 @@ class Output:
     def write(self, lines: Iterable[str]) -> None:
         """Write and flush lines (each ending in a newline)."""
         text = "".join(lines)
-        try:
+        needed = self.written + len(text.encode("utf-8"))
+        with self._full_disk_is_one_line(needed):
             if self.file is None:
                 self.file = open(self.tmp or self.target, "w", encoding="utf-8")
             self.file.write(text)
             self.file.flush()
-        except OSError as e:
-            needed = self.written + len(text.encode("utf-8"))
-            where = self.path if self.target is not None else "stdout"
-            if disk_space.is_full(e, self.tmp or self.target or ".", needed):
-                self._discard()
-                raise disk_space.full("generate", where, needed) from None
-            raise
-        self.written += len(text.encode("utf-8"))
+        self.written = needed
 
     def __exit__(self, kind, error, trace) -> None:
         if self.target is None:
@@ -87,7 +81,7 @@ class Output:
             if self.file is not None:
                 self.file.close()
             return
-        try:
+        with self._full_disk_is_one_line(self.written):
             if self.file is None:  # no source lines: an empty output
                 self.file = open(self.tmp, "w", encoding="utf-8")
             self.file.flush()
@@ -97,12 +91,11 @@ class Output:
                     else 0o666 & ~_umask())
             os.chmod(self.tmp, mode)
             os.replace(self.tmp, self.target)
-        except OSError as e:
-            tmp = self.tmp
-            self._discard()
-            if disk_space.is_full(e, tmp, self.written):
-                raise disk_space.full("generate", self.path, self.written) from None
-            raise
+
+    def _full_disk_is_one_line(self, needed: int):
+        """More than `needed` bytes: the lines still to come are not known yet."""
+        return disk_space.one_line("generate", self.path if self.target is not None else "stdout",
+                                   lambda: (needed, True), self._discard)
 
     def _discard(self) -> None:
         if self.file is not None and self.file is not sys.stdout:

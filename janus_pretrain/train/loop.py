@@ -48,6 +48,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def to_device(host: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch's copy to the device (asynchronous from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) for k, v in host.items()}
+
+
 def agree_at_boundary(local_bad: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
     """The step's one collective: (any rank saw a non-finite value, any rank must stop)."""
     flags = torch.stack([local_bad, torch.tensor(float(stop_requested), device=local_bad.device)])
@@ -79,7 +84,7 @@ def optimizer_step(engine, objective: Objective, loader: BatchLoader, cfg: RunCo
     stopping = False
     for micro in range(cfg.train.grad_accum):
         host = next(loader)
-        prep = objective.prepare({k: v.to(device, non_blocking=True) for k, v in host.items()})
+        prep = objective.prepare(to_device(host, device))
         loss, terms = objective.loss(engine(**prep.model_inputs), prep, step)
         guard.add_loss(loss)
         engine.backward(loss)

@@ -188,6 +188,7 @@ def loop_row(name: str, stage: int, args, device: torch.device) -> tuple[dict, f
 
     def step(counter: StepCounter, i: int) -> None:
         current[:] = [counter]
+        counter.mark_host(guard.host_flags)
         train_loop.optimizer_step(engine, objective, Loader(), cfg, guard, stats, False, device,
                                   i + 1)
         logger.after_step(i + 1, False, stats, engine)

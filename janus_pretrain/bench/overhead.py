@@ -200,23 +200,32 @@ def loop_row(name: str, stage: int, args, device: torch.device) -> tuple[dict, f
         loader.close()
 
 
-def distinct_shapes(name: str, args, epochs: int = 2) -> dict:
-    """Distinct collated shapes over `epochs` epochs of the real plan: ar (rows, S, L),
-    janus (rows, S, L, K); and how many first appear after the first epoch."""
+def distinct_shapes(name: str, args, bucketed: bool, epochs: int = 2) -> dict:
+    """Distinct collated shapes over `epochs` epochs of the real plan, ar (rows, S, L) and janus
+    (rows, S, L, K), how many first appear after the first epoch, and the padded share of the
+    cells (source + target rows, and JANUS's 2K slot rows against the masked positions)."""
     cfg, objective = run_config(name, args)
+    if not bucketed:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, length_buckets=[]))
     loader = loader_for(cfg, objective, args, prefetch=0)
     seen: dict[tuple, int] = {}
-    batches = 0
+    batches, real, cells, slots, used = 0, 0, 0, 0, 0
     for epoch in range(epochs):
         for index in range(loader.batches_in_epoch(epoch)):
             b = loader.batch_at(epoch, index)
             shape = (*b["src"].shape, b["tgt"].shape[1])
             if objective.needs_nar:
                 shape += (b["masked_pos"].shape[1],)
+                slots += b["masked_pos"].numel()
+                used += int((b["masked_pos"] >= 0).sum())
             seen.setdefault(shape, epoch)
             batches += 1
+            real += int((b["src"] != PAD).sum() + (b["tgt"] != PAD).sum())
+            cells += b["src"].numel() + b["tgt"].numel()
     return {"batches": batches, "distinct": len(seen),
-            "new_after_epoch_1": sum(1 for e in seen.values() if e > 0)}
+            "new_after_epoch_1": sum(1 for e in seen.values() if e > 0),
+            "pad_fraction": 1 - real / cells,
+            "slot_pad_fraction": 1 - used / slots if slots else None}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -231,10 +240,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
     p.add_argument("--no-bart", action="store_true")
     p.add_argument("--shapes", action="store_true", help="count distinct shapes (needs --data)")
+    p.add_argument("--shapes-only", action="store_true", help="only the shapes (with --data)")
     p.add_argument("--json", type=Path)
     args = bench_train.checked_shape(p, p.parse_args(argv))
     if args.shapes and args.data is None:
         p.error("--shapes needs --data")
+    if args.shapes_only:
+        args.shapes = True
     args.compile = False
     return args
 
@@ -251,11 +263,11 @@ def main(argv: list[str]) -> dict:
           flush=True)
     rows: dict[str, tuple[dict, float]] = {}
     objectives = args.objectives.split(",")
-    for name in objectives:
+    for name in objectives if not args.shapes_only else ():
         rows[f"bare {name}"] = bare_row(name, args, device)
-    if not args.no_bart:
+    if not args.no_bart and not args.shapes_only:
         rows["bart"] = bart_row(args, device)
-    for stage in map(int, args.stages.split(",")):
+    for stage in map(int, args.stages.split(",")) if not args.shapes_only else ():
         for name in objectives:
             rows[f"loop {name} zero{stage}"] = loop_row(name, stage, args, device)
     phases = ("forward", "backward", "optimizer", "loop")
@@ -265,13 +277,13 @@ def main(argv: list[str]) -> dict:
         cells = "".join(f"{t['ops'].get(p, 0):>16.0f}/{t['syncs'].get(p, 0):<5.0f}" for p in phases)
         print(f"{row:<18}{t['ops_total']:>7.0f}{t['syncs_total']:>7.0f}  {cells}{ms:>9.1f}")
     ratios = {}
-    for name in objectives:
+    for name in objectives if rows else ():
         bare_ops, bare_ms = rows[f"bare {name}"][0]["ops_total"], rows[f"bare {name}"][1]
         for stage in map(int, args.stages.split(",")):
             t, ms = rows[f"loop {name} zero{stage}"]
             ratios[f"loop/bare ops, {name} zero{stage}"] = t["ops_total"] / bare_ops
             ratios[f"loop/bare host ms, {name} zero{stage}"] = ms / bare_ms
-    if {"ar", "janus"} <= set(objectives):
+    if {"ar", "janus"} <= set(objectives) and rows:
         ratios["janus/ar ops, bare"] = rows["bare janus"][0]["ops_total"] / rows["bare ar"][0]["ops_total"]
     if "bart" in rows and "ar" in objectives:
         ratios["ar/bart ops, bare"] = rows["bare ar"][0]["ops_total"] / rows["bart"][0]["ops_total"]
@@ -283,10 +295,14 @@ def main(argv: list[str]) -> dict:
     table = {"rows": {r: {**t, "host_ms": ms} for r, (t, ms) in rows.items()}, "ratios": ratios,
              "settings": {k: v for k, v in vars(args).items() if k != "overrides"}}
     if args.shapes:
-        table["shapes"] = {name: distinct_shapes(name, args) for name in objectives}
-        for name, s in table["shapes"].items():
-            print(f"shapes {name}: {s['distinct']} distinct over {s['batches']} batches of 2 "
-                  f"epochs, {s['new_after_epoch_1']} first seen in epoch 2")
+        table["shapes"] = {f"{name} {kind}": distinct_shapes(name, args, kind == "bucketed")
+                           for name in objectives for kind in ("unbucketed", "bucketed")}
+        for row, s in table["shapes"].items():
+            slot = (f", slot rows padded {s['slot_pad_fraction']:.1%}"
+                    if s["slot_pad_fraction"] is not None else "")
+            print(f"shapes {row}: {s['distinct']} distinct over {s['batches']} batches of 2 "
+                  f"epochs, {s['new_after_epoch_1']} first seen in epoch 2; cells padded "
+                  f"{s['pad_fraction']:.1%}{slot}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(table, indent=2, default=str) + "\n")

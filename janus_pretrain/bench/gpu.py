@@ -30,12 +30,12 @@ from janus_pretrain.bench.train import (device_run, PeakMemory, host_batches, me
 from janus_pretrain.model.flops import matmul_peak
 from janus_pretrain.parallel import state
 
-# peak_size: the matmul that measures the MFU denominator; small in the dry run, where a CPU
-# without bf16 instructions spends a minute on one 2048 x 2048 bf16 matmul.
+# peak_sizes: the matmuls whose best rate is the MFU denominator (model/flops.py); small in the
+# dry run, where a CPU without bf16 instructions spends a minute on one 2048 x 2048 bf16 matmul.
 SHAPES = {False: dict(model="base", batch=16, src_len=256, tgt_len=256, vocab=32000, warmup=3,
-                      steps=10, compile=False, peak_size=2048),
+                      steps=10, compile=False, peak_sizes=(2048, 4096, 8192)),
           True: dict(model="tiny", batch=2, src_len=16, tgt_len=16, vocab=512, warmup=1, steps=1,
-                     compile=False, peak_size=128)}
+                     compile=False, peak_sizes=(128,))}
 NO_ATTN_DROPOUT = ("model.attention_dropout=0",)
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> None:
 
     for row, run in rows(device, args).items():
         gc.collect()
-        peak = matmul_peak(device, torch.bfloat16, size=args.peak_size)
+        peak = matmul_peak(device, torch.bfloat16, sizes=args.peak_sizes)
         try:
             with PeakMemory(device) as mem:
                 r = run()

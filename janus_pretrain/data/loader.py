@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from janus_pretrain.data.batching import TokenBudget, fixed_size_plan, token_budget_plan
+from janus_pretrain.data.buckets import Buckets, build_buckets
 from janus_pretrain.data.packing import PackedCorpus
 from janus_pretrain.errors import JanusError
 
@@ -37,10 +38,12 @@ def document_lengths(corpus) -> np.ndarray:
 class BatchLoader:
     def __init__(self, corpus, collate: Collate, micro_batch_size: Optional[int], seed: int,
                  dp_rank: int = 0, dp_size: int = 1, sources: Optional[object] = None,
-                 budget: Optional[TokenBudget] = None, prefetch: int = 0):
+                 budget: Optional[TokenBudget] = None, prefetch: int = 0,
+                 buckets: Optional[Buckets] = None):
         """`corpus[i]` is a target id array; `sources[i]`, if given, the matching source ids
         (fine-tuning pairs); pretraining derives sources from targets in `collate`. With a
-        `budget`, batches are filled to it and `micro_batch_size` is not used."""
+        `budget`, batches are filled to it and `micro_batch_size` is not used; with `buckets`,
+        collated batches are padded up to a few shapes (buckets.py)."""
         self.corpus = corpus
         self.sources = sources
         self.collate = collate
@@ -50,6 +53,7 @@ class BatchLoader:
         self.dp_size = dp_size
         self.budget = budget
         self.prefetch = prefetch
+        self.buckets = buckets
         if budget is not None:
             self._target_lens = document_lengths(corpus)
             # A derived (denoised) source is never longer than its target.
@@ -95,7 +99,8 @@ class BatchLoader:
         g = index * self.dp_size + self.dp_rank
         examples = [(self.sources[i] if self.sources is not None else None, self.corpus[i])
                     for i in self._plan(epoch)[g].tolist()]
-        return self.collate(examples, np.random.default_rng([self.seed, epoch, g]))
+        batch = self.collate(examples, np.random.default_rng([self.seed, epoch, g]))
+        return batch if self.buckets is None else self.buckets.pad(batch)
 
     def __iter__(self):
         return self
@@ -190,7 +195,9 @@ def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,
     data.micro_batch_size examples or of data.max_tokens padded cells, prefetched or not."""
     if data.pack_documents:
         corpus = PackedCorpus(corpus, data.max_target_len - 2)
-    budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len)
+    buckets = build_buckets(data)
+    budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len, buckets)
               if data.max_tokens is not None else None)
     return BatchLoader(corpus, collate, data.micro_batch_size, data.seed, dp_rank=dp_rank,
-                       dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch)
+                       dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch,
+                       buckets=buckets)

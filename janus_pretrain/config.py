@@ -436,6 +436,36 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         raise JanusError(f"config: {key}: {msg}") from None
 
 
+# What a resume may change of the model (regularisation and how the step is computed); every
+# other model key shapes the weights, and the objective is what the run trains.
+RESUMABLE_MODEL_KEYS = {"dropout", "attention_dropout", "activation_dropout",
+                        "activation_checkpointing", "attention"}
+
+
+def _leaves(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_difference(saved: dict, run: dict) -> Optional[tuple[str, object, object]]:
+    """The first model or objective key (dotted) whose value a resumed run changes, with the
+    saved and the new value; keys the saved config does not know (added since) are skipped."""
+    old, new = _leaves({k: saved.get(k, {}) for k in ("model", "objective")}), \
+        _leaves({k: run[k] for k in ("model", "objective")})
+    for key, value in new.items():
+        section, _, name = key.partition(".")
+        if section == "model" and name in RESUMABLE_MODEL_KEYS:
+            continue
+        if key in old and old[key] != value:
+            return key, old[key], value
+    return None
+
+
 def to_dict(cfg: RunConfig) -> dict:
     """Plain nested dict (for checkpoints and the W&B run config)."""
     return dataclasses.asdict(cfg)

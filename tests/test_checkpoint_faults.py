@@ -186,3 +186,39 @@ def test_a_full_disk_while_saving_is_one_line_and_frees_the_partial_save(tiny_mo
                                    f"{root / 'step_00000004'}: it needs about {needed}, ")
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden_size=64", "model.hidden_size=128, this run has model.hidden_size=64"),
+    ("model.decoder_layers=3", "model.decoder_layers=2, this run has model.decoder_layers=3"),
+    ("objective.kind=bang", "objective.kind=janus, this run has objective.kind=bang"),
+    ("model.dropout=0.3", None),  # regularisation may change on resume
+    ("data.train=/other/shards", "warning"),
+])
+def test_a_resume_names_the_first_model_or_objective_key_it_changes(
+        tiny_model_source, tmp_path, monkeypatch, capsys, override, message):
+    import json
+
+    from conftest import REPO
+    from janus_pretrain.checkpoint import store
+    from janus_pretrain.config import load_config, to_dict
+
+    source, model = tiny_model_source
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004", source, model)
+    saved = json.loads((ckpt / "janus.json").read_text())["config"]
+    assert (saved["model"]["hidden_size"], saved["model"]["decoder_layers"]) == (128, 2)
+    run = to_dict(load_config(REPO / "configs" / "pretrain" / "demo.yaml", [
+        "model=tiny", "data.max_source_len=32", "data.max_target_len=32", override]))
+    monkeypatch.setattr(store, "load", lambda engine, path, tokenizer: {"step": 4})
+    checkpointer = store.Checkpointer(None, tmp_path / "run", None, 2, 3)
+    if message in (None, "warning"):
+        assert checkpointer.start(resume=True, fallback=False, config=run) == {"step": 4}
+        err = capsys.readouterr().err
+        assert err == ("" if message is None else
+                       f"warning: checkpoint: {ckpt} was trained on data.train={saved['data']['train']}, "
+                       f"this run reads /other/shards: the loader continues at its saved epoch "
+                       f"and batch index in the new data\n")
+        return
+    with pytest.raises(JanusError, match=f"^checkpoint: {ckpt} was trained with {message}: resume "
+                                         f"with the saved value, or start a new train.output_dir"):
+        checkpointer.start(resume=True, fallback=False, config=run)

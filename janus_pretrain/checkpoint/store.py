@@ -28,6 +28,7 @@ from janus_pretrain import disk_space
 from janus_pretrain.checkpoint import atomic, finite, unpickle
 from janus_pretrain.checkpoint.files import (CHECKPOINTS, CORRUPT_SUFFIX, LATEST, MARKER, META,
                                               STEP, TMP_PREFIX, rng_file, step_name)
+from janus_pretrain.config import resume_difference
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import Tokenizer, load_tokenizer
 
@@ -250,6 +251,26 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
     return meta
 
 
+def check_resumed_config(checkpoint: Path, saved: dict, run: dict) -> None:
+    """A resume continues one run: a changed model shape or objective is one line naming the
+    first key that differs (not DeepSpeed's size-mismatch traceback, or a silently different
+    run)."""
+    changed = resume_difference(saved, run)
+    if changed is not None:
+        key, old, new = changed
+        raise JanusError(f"checkpoint: {checkpoint} was trained with {key}={old}, this run has "
+                         f"{key}={new}: resume with the saved value, or start a new "
+                         f"train.output_dir from its weights (train.init_from={checkpoint})")
+
+
+def warn_changed_data(checkpoint: Path, saved: dict, run: dict) -> None:
+    """Other training data (with the same tokenizer) is allowed on resume, said in one line."""
+    before, now = saved.get("data", {}).get("train"), run["data"]["train"]
+    if before is not None and before != now:
+        _warn(f"checkpoint: {checkpoint} was trained on data.train={before}, this run reads "
+              f"{now}: the loader continues at its saved epoch and batch index in the new data")
+
+
 def read_rng_file(path: Path) -> dict:
     """An RNG file: tensors, plain values and the arrays of numpy's state."""
     return unpickle.load(path, "an RNG state", _NUMPY_STATE)
@@ -266,8 +287,10 @@ class Checkpointer:
         self.save_interval, self.keep = save_interval, keep
         self.last: Optional[Path] = None
 
-    def start(self, resume: bool, fallback: bool) -> Optional[dict]:
-        """Collective: janus.json of the checkpoint resumed from, or None for a fresh run."""
+    def start(self, resume: bool, fallback: bool, config: Optional[dict] = None
+              ) -> Optional[dict]:
+        """Collective: janus.json of the checkpoint resumed from, or None for a fresh run.
+        `config` (config.to_dict) is the run's, checked against the checkpoint's first."""
         if not resume:
             if complete(self.root):
                 raise JanusError(f"train: {self.root.parent} already holds checkpoints: pass "
@@ -276,7 +299,12 @@ class Checkpointer:
         found = find_resumable(self.root, fallback)
         if found is None:
             return None
+        saved = read_meta(found).get("config", {})
+        if config is not None:
+            check_resumed_config(found, saved, config)
         meta = load(self.engine, found, self.tokenizer)
+        if config is not None:
+            warn_changed_data(found, saved, config)
         self.last = found  # the run's checkpoint until this invocation saves one
         return meta
 

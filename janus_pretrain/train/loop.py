@@ -127,7 +127,7 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     output = Path(cfg.train.output_dir)
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
                                       cfg.train.keep_checkpoints)
-    meta = checkpointer.start(resume, cfg.train.resume_fallback) or {
+    meta = checkpointer.start(resume, cfg.train.resume_fallback, to_dict(cfg)) or {
         "step": 0, "bad_steps_in_a_row": 0, "loader": loader.state_dict()}
     loader.load_state_dict(meta["loader"])
     start_step, bad_in_a_row = meta["step"], meta["bad_steps_in_a_row"]

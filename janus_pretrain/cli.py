@@ -143,9 +143,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_overrides(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse gives a positional nargs="*" (the key=value overrides) only its first run of
+    values, so overrides on both sides of an option (`a=1 --init-from X b=2`) came back as
+    "unrecognized arguments": they are taken here, in their order."""
+    args, extra = p.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        p.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     silence_third_party()
-    args = parser().parse_args(argv)
+    args = parse_with_overrides(parser(), argv)
     run_cli(args.run, args)
 
 

@@ -366,3 +366,31 @@ def test_a_full_disk_in_data_prepare_is_one_line_and_removes_what_it_wrote(
         f"error: data: no space left on the device to write {out}: " + err.split(f"{out}: ")[-1]
         .splitlines()[0]]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_stop_signal_during_select_asks_for_a_requeue(tmp_path, monkeypatch, capsys):
+    """SIGTERM while `select` runs after fine-tuning: exit 75 with its line (it was a silent
+    143). The test's own handler stands for the default action, which would end pytest."""
+    import janus_pretrain.train.loop as loop
+    from janus_pretrain.parallel import state
+    from janus_pretrain.train.loop import TrainResult
+    from finetune import cli
+
+    unhandled = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: unhandled.append(1))
+    monkeypatch.setattr(state, "shutdown", lambda: None)
+    monkeypatch.setattr(loop, "train", lambda cfg, resume, task_eval: TrainResult(0, 0, 7, "ckpt"))
+    monkeypatch.setattr(cli, "_select", lambda *a: os.kill(os.getpid(), signal.SIGTERM) or
+                        time.sleep(5))
+    for side in ("source", "target"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "meta.json").write_text("{}")
+    try:
+        with pytest.raises(SystemExit) as stopped:  # overrides on both sides of an option
+            cli.main(["train", "--task", "multi30k_ende", "--data", str(tmp_path),
+                      "train.steps=7", "--config", "configs/finetune/janus.yaml",
+                      f"train.output_dir={tmp_path / 'run'}"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 75 and unhandled == []
+    assert "select: stopped by SIGTERM; exit status 75 asks for a requeue" in capsys.readouterr().out

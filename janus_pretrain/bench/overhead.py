@@ -1,5 +1,5 @@
-"""What a training step asks of the host: aten ops (kernel launches on a GPU) and host syncs per
-step, split into forward / loss+backward / optimizer / loop, for the bare steps and the real loop
+"""What a training step asks of the host: aten ops that launch kernels on a GPU (views and
+allocations, which do not, are counted apart as `free`) and host syncs per step, split into forward / loss+backward / optimizer / loop, for the bare steps and the real loop
 side by side, plus the distinct batch shapes a run's plan produces (each one a cuDNN plan and a
 torch.compile graph on a GPU). Counted on any device (bench/counting.py); exact, not timed.
 
@@ -293,11 +293,12 @@ def main(argv: list[str]) -> dict:
         for name in objectives:
             rows[f"loop {name} zero{stage}"] = loop_row(name, stage, args, device)
     phases = ("forward", "backward", "optimizer", "loop")
-    print(f"{'row':<18}{'ops':>7}{'syncs':>7}  " + "".join(f"{p + ' ops/syncs':>22}" for p in phases)
-          + f"{'host ms':>9}")
+    print(f"{'row':<18}{'ops':>7}{'syncs':>7}{'free':>7}  "
+          + "".join(f"{p + ' ops/syncs':>22}" for p in phases) + f"{'host ms':>9}")
     for row, (t, ms) in rows.items():
         cells = "".join(f"{t['ops'].get(p, 0):>16.0f}/{t['syncs'].get(p, 0):<5.0f}" for p in phases)
-        print(f"{row:<18}{t['ops_total']:>7.0f}{t['syncs_total']:>7.0f}  {cells}{ms:>9.1f}")
+        print(f"{row:<18}{t['ops_total']:>7.0f}{t['syncs_total']:>7.0f}{t['free_total']:>7.0f}  "
+              f"{cells}{ms:>9.1f}")
     ratios = {}
     for name in objectives if rows else ():
         bare_ops, bare_ms = rows[f"bare {name}"][0]["ops_total"], rows[f"bare {name}"][1]

@@ -209,7 +209,11 @@ class DataConfig:
     # Pretraining only: train on the documents back to back, cut into blocks of
     # max_target_len - 2 ids (as BART), instead of one (mostly padded) document per row.
     pack_documents: bool = False
-    prefetch: int = 2  # micro-batches collated ahead of the step by a background thread; 0: none
+    # Collation (noise, padding) runs in `workers` processes, each `prefetch` micro-batches
+    # ahead of the step, so the training process only launches kernels; either 0: collated in
+    # the training process when the step asks.
+    prefetch: int = 2
+    workers: int = 1
     seed: int = 1234
     # Few batch shapes (data/buckets.py): source and target rows padded up to the next of these
     # lengths (capped at max_source_len / max_target_len), JANUS's masked slots up to the next
@@ -232,6 +236,7 @@ class DataConfig:
         _check(not (self.pack_documents and self.source), "data.pack_documents",
                "packs pretraining documents; it cannot be used with data.source (pairs)")
         _check(self.prefetch >= 0, "data.prefetch", "must be >= 0")
+        _check(self.workers >= 0, "data.workers", "must be >= 0")
         _check(self.max_source_len >= 8, "data.max_source_len", "must be at least 8")
         _check(self.max_target_len >= 8, "data.max_target_len", "must be at least 8")
 

@@ -43,6 +43,7 @@ def test_training_loop_steps_without_host_syncs(single_process, tmp_path):
     for name, row in rows.items():
         assert row["syncs_total"] == 0, (name, row["sync_sites"])
         assert row["ops"]["forward"] > 0 and row["ops"]["backward"] > 0
-        if name.startswith("loop"):  # the bare step's work, plus DeepSpeed's
-            assert row["ops_total"] > rows[name.replace("loop", "bare").replace(
-                " zero0", "").replace(" zero2", "")]["ops_total"]
+    # ZeRO-0 adds a few kernels per step (DeepSpeed, guard, metrics), none per parameter
+    for name in ("ar", "janus"):
+        loop, bare = rows[f"loop {name} zero0 fp32"], rows[f"bare {name} fp32"]
+        assert loop["ops_total"] - bare["ops_total"] <= 50, (loop["ops"], bare["ops"])

@@ -1,5 +1,5 @@
-"""What a training step asks of the host: aten ops (kernel launches on a GPU) and host syncs per
-step, split into forward / loss+backward / optimizer / loop, for the bare steps and the real loop
+"""What a training step asks of the host: aten ops that launch kernels on a GPU (views and
+allocations, which do not, are counted apart as `free`) and host syncs per step, split into forward / loss+backward / optimizer / loop, for the bare steps and the real loop
 side by side, plus the distinct batch shapes a run's plan produces (each one a cuDNN plan and a
 torch.compile graph on a GPU). Counted on any device (bench/counting.py); exact, not timed.
 
@@ -228,6 +228,28 @@ def distinct_shapes(name: str, args, bucketed: bool, epochs: int = 2) -> dict:
             "slot_pad_fraction": 1 - used / slots if slots else None}
 
 
+def collation_ms(name: str, args, batches: int = 40, step_s: float = 0.02) -> dict:
+    """Milliseconds per batch that the training thread spends in next(loader): collating
+    itself (data.workers=0) or taking what a worker process collated (data.workers=1), with
+    `step_s` of simulated step between batches, so that the worker can run ahead."""
+    cfg, objective = run_config(name, args)
+    out = {}
+    for workers in (0, 1):
+        data = dataclasses.replace(cfg.data, workers=workers, prefetch=2)
+        loader = loader_for(dataclasses.replace(cfg, data=data), objective, args, prefetch=2)
+        times = []
+        try:
+            for _ in range(batches):
+                start = time.perf_counter()
+                next(loader)
+                times.append(time.perf_counter() - start)
+                time.sleep(step_s)
+        finally:
+            loader.close()
+        out[f"workers={workers}"] = statistics.median(times[2:]) * 1000
+    return out
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench overhead",
                                 description=__doc__.splitlines()[0])
@@ -271,11 +293,12 @@ def main(argv: list[str]) -> dict:
         for name in objectives:
             rows[f"loop {name} zero{stage}"] = loop_row(name, stage, args, device)
     phases = ("forward", "backward", "optimizer", "loop")
-    print(f"{'row':<18}{'ops':>7}{'syncs':>7}  " + "".join(f"{p + ' ops/syncs':>22}" for p in phases)
-          + f"{'host ms':>9}")
+    print(f"{'row':<18}{'ops':>7}{'syncs':>7}{'free':>7}  "
+          + "".join(f"{p + ' ops/syncs':>22}" for p in phases) + f"{'host ms':>9}")
     for row, (t, ms) in rows.items():
         cells = "".join(f"{t['ops'].get(p, 0):>16.0f}/{t['syncs'].get(p, 0):<5.0f}" for p in phases)
-        print(f"{row:<18}{t['ops_total']:>7.0f}{t['syncs_total']:>7.0f}  {cells}{ms:>9.1f}")
+        print(f"{row:<18}{t['ops_total']:>7.0f}{t['syncs_total']:>7.0f}{t['free_total']:>7.0f}  "
+              f"{cells}{ms:>9.1f}")
     ratios = {}
     for name in objectives if rows else ():
         bare_ops, bare_ms = rows[f"bare {name}"][0]["ops_total"], rows[f"bare {name}"][1]
@@ -297,6 +320,10 @@ def main(argv: list[str]) -> dict:
     if args.shapes:
         table["shapes"] = {f"{name} {kind}": distinct_shapes(name, args, kind == "bucketed")
                            for name in objectives for kind in ("unbucketed", "bucketed")}
+        table["collation_ms"] = {name: collation_ms(name, args) for name in objectives}
+        for name, ms in table["collation_ms"].items():
+            print(f"collation {name}: ms per batch on the training thread: " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
         for row, s in table["shapes"].items():
             slot = (f", slot rows padded {s['slot_pad_fraction']:.1%}"
                     if s["slot_pad_fraction"] is not None else "")

@@ -40,25 +40,30 @@ class Buckets:
         return table[np.minimum(np.searchsorted(table, n), len(table) - 1)]
 
     def slots(self, k: int, target_len: int) -> int:
-        """The padded number of masked slots for a batch needing k (k <= target_len)."""
+        """The padded number of masked slots for a batch needing k (k <= target_len); none for
+        a batch that masks nothing (an AR-only objective)."""
+        if k == 0:
+            return 0
         for f in (*self.slot_shares, 1.0):
             if k <= (s := math.ceil(f * target_len)):
                 return s
         return target_len
 
     def pad(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A collated batch with src / tgt (and masked, masked_pos where present) padded up to
-        their buckets along the length axis; other entries as they are."""
+        """A collated batch with src / tgt (and masked, masked_pos) padded up to their buckets
+        along the length axis, where present; other entries as they are."""
         out = dict(batch)
-        src_len = self.length(batch["src"].shape[1], self.max_source_len)
-        tgt_len = self.length(batch["tgt"].shape[1], self.max_target_len)
-        out["src"] = _pad_to(batch["src"], src_len, PAD)
-        out["tgt"] = _pad_to(batch["tgt"], tgt_len, PAD)
-        if "masked" in batch:
-            out["masked"] = _pad_to(batch["masked"], tgt_len, False)
-        if "masked_pos" in batch:
-            k = self.slots(batch["masked_pos"].shape[1], tgt_len)
-            out["masked_pos"] = _pad_to(batch["masked_pos"], k, -1)
+        if "src" in batch:
+            out["src"] = _pad_to(batch["src"], self.length(batch["src"].shape[1],
+                                                           self.max_source_len), PAD)
+        if "tgt" in batch:
+            tgt_len = self.length(batch["tgt"].shape[1], self.max_target_len)
+            out["tgt"] = _pad_to(batch["tgt"], tgt_len, PAD)
+            if "masked" in batch:
+                out["masked"] = _pad_to(batch["masked"], tgt_len, False)
+            if "masked_pos" in batch:
+                k = self.slots(batch["masked_pos"].shape[1], tgt_len)
+                out["masked_pos"] = _pad_to(batch["masked_pos"], k, -1)
         return out
 
 

@@ -108,3 +108,40 @@ def test_bad_decoding_options_are_one_line_before_anything_loads(tmp_path, monke
                      str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.txt"), flag, value)
     assert str(e.value) == f"generate: {message}"
     assert not (tmp_path / "out.txt").exists()
+
+
+def test_sigterm_keeps_the_finished_chunks(tmp_path, monkeypatch):
+    """SIGTERM after the first chunk (a job's time limit): exit 143, and --output holds the
+    first chunk's lines, as after Ctrl-C."""
+    import os
+    import signal
+    import time
+
+    from janus_pretrain.generate import api, cli
+
+    class Stopped:
+        calls = 0
+
+        def generate(self, sources, **_):
+            Stopped.calls += 1
+            if Stopped.calls == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            return [s.upper() for s in sources]
+
+    unhandled = []  # stands for the default action, which would end pytest
+    previous = signal.signal(signal.SIGTERM, lambda *a: unhandled.append(1))
+    monkeypatch.setattr(api.Generator, "from_checkpoint", staticmethod(lambda path: Stopped()))
+    (tmp_path / "in.txt").write_text("".join(f"line {i}\n" for i in range(3 * cli.WRITE_EVERY)))
+    (tmp_path / "out.txt").write_bytes(PRECIOUS)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_generate(monkeypatch, "--checkpoint", str(tmp_path), "--input",
+                         str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.txt"),
+                         "--batch-size", "1")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.code == 143 and unhandled == []
+    assert (tmp_path / "out.txt").read_text() == "".join(f"LINE {i}\n"
+                                                         for i in range(cli.WRITE_EVERY))
+    assert not list(tmp_path.glob(".out.txt*"))

@@ -10,6 +10,7 @@ and counted on stderr; an empty line gives an empty output line, so outputs stay
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -93,7 +94,9 @@ def run(args) -> None:
               f"{bad[0]}); their bad bytes were decoded as U+FFFD", file=sys.stderr, flush=True)
     consolidated = Path(args.checkpoint).is_file()
     # The output is a temporary file until the run ends (output.py): a refusal below leaves an
-    # existing --output as it was.
+    # existing --output as it was. SIGTERM (a job's time limit) ends the run as Ctrl-C does, so
+    # the finished chunks still reach --output.
+    previous = signal.signal(signal.SIGTERM, _stop)
     with Output(args.output) as out:
         try:
             gen = (Generator.from_consolidated if consolidated else Generator.from_checkpoint)(
@@ -107,3 +110,8 @@ def run(args) -> None:
                 out.write(h + "\n" for h in hyps)
         finally:
             state.shutdown()
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # the status the signal itself would have given

@@ -81,16 +81,20 @@ class Output:
             if self.file is not None:
                 self.file.close()
             return
-        with self._full_disk_is_one_line(self.written):
-            if self.file is None:  # no source lines: an empty output
-                self.file = open(self.tmp, "w", encoding="utf-8")
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            mode = (stat.S_IMODE(self.target.stat().st_mode) if self.target.exists()
-                    else 0o666 & ~_umask())
-            os.chmod(self.tmp, mode)
-            os.replace(self.tmp, self.target)
+        try:
+            with self._full_disk_is_one_line(self.written):
+                if self.file is None:  # no source lines: an empty output
+                    self.file = open(self.tmp, "w", encoding="utf-8")
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+                mode = (stat.S_IMODE(self.target.stat().st_mode) if self.target.exists()
+                        else 0o666 & ~_umask())
+                os.chmod(self.tmp, mode)
+                os.replace(self.tmp, self.target)
+        except OSError:  # not a full disk (that is a JanusError): no temporary file left behind
+            self._discard()
+            raise
 
     def _full_disk_is_one_line(self, needed: int):
         """More than `needed` bytes: the lines still to come are not known yet."""

@@ -276,17 +276,21 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     invocation(0, range(1, 2))  # a fresh run (no checkpoint to resume) is a new W&B run
     assert (tmp_path / "wandb_run_id").read_text().strip() != run_id
 
-    # Killed after logging step 4 (its steps may never have reached its .wandb file), resumed
-    # from its checkpoint at step 2: the resumed run sends steps 1 and 2 again from metrics.jsonl,
-    # then every step it runs.
-    killed = RunLogger(True, tmp_path, 10, 0, 1, 1.0, "test", None, {})
+    # Killed after logging step 4, none of its steps having left the process (its .wandb file
+    # held only its header: W&B disabled stands for that), resumed from its checkpoint at step 2:
+    # the resumed run sends steps 1 and 2 again from metrics.jsonl, then every step it runs.
+    killed = tmp_path / "killed"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    dead = RunLogger(True, killed, 10, 0, 1, 1.0, "test", None, {})
     for step in range(1, 5):
-        killed.write_eval(step, {"eval/loss": float(step)})
-    killed.run.finish()  # no `close`: what a SIGKILL leaves
-    invocation(2, range(3, 7))
-    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert offline_history(runs[-1]) == [1, 2, 3, 4, 5, 6]
-    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+        dead.write_eval(step, {"eval/loss": float(step)})
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no `close`: what a SIGKILL leaves
+    resumed = RunLogger(True, killed, 10, 2, 1, 1.0, "test", None, {})
+    for step in range(3, 7):
+        resumed.write_eval(step, {"eval/loss": float(step)})
+    resumed.close()
+    assert offline_history(next((killed / "wandb").glob("offline-run-*"))) == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in read_metrics(killed)] == [1, 2, 3, 4, 5, 6]
 
 
 # --- 7. messages that pointed the wrong way ------------------------------------------------------

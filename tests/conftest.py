@@ -124,9 +124,11 @@ def trained_run(launch_training, tmp_path_factory):
 
 
 def child_env() -> dict:
-    """The environment for a child job: one thread, W&B offline, and not this process's
-    rendezvous (`single_process` exports RANK, MASTER_PORT, ...)."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    """The environment for a child job: one thread, W&B offline, and neither this process's
+    rendezvous (`single_process` exports RANK, MASTER_PORT, ...) nor its W&B service."""
+    # WANDB_SERVICE: an in-process W&B test leaves this process's wandb-core in the environment;
+    # a child sharing it finds a SIGKILLed sibling's run ID still "in use" there on resume.
+    env = {k: v for k, v in os.environ.items() if k not in (*DIST_VARS, "WANDB_SERVICE")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
     return env
 

@@ -267,7 +267,11 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps of the whole run (the LR schedule spans these)
     # Stop this invocation (with a checkpoint) after reaching this step; `--resume` continues.
     exit_after: Optional[int] = None
-    grad_accum: int = 1
+    # Sequences per optimizer step over all ranks (tokens with data.max_tokens): accumulation
+    # is derived per layout (train/batch_size.py). Unset, train.grad_accum micro-batches per
+    # rank (1 by default): the batch then grows with the GPU count.
+    global_batch: Optional[int] = None
+    grad_accum: Optional[int] = None
     log_interval: int = 10
     save_interval: int = 500
     keep_checkpoints: int = 3  # the newest k complete checkpoints stay on disk
@@ -294,9 +298,12 @@ class TrainConfig:
     eval_batches: int = 50  # validation micro-batches per data-parallel rank (fewer if the set is)
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "log_interval", "save_interval", "keep_checkpoints",
+        for name in ("steps", "log_interval", "save_interval", "keep_checkpoints",
                      "max_bad_steps", "eval_batches"):
             _check(getattr(self, name) > 0, f"train.{name}", "must be positive")
+        for name in ("global_batch", "grad_accum"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, f"train.{name}",
+                   "must be positive")
         _check(self.eval_interval is None or (self.eval_interval > 0 and
                                               self.eval_interval % self.save_interval == 0),
                "train.eval_interval", f"must be a positive multiple of train.save_interval="

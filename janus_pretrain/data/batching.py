@@ -1,16 +1,14 @@
 """Which examples form each global micro-batch of an epoch: a pure function of (seed, epoch).
 
-Two plans, both lists of example-index arrays whose length is a multiple of the data-parallel
-size D, so that the consecutive batches g = i*D .. i*D + D - 1 are step i's batches on ranks
-0 .. D-1:
-
-- `fixed_size_plan`: a permutation drawn from (seed, epoch) cut into batches of B examples (the
-  remainder of the epoch is dropped);
+- `epoch_permutation`: the examples in an order drawn from (seed, epoch); the loader takes its
+  micro-batches of B examples from it in turn (`fixed_size_plan` cuts it into them up front,
+  the remainder of the epoch dropped);
 - `token_budget_plan`, as fairseq's --max-tokens: examples sorted by padded length (ties broken
   by the same permutation), cut greedily into batches whose padded cells (rows x longest row,
-  source and target each) stay within a budget, then taken in groups of D consecutive (so the
-  ranks of one step get batches of similar cost) and the groups shuffled. Every example is in
-  exactly one batch.
+  source and target each) stay within a budget, then taken in groups of G consecutive (so the
+  micro-batches of one optimizer step, G of them over all ranks, are of similar cost) and the
+  groups shuffled. Every example is in exactly one batch. G is fixed for a run (a fixed global
+  batch makes it the same at any DP size), so the plan does not depend on the layout.
 """
 from __future__ import annotations
 
@@ -37,9 +35,13 @@ class TokenBudget:
                 np.minimum(target_lens, self.max_target_len - 2) + 2)
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def fixed_size_plan(n: int, micro_batch_size: int, seed: int, epoch: int, dp_size: int
                     ) -> list[np.ndarray]:
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm = epoch_permutation(n, seed, epoch)
     count = n // (micro_batch_size * dp_size) * dp_size
     return [perm[g * micro_batch_size:(g + 1) * micro_batch_size] for g in range(count)]
 
@@ -60,22 +62,22 @@ def fill_batches(order: np.ndarray, src: np.ndarray, tgt: np.ndarray, max_tokens
     return batches
 
 
-def split_to_multiple(batches: list[np.ndarray], dp_size: int) -> list[np.ndarray]:
+def split_to_multiple(batches: list[np.ndarray], group: int) -> list[np.ndarray]:
     """Halve the batches with the most rows (in place, keeping the length order) until their
-    number is a multiple of dp_size, so that no example is dropped; splitting only lowers cost."""
+    number is a multiple of `group`, so that no example is dropped; splitting only lowers cost."""
     batches = list(batches)
-    while len(batches) % dp_size:
+    while len(batches) % group:
         k = max(range(len(batches)), key=lambda j: len(batches[j]))
         if len(batches[k]) < 2:
             raise JanusError(f"data: {len(batches)} single-example batches cannot be shared "
-                             f"evenly by {dp_size} data-parallel ranks")
+                             f"into groups of {group} (micro-batches of a step on all ranks)")
         half = len(batches[k]) // 2
         batches[k:k + 1] = [batches[k][:half], batches[k][half:]]
     return batches
 
 
 def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: TokenBudget,
-                      seed: int, epoch: int, dp_size: int) -> list[np.ndarray]:
+                      seed: int, epoch: int, group: int) -> list[np.ndarray]:
     """Bare id counts [N] each (pretraining: the source is never longer than its target, so
     pass the target counts) -> the epoch's global batches (see the module docstring)."""
     src, tgt = budget.row_lengths(np.asarray(source_lens), np.asarray(target_lens))
@@ -87,6 +89,6 @@ def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: 
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(tgt))
     order = perm[np.lexsort((src[perm], tgt[perm]))]
-    batches = split_to_multiple(fill_batches(order, src, tgt, budget.max_tokens), dp_size)
-    groups = rng.permutation(len(batches) // dp_size)
-    return [batches[q * dp_size + r] for q in groups.tolist() for r in range(dp_size)]
+    batches = split_to_multiple(fill_batches(order, src, tgt, budget.max_tokens), group)
+    groups = rng.permutation(len(batches) // group)
+    return [batches[q * group + r] for q in groups.tolist() for r in range(group)]

@@ -32,7 +32,7 @@ from janus_pretrain.model.flops import matmul_peak
 from janus_pretrain.objectives.build import Objective, build_objective
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD, load_tokenizer
-from janus_pretrain.train import run_lock
+from janus_pretrain.train import batch_size, run_lock
 from janus_pretrain.train.engine import build_engine, read_deepspeed_json
 from janus_pretrain.train.metrics import RunLogger, StepStats
 from janus_pretrain.train.nonfinite import NonFiniteGuard
@@ -101,6 +101,7 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
                          "or a fine-tuning task (janus-finetune train)")
     read_deepspeed_json(cfg)
     topo = state.initialize(cfg.parallel.tensor_parallel)
+    cfg = batch_size.resolved(cfg, state.data_parallel_size())
     # bad data fails before the output directory is created (for its lock)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = open_corpus(cfg.data.train, tokenizer)
@@ -121,7 +122,8 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
         model.compile()
     engine = build_engine(model, cfg)
     loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
-                          state.data_parallel_size(), open_sources(cfg.data.source, tokenizer, corpus))
+                          state.data_parallel_size(),
+                          open_sources(cfg.data.source, tokenizer, corpus), cfg.train.grad_accum)
     output = Path(cfg.train.output_dir)
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
                                       cfg.train.keep_checkpoints)

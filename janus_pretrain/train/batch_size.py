@@ -5,8 +5,9 @@ micro-batch then holds up to data.max_tokens cells); accumulation = global / (mi
 Megatron's --global-batch-size and torchtitan's global_batch_size // (local_batch_size x dp), so
 the LR schedule and the data order of a config do not change with the number of GPUs. A
 layout that cannot divide it is refused in one line naming the nearest sizes that can.
-`train.grad_accum` alone (global_batch unset) keeps the batch growing with the GPU count; both
-set, they must agree (the config a run saves holds both).
+`train.grad_accum` alone (global_batch unset) keeps the batch growing with the GPU count; beside
+a global batch it must be left at 1 or agree with the derived value (the config a run saves
+holds both).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _valid_sizes(per_step: int, tp: int, gpus_per_node: Optional[int], dp: int) 
 def accumulation(cfg: RunConfig, dp: int, gpus_per_node: Optional[int] = None) -> int:
     """Micro-batches per rank per optimizer step at `dp` data-parallel ranks."""
     if cfg.train.global_batch is None:
-        return cfg.train.grad_accum or 1
+        return cfg.train.grad_accum
     size, unit = micro_size(cfg)
     tp = cfg.parallel.tensor_parallel
     if cfg.train.global_batch % size:
@@ -62,10 +63,10 @@ def accumulation(cfg: RunConfig, dp: int, gpus_per_node: Optional[int] = None) -
                          f"= {per_step} micro-batches of {size}, which {dp} data-parallel ranks "
                          f"cannot share; use {_valid_sizes(per_step, tp, gpus_per_node, dp)}")
     accum = per_step // dp
-    if cfg.train.grad_accum is not None and cfg.train.grad_accum != accum:
+    if cfg.train.grad_accum not in (1, accum):
         raise JanusError(f"config: train.grad_accum: {cfg.train.grad_accum} disagrees with "
                          f"train.global_batch={cfg.train.global_batch} at {dp} data-parallel ranks "
-                         f"(accumulation {accum}); set only one of them")
+                         f"(accumulation {accum}); leave it at 1 or unset train.global_batch")
     return accum
 
 

@@ -100,7 +100,7 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
         raise JanusError("config: train.eval_interval: needs data.valid (validation shards) "
                          "or a fine-tuning task (janus-finetune train)")
     read_deepspeed_json(cfg)
-    topo = state.initialize(cfg.parallel.tensor_parallel)
+    topo = state.initialize(cfg.parallel.tensor_parallel, cfg.parallel.timeout_minutes)
     cfg = batch_size.resolved(cfg, state.data_parallel_size())
     # bad data fails before the output directory is created (for its lock)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -126,7 +126,8 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
                           open_sources(cfg.data.source, tokenizer, corpus), cfg.train.grad_accum)
     output = Path(cfg.train.output_dir)
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
-                                      cfg.train.keep_checkpoints)
+                                      cfg.train.keep_checkpoints, cfg.train.save_interval_minutes,
+                                      cfg.train.async_save, cfg.train.eval_interval)
     meta = checkpointer.start(resume, cfg.train.resume_fallback) or {
         "step": 0, "bad_steps_in_a_row": 0, "loader": loader.state_dict()}
     loader.load_state_dict(meta["loader"])

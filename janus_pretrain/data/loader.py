@@ -13,19 +13,24 @@ steps are the same at any GPU count.
 The noise (masking) of a micro-batch is drawn from a generator seeded by (seed, epoch, its start
 in the plan), so a batch is a pure function of the position: saving it is enough to resume exactly.
 
-With `prefetch` > 0 a background thread collates (and noises) the next batches while the step
-runs; it computes the same pure function, so the batches are those of synchronous collation, and
-the saved position is that of the batches the caller has taken, not of those prefetched.
+With `workers` > 0, that many worker processes collate (and noise) the next batches, `prefetch`
+each ahead of the step, off the training process (whose Python thread must keep launching
+kernels): worker w of W computes positions w, w + W, ... of the same pure function and torch's
+DataLoader hands them over in order, in pinned memory on a GPU machine. The batches are those of
+synchronous collation, and the saved position is that of the batches the caller has taken, not
+of those prefetched.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import itertools
 from typing import Callable, Optional
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from janus_pretrain.data.batching import TokenBudget, epoch_permutation, token_budget_plan
+from janus_pretrain.data.buckets import Buckets, build_buckets
 from janus_pretrain.data.packing import PackedCorpus
 from janus_pretrain.errors import JanusError
 
@@ -42,10 +47,14 @@ def document_lengths(corpus) -> np.ndarray:
 class BatchLoader:
     def __init__(self, corpus, collate: Collate, micro_batch_size: Optional[int], seed: int,
                  dp_rank: int = 0, dp_size: int = 1, sources: Optional[object] = None,
-                 budget: Optional[TokenBudget] = None, prefetch: int = 0, accumulation: int = 1):
+                 budget: Optional[TokenBudget] = None, prefetch: int = 0,
+                 buckets: Optional[Buckets] = None, workers: int = 0,
+                 pin_memory: bool = False, accumulation: int = 1):
         """`corpus[i]` is a target id array; `sources[i]`, if given, the matching source ids
         (fine-tuning pairs); pretraining derives sources from targets in `collate`. With a
-        `budget`, batches are filled to it and `micro_batch_size` is not used. `accumulation`:
+        `budget`, batches are filled to it and `micro_batch_size` is not used; with `buckets`,
+        collated batches are padded up to a few shapes (buckets.py). `prefetch` > 0 with
+        `workers` > 0 collates in worker processes (see the module docstring). `accumulation`:
         micro-batches per rank in one optimizer step."""
         self.corpus = corpus
         self.sources = sources
@@ -56,6 +65,9 @@ class BatchLoader:
         self.dp_size = dp_size
         self.budget = budget
         self.prefetch = prefetch
+        self.workers = workers if prefetch else 0
+        self.pin_memory = pin_memory
+        self.buckets = buckets
         self.accumulation = accumulation
         # Plan units one micro-batch takes: examples, or one batch of the token-budget plan.
         self.unit = 1 if budget is not None else micro_batch_size
@@ -68,7 +80,6 @@ class BatchLoader:
             self._source_lens = (document_lengths(sources) if sources is not None
                                  else self._target_lens)
         self._plans: dict[int, object] = {}
-        self._plans_lock = threading.Lock()
         self.epoch = 0
         self.consumed = 0
         if self.batches_in_epoch(0) == 0:
@@ -76,22 +87,21 @@ class BatchLoader:
             raise JanusError(f"data: {len(corpus)} documents are fewer than one optimizer step "
                              f"of micro-batches ({size}) on {dp_size} data-parallel ranks x "
                              f"{accumulation} accumulated")
-        self._worker: Optional[threading.Thread] = None
+        self._ahead = None  # the workers' iterator of (position, batch), while they run
 
     def _plan(self, epoch: int):
         """The epoch's global plan: a permutation of the examples [N], or the token-budget
         batches (a list of example-index arrays)."""
-        with self._plans_lock:
-            if epoch not in self._plans:
-                if self.budget is None:
-                    plan = epoch_permutation(len(self.corpus), self.seed, epoch)
-                else:
-                    plan = token_budget_plan(self._source_lens, self._target_lens, self.budget,
-                                             self.seed, epoch, self.group)
-                # The caller and the prefetcher are at most one epoch apart.
-                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-                self._plans[epoch] = plan
-            return self._plans[epoch]
+        if epoch not in self._plans:
+            if self.budget is None:
+                plan = epoch_permutation(len(self.corpus), self.seed, epoch)
+            else:
+                plan = token_budget_plan(self._source_lens, self._target_lens, self.budget,
+                                         self.seed, epoch, self.group)
+            # A process looks at most one epoch back (the position it normalises from).
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = plan
+        return self._plans[epoch]
 
     @property
     def _stride(self) -> int:
@@ -120,9 +130,9 @@ class BatchLoader:
 
     def batch_at(self, epoch: int, index: int) -> dict:
         """This rank's micro-batch `index` of `epoch` counted from the epoch's start."""
-        return self._batch(epoch, index * self._stride)
+        return self.batch_from(epoch, index * self._stride)
 
-    def _batch(self, epoch: int, consumed: int) -> dict:
+    def batch_from(self, epoch: int, consumed: int) -> dict:
         """This rank's micro-batch when all ranks have consumed `consumed` units of `epoch`'s plan
         (a pure function of the two)."""
         start = consumed + self.dp_rank * self.unit
@@ -130,59 +140,42 @@ class BatchLoader:
         members = plan[start:start + self.unit] if self.budget is None else plan[start]
         examples = [(self.sources[i] if self.sources is not None else None, self.corpus[i])
                     for i in members.tolist()]
-        return self.collate(examples, np.random.default_rng([self.seed, epoch, start]))
+        batch = self.collate(examples, np.random.default_rng([self.seed, epoch, start]))
+        return batch if self.buckets is None else self.buckets.pad(batch)
 
     def __iter__(self):
         return self
 
+    def positions(self, epoch: int, consumed: int):
+        """Consecutive positions from (epoch, consumed) on, across epochs."""
+        while True:
+            epoch, consumed = self._normalised(epoch, consumed)
+            yield epoch, consumed
+            consumed += self._stride
+
     def __next__(self) -> dict:
         self.epoch, self.consumed = self._normalised(self.epoch, self.consumed)
-        if self.prefetch:
-            if self._worker is None:
-                self._start_worker()
-            position, batch = self._ready.get()
+        if self.workers:
+            if self._ahead is None:
+                self._ahead = iter(DataLoader(
+                    _Ahead(self, self.epoch, self.consumed), batch_size=None, collate_fn=_as_is,
+                    num_workers=self.workers, prefetch_factor=self.prefetch,
+                    pin_memory=self.pin_memory, persistent_workers=False))
+            position, batch = next(self._ahead)
             if isinstance(batch, Exception):
-                self._worker = None
+                self.close()
                 raise batch
             assert position == (self.epoch, self.consumed), (position, self.epoch, self.consumed)
         else:
-            batch = self._batch(self.epoch, self.consumed)
+            batch = self.batch_from(self.epoch, self.consumed)
         self.consumed += self._stride
         return batch
 
-    def _start_worker(self) -> None:
-        self._stop = threading.Event()
-        self._ready = queue.Queue(maxsize=self.prefetch)
-        self._worker = threading.Thread(target=self._produce, name="janus-prefetch", daemon=True,
-                                        args=(self.epoch, self.consumed, self._stop, self._ready))
-        self._worker.start()
-
-    def _produce(self, epoch: int, consumed: int, stop: threading.Event,
-                 ready: queue.Queue) -> None:
-        """Worker thread: put (position, batch) for consecutive positions from (epoch, consumed),
-        or the exception that stopped it, until told to stop."""
-        while not stop.is_set():
-            try:
-                epoch, consumed = self._normalised(epoch, consumed)
-                item = ((epoch, consumed), self._batch(epoch, consumed))
-            except Exception as e:  # handed to the caller's next()
-                item = ((epoch, consumed), e)
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item[1], Exception):
-                return
-            consumed += self._stride
-
     def close(self) -> None:
-        """Stop the prefetch thread (if any) and drop what it had prepared."""
-        if self._worker is not None:
-            self._stop.set()
-            self._worker.join()
-            self._worker = None
+        """Stop the collating workers (if any) and drop what they had prepared."""
+        if self._ahead is not None:
+            self._ahead._shutdown_workers()
+            self._ahead = None
 
     def state_dict(self) -> dict:
         """The position (the same on every rank) and what gives its units their meaning."""
@@ -213,6 +206,28 @@ class BatchLoader:
             self._plans.clear()
 
 
+def _as_is(item):
+    return item
+
+
+class _Ahead(IterableDataset):
+    """(position, batch) for consecutive positions from a start: worker w of W takes every W-th,
+    so that the DataLoader, reading its workers in turn, yields them in order."""
+
+    def __init__(self, loader: BatchLoader, epoch: int, consumed: int):
+        self.loader, self.start = loader, (epoch, consumed)
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for position in itertools.islice(self.loader.positions(*self.start), w, None, n):
+            try:
+                yield position, self.loader.batch_from(*position)
+            except Exception as e:  # raised by the caller's next(), as its own one line
+                yield position, e
+                return
+
+
 def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,
                  sources: Optional[object] = None, accumulation: int = 1) -> BatchLoader:
     """The training loader a `DataConfig` describes: documents or packed blocks, batches of
@@ -220,8 +235,10 @@ def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,
     epochs of whole optimizer steps of `accumulation` micro-batches per rank."""
     if data.pack_documents:
         corpus = PackedCorpus(corpus, data.max_target_len - 2)
-    budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len)
+    buckets = build_buckets(data)
+    budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len, buckets)
               if data.max_tokens is not None else None)
     return BatchLoader(corpus, collate, data.micro_batch_size, data.seed, dp_rank=dp_rank,
                        dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch,
-                       accumulation=accumulation)
+                       buckets=buckets, workers=data.workers,
+                       pin_memory=torch.cuda.is_available(), accumulation=accumulation)

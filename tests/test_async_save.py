@@ -22,7 +22,7 @@ def test_host_copies_are_snapshots_in_reused_buffers():
     assert first["w"].tolist() == [1, 1, 1] and first["step"] == 4
     assert first["opt"][0]["m"] is buffers[("f.pt", "opt", 0, "m")]
     again = background.copy_to_host(live, buffers, ("f.pt",))
-    assert again["w"] is first["w"] and again["w"].tolist() == [2, 2, 2]  # same buffer, no new pages
+    assert again["w"] is first["w"] and again["w"].tolist() == [2, 2, 2]  # same buffer: no faults
 
 
 def test_one_job_in_flight_and_its_error_reaches_the_next_wait():

@@ -1,4 +1,5 @@
-"""python -m janus_pretrain.bench {checkpoint,cuda,decode,gpu,memory,overhead,padding,profile,train} [...]"""
+"""python -m janus_pretrain.bench
+{checkpoint,cuda,decode,gpu,memory,overhead,padding,profile,train} [...]"""
 import sys
 
 from janus_pretrain.bench import (checkpoint, cuda, decode, gpu, memory, overhead, padding, profile,

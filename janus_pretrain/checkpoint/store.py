@@ -1,10 +1,11 @@
 """Training checkpoints: save, find and resume around DeepSpeed's own save/load (files.py).
 
-Every rank writes into a staging directory (atomic.py); when all have finished, each hashes and
-fsyncs its share of the files and rank 0 publishes the directory with its marker, then replaces
-`latest` and prunes old checkpoints. Resuming takes the newest directory that has its marker
-(not `latest`, which a crash between rename and update could leave one behind), warns about
-those without one, and verifies the checksums before DeepSpeed reads a byte.
+Every rank copies its state to host memory and writes it into a staging directory (atomic.py),
+hashing and fsyncing its own files, in a background thread or before `save` returns
+(background.py); when every rank has reported its files, rank 0 publishes the directory with its
+marker, then replaces `latest` and prunes old checkpoints. Resuming takes the newest directory
+that has its marker (not `latest`, which a crash between rename and update could leave one
+behind), warns about those without one, and verifies the checksums before DeepSpeed reads a byte.
 
 Test hooks: with JANUS_TEST_KILL_IN_SAVE=<step>, rank 0 SIGKILLs itself while saving that step,
 after DeepSpeed's files and before janus.json and the marker (tests/test_fault_tolerance.py);
@@ -98,8 +99,8 @@ def save(engine, root: Path, step: int, client_state: dict, tokenizer: Tokenizer
     zipfile = getattr(engine.checkpoint_engine, "zipfile_serialization", False)
     texts = {}
     if rank == 0:
-        texts = {META: json.dumps({"step": step, **client_state,
-                                   "layout": relayout.of_engine(engine).as_dict()}, indent=2).encode(),
+        meta = {"step": step, **client_state, "layout": relayout.of_engine(engine).as_dict()}
+        texts = {META: json.dumps(meta, indent=2).encode(),
                  tokenizer.filename: tokenizer.model_bytes()}
 
     def write() -> None:
@@ -296,7 +297,8 @@ class Checkpointer:
                 os.kill(os.getpid(), signal.SIGKILL)
         if self.interval_minutes is not None:
             if self._clock is None:
-                self._clock, self._estimate_at = (step, time.monotonic()), step + self.ESTIMATE_STEPS
+                self._clock = (step, time.monotonic())
+                self._estimate_at = step + self.ESTIMATE_STEPS
             elif due or step == self._estimate_at:
                 self._due_step = self._next_timed_save(step)
 

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from janus_pretrain.checkpoint import background, store
 from janus_pretrain.config import load_config
 from janus_pretrain.model import JanusModel

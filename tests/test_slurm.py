@@ -173,7 +173,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_conf, shards_dir, tokenizer
 
     start = time.monotonic()
     info = run_job(slurm_conf, log, [*_train_overrides(shards_dir, tokenizer_path, out),
-                                     f"train.steps={steps}", ZERO2], act=preempt)
+                                     f"train.steps={steps}", ZERO2], act=preempt, timeout=420)
     text = read_log(log)
     print(f"USR1 after {timeline['signalled'] - start:.0f}s, rerun started after "
           f"{timeline['rerun'] - start:.0f}s, done after {time.monotonic() - start:.0f}s")

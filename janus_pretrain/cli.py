@@ -2,6 +2,7 @@
 
     janus-pretrain tokenizer train --input corpus.txt --vocab-size 32000 --output tok.model
     janus-pretrain data prepare --input corpus.txt --tokenizer tok.model --output shards/
+    janus-pretrain data verify shards/
     janus-pretrain train --config configs/pretrain/demo.yaml [--resume] [key=value ...]
     janus-pretrain generate --checkpoint runs/demo/train --mode ar|nar < sources.txt
     janus-pretrain checkpoint consolidate --checkpoint runs/demo/train --output model.safetensors
@@ -36,6 +37,14 @@ def _data_prepare(args) -> None:
     print(f"data: {meta['documents']} documents, {meta['tokens']} tokens in "
           f"{len(meta['shards'])} shards -> {args.output}; skipped {meta['skipped']['empty']} "
           f"empty and {meta['skipped']['invalid_utf8']} non-UTF-8 documents")
+
+
+def _data_verify(args) -> None:
+    from janus_pretrain.data.shards import verify_corpus
+
+    meta = verify_corpus(args.directory)
+    print(f"data: {args.directory}: {len(meta['shards'])} shards, {meta['documents']} documents, "
+          f"{meta['tokens']} tokens match their checksums")
 
 
 def _train(args) -> None:
@@ -104,6 +113,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--field", default="text", help="text column of jsonl/parquet/hub data")
     d.add_argument("--max-docs", type=int, default=None)
     d.set_defaults(run=_data_prepare)
+    v = data_sub.add_parser("verify", help="check prepared shards against meta.json's checksums "
+                                           "(once after a prepare or a copy; training trusts them)")
+    v.add_argument("directory")
+    v.set_defaults(run=_data_verify)
 
     tr = sub.add_parser("train", help="pretrain (or fine-tune) with DeepSpeed")
     tr.add_argument("--config", required=True, help="run YAML, e.g. configs/pretrain/demo.yaml")

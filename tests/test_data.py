@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -57,7 +58,9 @@ def test_shard_round_trip(tmp_path, vocab):
     entry = write_shard(tmp_path / "s", docs, dtype)
     n_tokens = sum(map(len, docs))
     assert entry == {"name": "s", "documents": len(docs), "tokens": n_tokens,
-                     "max_id": max(max(d) for d in docs if d)}
+                     "max_id": max(max(d) for d in docs if d),
+                     "sha256": {k: hashlib.sha256((tmp_path / f"s.{k}").read_bytes()).hexdigest()
+                                for k in ("bin", "idx")}}
     assert (tmp_path / "s.bin").stat().st_size == n_tokens * np.dtype(dtype).itemsize
     shard = Shard(tmp_path / "s")
     assert shard.dtype == dtype

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import queue
 import threading
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from janus_pretrain.data.batching import TokenBudget, fixed_size_plan, token_budget_plan
 from janus_pretrain.data.packing import PackedCorpus
+from janus_pretrain.data.plan import EpochPlan, PlanCache
 from janus_pretrain.errors import JanusError
 
 Collate = Callable[[list, np.random.Generator], dict]
@@ -37,10 +39,13 @@ def document_lengths(corpus) -> np.ndarray:
 class BatchLoader:
     def __init__(self, corpus, collate: Collate, micro_batch_size: Optional[int], seed: int,
                  dp_rank: int = 0, dp_size: int = 1, sources: Optional[object] = None,
-                 budget: Optional[TokenBudget] = None, prefetch: int = 0):
+                 budget: Optional[TokenBudget] = None, prefetch: int = 0,
+                 plans: Optional[PlanCache] = None):
         """`corpus[i]` is a target id array; `sources[i]`, if given, the matching source ids
         (fine-tuning pairs); pretraining derives sources from targets in `collate`. With a
-        `budget`, batches are filled to it and `micro_batch_size` is not used."""
+        `budget`, batches are filled to it and `micro_batch_size` is not used. With `plans`,
+        epoch plans come from that cache (built once per node) where the corpus has an
+        `identity`."""
         self.corpus = corpus
         self.sources = sources
         self.collate = collate
@@ -50,12 +55,8 @@ class BatchLoader:
         self.dp_size = dp_size
         self.budget = budget
         self.prefetch = prefetch
-        if budget is not None:
-            self._target_lens = document_lengths(corpus)
-            # A derived (denoised) source is never longer than its target.
-            self._source_lens = (document_lengths(sources) if sources is not None
-                                 else self._target_lens)
-        self._plans: dict[int, list[np.ndarray]] = {}
+        self.plan_cache = plans
+        self._plans: dict[int, EpochPlan] = {}
         self._plans_lock = threading.Lock()
         self.epoch = 0
         self.index = 0
@@ -65,15 +66,33 @@ class BatchLoader:
                              f"({size}) per data-parallel rank ({dp_size} ranks)")
         self._worker: Optional[threading.Thread] = None
 
-    def _plan(self, epoch: int) -> list[np.ndarray]:
+    def _build_plan(self, epoch: int) -> EpochPlan:
+        if self.budget is None:
+            return fixed_size_plan(len(self.corpus), self.micro_batch_size, self.seed, epoch,
+                                   self.dp_size)
+        targets = document_lengths(self.corpus)
+        # A derived (denoised) source is never longer than its target.
+        sources = document_lengths(self.sources) if self.sources is not None else targets
+        return token_budget_plan(sources, targets, self.budget, self.seed, epoch, self.dp_size)
+
+    def _plan_key(self, epoch: int) -> Optional[dict]:
+        """What the epoch's plan depends on; None where the corpus cannot name itself."""
+        corpus = getattr(self.corpus, "identity", None)
+        sources = getattr(self.sources, "identity", None)
+        if corpus is None or (self.sources is not None and sources is None):
+            return None
+        batching = ({"micro_batch_size": self.micro_batch_size} if self.budget is None
+                    else {"budget": [self.budget.max_tokens, self.budget.max_source_len,
+                                     self.budget.max_target_len]})
+        return {"version": 1, "corpus": corpus, "sources": sources, "seed": self.seed,
+                "epoch": epoch, "dp_size": self.dp_size, **batching}
+
+    def _plan(self, epoch: int) -> EpochPlan:
         with self._plans_lock:
             if epoch not in self._plans:
-                if self.budget is None:
-                    plan = fixed_size_plan(len(self.corpus), self.micro_batch_size, self.seed,
-                                           epoch, self.dp_size)
-                else:
-                    plan = token_budget_plan(self._source_lens, self._target_lens, self.budget,
-                                             self.seed, epoch, self.dp_size)
+                key = self._plan_key(epoch) if self.plan_cache is not None else None
+                plan = (self._build_plan(epoch) if key is None else
+                        self.plan_cache.get(key, lambda: self._build_plan(epoch)))
                 # The caller and the prefetcher are at most one epoch apart.
                 self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
                 self._plans[epoch] = plan
@@ -185,12 +204,14 @@ class BatchLoader:
 
 
 def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,
-                 sources: Optional[object] = None) -> BatchLoader:
+                 sources: Optional[object] = None, plan_dir: Optional[Path] = None) -> BatchLoader:
     """The training loader a `DataConfig` describes: documents or packed blocks, batches of
-    data.micro_batch_size examples or of data.max_tokens padded cells, prefetched or not."""
+    data.micro_batch_size examples or of data.max_tokens padded cells, prefetched or not;
+    epoch plans cached under `plan_dir` if given."""
     if data.pack_documents:
         corpus = PackedCorpus(corpus, data.max_target_len - 2)
     budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len)
               if data.max_tokens is not None else None)
     return BatchLoader(corpus, collate, data.micro_batch_size, data.seed, dp_rank=dp_rank,
-                       dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch)
+                       dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch,
+                       plans=PlanCache(plan_dir) if plan_dir is not None else None)

@@ -120,9 +120,10 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     if cfg.train.compile:
         model.compile()
     engine = build_engine(model, cfg)
-    loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
-                          state.data_parallel_size(), open_sources(cfg.data.source, tokenizer, corpus))
     output = Path(cfg.train.output_dir)
+    loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
+                          state.data_parallel_size(), open_sources(cfg.data.source, tokenizer, corpus),
+                          plan_dir=output / "data_plans")
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
                                       cfg.train.keep_checkpoints)
     meta = checkpointer.start(resume, cfg.train.resume_fallback) or {

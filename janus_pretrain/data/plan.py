@@ -1,0 +1,112 @@
+"""An epoch's plan (which examples form each global micro-batch) as two flat arrays, and a disk
+cache of plans so that one process per node builds each and the others map it.
+
+`EpochPlan`: batch g is `order[offsets[g]:offsets[g + 1]]`. Flat arrays rather than a list of
+per-batch arrays: a plan of 1e9 examples is 4-8 bytes per example in one file that every rank
+of a node maps (the page cache holds it once), as Megatron's gpt_dataset.py caches its
+document/sample/shuffle indexes as .npy files built by one rank.
+
+`PlanCache`: plans under `<directory>/<key hash>/` (order.npy, offsets.npy, key.json), the key
+naming everything a plan depends on (seed, epoch, the corpus's identity, the batching settings,
+the data-parallel size). The process with LOCAL_RANK 0 (or none: one process) builds a missing
+plan and renames it into place whole; the others wait for it to appear and map it, or build it
+themselves after `wait_s` (a builder that died, a directory another node cannot see).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+
+class EpochPlan:
+    """`plan[g]` is global micro-batch g's example indices as int64; `len(plan)` batches."""
+
+    def __init__(self, order: np.ndarray, offsets: np.ndarray):
+        self.order = order
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, g: int) -> np.ndarray:
+        if not 0 <= g < len(self):
+            raise IndexError(f"batch {g} of {len(self)}")
+        return np.asarray(self.order[self.offsets[g]:self.offsets[g + 1]], dtype=np.int64)
+
+    def sizes(self) -> np.ndarray:
+        """Examples per batch [len(self)]."""
+        return np.diff(np.asarray(self.offsets))
+
+    def take(self, batches: np.ndarray) -> "EpochPlan":
+        """The plan made of batches `batches` (indices into this plan), in that order."""
+        offsets = np.asarray(self.offsets)
+        sizes = np.diff(offsets)[batches]
+        new = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        source = np.repeat(offsets[batches] - new[:-1], sizes) + np.arange(new[-1])
+        return EpochPlan(np.asarray(self.order)[source], new)
+
+    def save(self, directory: Path) -> None:
+        order = np.asarray(self.order)
+        if len(order) and order.max() < 2**32:  # half the bytes for any corpus below 4e9 examples
+            order = order.astype(np.uint32)
+        np.save(directory / "order.npy", order)
+        np.save(directory / "offsets.npy", np.asarray(self.offsets, dtype=np.int64))
+
+    @classmethod
+    def load(cls, directory: Path) -> "EpochPlan":
+        return cls(np.load(directory / "order.npy", mmap_mode="r"),
+                   np.load(directory / "offsets.npy", mmap_mode="r"))
+
+
+def is_plan_builder() -> bool:
+    """One process per node builds plans: LOCAL_RANK 0, or a process started without one."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+class PlanCache:
+    def __init__(self, directory: Path, builder: Optional[bool] = None, wait_s: float = 600.0):
+        self.directory = Path(directory)
+        self.builder = is_plan_builder() if builder is None else builder
+        self.wait_s = wait_s
+        self.built = 0  # plans this process built (the others it mapped)
+
+    def path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return self.directory / digest
+
+    def get(self, key: dict, build: Callable[[], EpochPlan]) -> EpochPlan:
+        path = self.path(key)
+        if not (path / "offsets.npy").is_file():
+            if not self.builder:
+                deadline = time.monotonic() + self.wait_s
+                while not (path / "offsets.npy").is_file() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            if not (path / "offsets.npy").is_file():
+                return self._build(path, key, build)
+        return EpochPlan.load(path)
+
+    def _build(self, path: Path, key: dict, build: Callable[[], EpochPlan]) -> EpochPlan:
+        plan = build()
+        self.built += 1
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.directory, prefix=".tmp-"))
+        except OSError:  # a read-only place: the plan stays in this process's memory
+            return plan
+        try:
+            plan.save(tmp)
+            (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+            os.replace(tmp, path)  # fails when another node's builder got there first: the same plan
+        except OSError:
+            pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return plan

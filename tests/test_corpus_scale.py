@@ -1,0 +1,124 @@
+"""The corpus at scale: a start that reads only indexes, checksums checked by `data verify`,
+epoch plans built vectorised and cached once per node."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from janus_pretrain.data.batching import TokenBudget, fill_batches
+from janus_pretrain.data.loader import BatchLoader
+from janus_pretrain.data.plan import PlanCache
+from janus_pretrain.data.shards import ShardedCorpus, token_dtype, verify_corpus, write_shard
+from janus_pretrain.errors import JanusError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_corpus(directory: Path, shards: list[list[np.ndarray]], vocab: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = [write_shard(directory / f"shard_{i:05d}", docs, token_dtype(vocab))
+               for i, docs in enumerate(shards)]
+    meta = {"shards": entries, "documents": sum(e["documents"] for e in entries),
+            "tokens": sum(e["tokens"] for e in entries), "vocab_size": vocab}
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read(2) and friends."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_start_reads_indexes_only_and_verify_finds_a_changed_byte(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(5, 1000, size=1000) for _ in range(2000)]  # 4 MB of uint16 payload
+    write_corpus(tmp_path / "c", [docs[:1000], docs[1000:]], 1000)
+    before = _rchar()
+    corpus = ShardedCorpus(tmp_path / "c")
+    read = _rchar() - before
+    assert read < 64 * 1024, f"opening read {read} bytes (payload {corpus.num_tokens * 2})"
+    assert corpus[1500].tolist() == docs[1500].tolist()
+    verify_corpus(tmp_path / "c")
+
+    # An id changed to another id in the vocabulary: sizes, offsets and ranges all still agree.
+    payload = tmp_path / "c" / "shard_00001.bin"
+    data = bytearray(payload.read_bytes())
+    data[1234 * 2:1234 * 2 + 2] = np.uint16(docs[1001][234] % 999 + 1).tobytes()
+    payload.write_bytes(bytes(data))
+    ShardedCorpus(tmp_path / "c")  # training's start does not read the payload
+    proc = subprocess.run([sys.executable, "-m", "janus_pretrain", "data", "verify",
+                           str(tmp_path / "c")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(payload) in proc.stderr and "sha256" in proc.stderr
+
+
+def test_verify_refuses_a_corpus_without_checksums(tmp_path):
+    write_corpus(tmp_path, [[np.arange(5, 9)]], 100)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["shards"][0]["sha256"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(JanusError, match="no checksums"):
+        verify_corpus(tmp_path)
+
+
+def _greedy(order, src, tgt, max_tokens):
+    """The per-example loop the vectorised fill replaced: the reference it must equal."""
+    batches, start, longest = [], 0, 0
+    for pos, i in enumerate(order.tolist()):
+        cost = max(longest, int(src[i]), int(tgt[i]))
+        if (pos + 1 - start) * cost > max_tokens and pos > start:
+            batches.append(order[start:pos].tolist())
+            start, cost = pos, max(int(src[i]), int(tgt[i]))
+        longest = cost
+    return batches + ([order[start:].tolist()] if len(order) > start else [])
+
+
+def test_vectorised_fill_equals_the_greedy_loop():
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n, longest = int(rng.integers(0, 200)), int(rng.integers(3, 40))
+        src = rng.integers(1, longest, n)
+        tgt = rng.integers(1, longest, n) if trial % 2 else src  # pairs / pretraining
+        max_tokens = int(rng.integers(longest, 200))
+        order = rng.permutation(n)
+        order = order[np.lexsort((src[order], tgt[order]))]
+        offsets = fill_batches(order, src, tgt, max_tokens)
+        got = [order[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+        assert got == _greedy(order, src, tgt, max_tokens), trial
+
+
+def collate(examples, rng):
+    return [int(t[0]) for _, t in examples]
+
+
+@pytest.mark.parametrize("budget", [None, TokenBudget(64, 16, 16)])
+def test_plan_built_once_and_mapped_by_the_other_ranks(tmp_path, budget):
+    rng = np.random.default_rng(2)
+    docs = [np.concatenate([[i], rng.integers(5, 90, size=int(rng.integers(0, 20)))])
+            for i in range(300)]
+    write_corpus(tmp_path / "c", [docs], 1000)
+    corpus = ShardedCorpus(tmp_path / "c")
+
+    def loader(rank, cache, seed=3):
+        return BatchLoader(corpus, collate, 4, seed, dp_rank=rank, dp_size=2, budget=budget,
+                           plans=cache)
+
+    builder = PlanCache(tmp_path / "plans", builder=True)
+    follower = PlanCache(tmp_path / "plans", builder=False, wait_s=0)
+    first, second = loader(0, builder), loader(1, follower)
+    uncached = [loader(r, None) for r in range(2)]
+    n = first.batches_per_epoch + 2  # into epoch 1
+    assert [next(first) for _ in range(n)] == [next(uncached[0]) for _ in range(n)]
+    assert [next(second) for _ in range(n)] == [next(uncached[1]) for _ in range(n)]
+    assert builder.built == 2 and follower.built == 0  # epochs 0 and 1, built once
+    assert isinstance(second._plan(1).order, np.memmap)
+    assert len(list((tmp_path / "plans").iterdir())) == 2
+    # Another seed is another plan; a follower that finds none builds it itself after wait_s.
+    other = loader(1, follower, seed=4)
+    assert follower.built == 1 and next(other) != next(loader(1, None))

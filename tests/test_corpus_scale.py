@@ -3,6 +3,7 @@ epoch plans built vectorised and cached once per node."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,77 @@ def test_plan_built_once_and_mapped_by_the_other_ranks(tmp_path, budget):
     # Another seed is another plan; a follower that finds none builds it itself after wait_s.
     other = loader(1, follower, seed=4)
     assert follower.built == 1 and next(other) != next(loader(1, None))
+
+
+# --- prepare at scale ---------------------------------------------------------------------------
+
+def _documents(directory: Path) -> list[list[int]]:
+    corpus = ShardedCorpus(directory)
+    return [corpus[i].tolist() for i in range(len(corpus))]
+
+
+def test_partitioned_prepare_and_merge_equal_one_prepare(tmp_path, corpus_file, tokenizer_path):
+    from janus_pretrain.data.prepare import merge, prepare
+
+    kw = dict(num_workers=2, shard_bytes=500_000)
+    whole = prepare([str(corpus_file)], str(tokenizer_path), tmp_path / "whole", **kw)
+    assert prepare([str(corpus_file)], str(tokenizer_path), tmp_path / "parts",
+                   partition=(1, 2), **kw) is None
+    assert not (tmp_path / "parts" / "meta.json").exists()
+    with pytest.raises(JanusError, match="not prepared yet"):
+        merge(tmp_path / "parts")
+    parts = prepare([str(corpus_file)], str(tokenizer_path), tmp_path / "parts",
+                    partition=(0, 2), **kw)  # the last partition to finish merges
+    assert len(parts["shards"]) == 4 > len(whole["shards"]) == 3  # a task for each of 2 x 2 workers
+    for key in ("documents", "tokens", "skipped", "tokenizer_identity"):
+        assert parts[key] == whole[key]
+    assert _documents(tmp_path / "parts") == _documents(tmp_path / "whole")
+    assert merge(tmp_path / "parts") == parts
+    verify_corpus(tmp_path / "parts")
+    # Besides the tokenizer, the output holds the shards and small state: no scratch copy.
+    payload = sum(p.stat().st_size for p in (tmp_path / "parts").glob("shard_*"))
+    everything = sum(p.stat().st_size for p in (tmp_path / "parts").rglob("*")
+                     if p.is_file() and p.name != "tokenizer.model")
+    assert everything < 1.05 * payload
+
+    # jsonl records read like text lines.
+    lines = corpus_file.read_text(encoding="utf-8").splitlines()[:300]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": t}) + "\n" for t in lines), encoding="utf-8")
+    prepare([str(jsonl)], str(tokenizer_path), tmp_path / "json", num_workers=1, field="body")
+    assert _documents(tmp_path / "json") == _documents(tmp_path / "whole")[:300]
+
+
+def test_killed_prepare_resumes_keeping_finished_shards(tmp_path, corpus_file, tokenizer_path,
+                                                        shards_dir):
+    import signal
+    import time
+
+    from janus_pretrain.data.prepare import STATE, prepare
+
+    big = tmp_path / "big.txt"
+    big.write_bytes(corpus_file.read_bytes() * 5)  # 7 MB: 7 shards of 1 MB
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "janus_pretrain", "data", "prepare", "--input", str(big),
+               "--tokenizer", str(tokenizer_path), "--output", str(out), "--workers", "1",
+               "--shard-mb", "1"]
+    proc = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list((out / STATE).glob("shard_*.json"))) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "prepare ended before it could be killed"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.bin")}
+    assert 2 <= len(finished) < 7 and not (out / "meta.json").exists()
+    meta = prepare([str(big)], str(tokenizer_path), out, num_workers=1, shard_bytes=2**20)
+    assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # kept, not redone
+    assert not list(out.rglob("*.tmp"))
+    one = json.loads((shards_dir / "meta.json").read_text())
+    assert (meta["documents"], meta["tokens"]) == (5 * one["documents"], 5 * one["tokens"])
+    corpus, first = ShardedCorpus(out), ShardedCorpus(shards_dir)
+    for i in (0, len(first) - 1, len(corpus) - 1):
+        assert corpus[i].tolist() == first[i % len(first)].tolist()
+    verify_corpus(out)

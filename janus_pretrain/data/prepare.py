@@ -210,6 +210,7 @@ def run_task(task: Task, output: Path, tokenizer_path: str, field: str,
     """Tokenize one task into `<output>/<task.name>.bin/.idx`; returns its state record."""
     tok = _worker_tokenizer.get(tokenizer_path)
     if tok is None:
+        os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker (Hugging Face tokenizers)
         tok = _worker_tokenizer[tokenizer_path] = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tok.vocab_size)
     writer = ShardWriter(output / task.name, dtype)
@@ -227,10 +228,9 @@ def run_task(task: Task, output: Path, tokenizer_path: str, field: str,
                     docs.append(text)
             if max_docs is not None:
                 docs = docs[:max_docs - writer.documents]
-            ids = tok.encode(docs)
-            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-            writer.add(np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lengths.sum())),
-                       lengths)
+            ids = tok.encode_arrays(docs)
+            writer.add(np.concatenate(ids + [np.zeros(0, dtype)]).astype(dtype, copy=False),
+                       np.fromiter(map(len, ids), np.int64, len(ids)))
             if max_docs is not None and writer.documents >= max_docs:
                 break
     except BaseException:

@@ -197,3 +197,56 @@ def test_killed_prepare_resumes_keeping_finished_shards(tmp_path, corpus_file, t
     for i in (0, len(first) - 1, len(corpus) - 1):
         assert corpus[i].tolist() == first[i % len(first)].tolist()
     verify_corpus(out)
+
+
+# --- blends -------------------------------------------------------------------------------------
+
+def _marked_corpus(directory: Path, marker: int, n: int) -> Path:
+    rng = np.random.default_rng(marker)
+    write_corpus(directory, [[np.concatenate([[marker, i], rng.integers(5, 90, size=int(
+        rng.integers(0, 12)))]) for i in range(n)]], 1000)
+    return directory
+
+
+def test_blend_by_weight_gives_the_weights_and_resumes_exactly(tmp_path):
+    from janus_pretrain.data.blend import open_blend, parse_blend
+    from janus_pretrain.data.corpora import open_train
+
+    small = _marked_corpus(tmp_path / "small", 500, 30)  # weight 0.8: repeated in an epoch
+    large = _marked_corpus(tmp_path / "large", 600, 70)  # weight 0.2: taken in part
+    megatron = f"0.8 {small} 0.2 {large}"
+    listed = [{"path": str(small), "weight": 4}, {"path": str(large), "weight": 1}]
+    assert parse_blend(megatron) == parse_blend(listed) == [(str(small), 0.8), (str(large), 0.2)]
+    blend = open_blend(megatron, ShardedCorpus)
+    assert blend.counts.tolist() == [80, 20]
+
+    def loader(budget=None):
+        return BatchLoader(blend, collate, 5, seed=7, dp_rank=1, dp_size=2, budget=budget)
+
+    run = loader()
+    steps = 4 * run.batches_per_epoch  # four blend epochs
+    markers = [ex for _ in range(steps) for ex in next(run)]
+    assert abs(markers.count(500) / len(markers) - 0.8) < 0.01
+    mix = blend.mixture(run.epoch, run.consumed())
+    assert abs(mix["data/small/share"] - 0.8) < 0.01 and abs(mix["data/large/epochs"] - 80 / 70) < 0.02
+    # The large corpus is walked on from epoch to epoch: its 70 documents in order, round robin.
+    epochs = [blend.documents(1, e).tolist() for e in range(4)]
+    assert [d for e in epochs for d in e] == [i % 70 for i in range(80)]
+    assert blend.for_epoch(3)[99].tolist()[:2] == [600, 79 % 70]
+
+    for budget in (None, TokenBudget(64, 16, 16)):
+        original = loader(budget)
+        [next(original) for _ in range(7)]
+        resumed = loader(budget)
+        resumed.load_state_dict(json.loads(json.dumps(original.state_dict())))
+        n = 2 * original.batches_per_epoch
+        assert [next(resumed) for _ in range(n)] == [next(original) for _ in range(n)]
+
+    # Every corpus of a blend must have been made with the run's tokenizer: one line if not.
+    meta = json.loads((large / "meta.json").read_text())
+    (large / "meta.json").write_text(json.dumps({**meta, "tokenizer_identity": "another"}))
+    with pytest.raises(JanusError, match=f"{large} was tokenized with") as info:
+        open_train(listed, type("T", (), {"vocab_size": 1000, "identity": "ours", "path": "t"})())
+    assert "\n" not in str(info.value)
+    with pytest.raises(JanusError, match="data.train"):
+        parse_blend("0.8 a b")

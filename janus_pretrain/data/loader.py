@@ -66,11 +66,15 @@ class BatchLoader:
                              f"({size}) per data-parallel rank ({dp_size} ranks)")
         self._worker: Optional[threading.Thread] = None
 
+    def _epoch_corpus(self, epoch: int):
+        """What epoch `epoch` draws from: a blend's examples differ by epoch (data/blend.py)."""
+        return self.corpus.for_epoch(epoch) if hasattr(self.corpus, "for_epoch") else self.corpus
+
     def _build_plan(self, epoch: int) -> EpochPlan:
         if self.budget is None:
             return fixed_size_plan(len(self.corpus), self.micro_batch_size, self.seed, epoch,
                                    self.dp_size)
-        targets = document_lengths(self.corpus)
+        targets = document_lengths(self._epoch_corpus(epoch))
         # A derived (denoised) source is never longer than its target.
         sources = document_lengths(self.sources) if self.sources is not None else targets
         return token_budget_plan(sources, targets, self.budget, self.seed, epoch, self.dp_size)
@@ -112,9 +116,15 @@ class BatchLoader:
     def batch_at(self, epoch: int, index: int) -> dict:
         """This rank's micro-batch `index` of `epoch` (a pure function of the two)."""
         g = index * self.dp_size + self.dp_rank
-        examples = [(self.sources[i] if self.sources is not None else None, self.corpus[i])
+        corpus = self._epoch_corpus(epoch)
+        examples = [(self.sources[i] if self.sources is not None else None, corpus[i])
                     for i in self._plan(epoch)[g].tolist()]
         return self.collate(examples, np.random.default_rng([self.seed, epoch, g]))
+
+    def consumed(self) -> np.ndarray:
+        """This epoch's examples that all ranks have taken so far, in plan order."""
+        plan = self._plan(self.epoch)
+        return plan.order[:plan.offsets[min(self.index * self.dp_size, len(plan))]]
 
     def __iter__(self):
         return self
@@ -209,7 +219,8 @@ def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,
     data.micro_batch_size examples or of data.max_tokens padded cells, prefetched or not;
     epoch plans cached under `plan_dir` if given."""
     if data.pack_documents:
-        corpus = PackedCorpus(corpus, data.max_target_len - 2)
+        pack = lambda c: PackedCorpus(c, data.max_target_len - 2)  # noqa: E731
+        corpus = corpus.map_members(pack) if hasattr(corpus, "map_members") else pack(corpus)
     budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len)
               if data.max_tokens is not None else None)
     return BatchLoader(corpus, collate, data.micro_batch_size, data.seed, dp_rank=dp_rank,

@@ -250,3 +250,31 @@ def test_blend_by_weight_gives_the_weights_and_resumes_exactly(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(JanusError, match="data.train"):
         parse_blend("0.8 a b")
+
+
+# --- document boundaries in packed blocks -------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["exact", "authors"])
+def test_two_document_blocks_keep_the_boundary_and_noise_stays_inside_each(tmp_path, sampler):
+    from janus_pretrain.config import ObjectiveConfig
+    from janus_pretrain.data.packing import PackedCorpus
+    from janus_pretrain.objectives.noise import pretraining_noise
+    from janus_pretrain.tokenizer import EOS, MASK
+
+    first, second, third = list(range(10, 30)), list(range(40, 52)), list(range(60, 70))
+    write_corpus(tmp_path / "c", [[np.array(first), np.array(second)], [np.array(third)]], 1000)
+    packed = PackedCorpus(ShardedCorpus(tmp_path / "c"), 34)
+    blocks = [packed[k].tolist() for k in range(len(packed))]
+    assert blocks == [first + [EOS] + second + [EOS], third + [EOS]]
+
+    cfg = ObjectiveConfig(masking="denoise", mask_sampler=sampler, source_mask_ratio=0.6)
+    block = np.array(blocks[0])
+    for seed in range(40):
+        source, mask = pretraining_noise(np.random.default_rng(seed), block, cfg, MASK)
+        assert len(mask) == len(block) and not mask[block == EOS].any()
+        pieces = np.split(source, np.flatnonzero(source == EOS))
+        assert len(pieces) == 3 and pieces[2].tolist() == [EOS]  # both separators, in place
+        for doc, piece in zip((first, second), (pieces[0], pieces[1][1:])):
+            kept = piece[piece != MASK].tolist()
+            assert set(kept) <= set(doc) and kept == sorted(kept)  # this document's ids only
+        assert mask[:20].any() and mask[21:33].any()  # each document has its own spans

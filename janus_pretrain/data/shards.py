@@ -217,6 +217,12 @@ class ShardedCorpus:
         """Ids per document [len(self)], from the indexes alone."""
         return np.concatenate([s.lengths() for s in self.shards] + [np.zeros(0, np.int64)])
 
+    def token_start(self, d: int) -> int:
+        """Offset of document d's first id in all documents back to back (d = len(self): the
+        total); reads one offset."""
+        s = min(int(np.searchsorted(self.starts, d, side="right")) - 1, len(self.shards) - 1)
+        return int(self.token_starts[s] + self.shards[s].offsets[d - self.starts[s]])
+
     @property
     def num_tokens(self) -> int:
         return int(self.token_starts[-1])

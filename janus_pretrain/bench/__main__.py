@@ -1,9 +1,9 @@
-"""python -m janus_pretrain.bench {cuda,decode,gpu,memory,padding,profile,train} [...]"""
+"""python -m janus_pretrain.bench {cuda,decode,gpu,memory,overhead,padding,profile,train} [...]"""
 import sys
 
-from janus_pretrain.bench import cuda, decode, gpu, memory, padding, profile, train
+from janus_pretrain.bench import cuda, decode, gpu, memory, overhead, padding, profile, train
 
-BENCHMARKS = {"cuda": cuda.main, "decode": decode.main, "gpu": gpu.main, "memory": memory.main,
+BENCHMARKS = {"cuda": cuda.main, "decode": decode.main, "gpu": gpu.main, "memory": memory.main, "overhead": overhead.main,
               "padding": padding.main, "profile": profile.main,
               "train": train.main}
 

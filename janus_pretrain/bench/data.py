@@ -14,7 +14,8 @@ scratch, and what a training start reads, takes and holds against the corpus's s
    opens it (data.train), builds the epoch plan (fixed batches, then data.max_tokens) as the
    node's plan builder, maps it as another rank would, and collates the first batch (JANUS
    denoising): seconds per phase, bytes read (rchar: payload reads would show here; mapped pages
-   read later do not), peak RSS.
+   read later do not), and the peak RSS over what the process held before opening the corpus
+   (torch and the rest imported).
 3. with --train-start: `janus-pretrain train` (tiny model, one step, data.max_tokens) on the
    smallest and the largest corpus: wall time to the end of the first step, side by side.
 
@@ -143,7 +144,9 @@ def probe_start(corpus_dir: str, max_tokens: int) -> dict:
 
     tok = load_tokenizer(corpus_dir)
     objective = JanusObjective(ObjectiveConfig(masking="denoise"), 512, 512, 512)
-    result, read0 = {}, rchar()
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    result, read0 = {"rss_before_bytes": before}, rchar()
     start = time.perf_counter()
     corpus = open_train(corpus_dir, tok)
     result["open_s"] = time.perf_counter() - start
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n2. a rank's data start (fresh process, 8 DP ranks, micro-batch 8 or max_tokens "
               f"{args.max_tokens}):")
         print(f"{'documents':>11}{'tokens':>14}{'payload MB':>12}{'open s':>8}{'plan s':>8}"
-              f"{'budget plan s':>14}{'map s':>7}{'1st batch s':>12}{'read KB':>9}{'peak RSS MB':>12}")
+              f"{'budget plan s':>14}{'map s':>7}{'1st batch s':>12}{'read KB':>9}{'RSS +MB':>9}")
         corpora = {}
         for n in sizes:
             corpora[n] = synthetic_corpus(work / "enwiki", work / f"docs_{n}", n)
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{s['open_s']:>8.3f}{s['fixed_plan_build_s']:>8.3f}"
                   f"{s['max_tokens_plan_build_s']:>14.3f}{s['max_tokens_plan_map_s']:>7.3f}"
                   f"{s['max_tokens_first_batch_s']:>12.3f}{s['read_bytes'] / 1e3:>9.0f}"
-                  f"{s['peak_rss_bytes'] / 1e6:>12.0f}")
+                  f"{(s['peak_rss_bytes'] - s['rss_before_bytes']) / 1e6:>9.0f}")
         if args.train_start:
             small, large = min(sizes), max(sizes)
             times = {n: train_start(corpora[n], work / f"run_{n}", args.max_tokens)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from janus_pretrain.data.batching import TokenBudget, fill_batches
+from janus_pretrain.data.batching import TokenBudget, fill_batches, token_budget_plan
 from janus_pretrain.data.loader import BatchLoader
 from janus_pretrain.data.plan import PlanCache
 from janus_pretrain.data.shards import ShardedCorpus, token_dtype, verify_corpus, write_shard
@@ -92,6 +92,18 @@ def test_vectorised_fill_equals_the_greedy_loop():
         offsets = fill_batches(order, src, tgt, max_tokens)
         got = [order[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
         assert got == _greedy(order, src, tgt, max_tokens), trial
+
+
+def test_pretraining_plan_sorts_once_and_equals_the_pairs_plan():
+    """One length array passed twice takes the one-sort path; a copy takes the general one."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        lengths = rng.integers(0, 40, int(rng.integers(0, 300)))
+        budget = TokenBudget(int(rng.integers(42, 200)), int(rng.integers(8, 40)),
+                             int(rng.integers(8, 40)))
+        fast, general = (token_budget_plan(lengths, t, budget, 1, trial, 2)
+                         for t in (lengths, lengths.copy()))
+        assert [b.tolist() for b in fast] == [b.tolist() for b in general], trial
 
 
 def collate(examples, rng):

@@ -59,9 +59,17 @@ def fill_batches(order: np.ndarray, src: np.ndarray, tgt: np.ndarray, max_tokens
     if not len(key):
         return np.zeros(1, np.int64)
     runs = np.concatenate([[0], np.flatnonzero(key[1:] != key[:-1]) + 1]).astype(np.int64)
-    run_lens = np.diff(np.append(runs, len(order)))
+    return fill_runs(runs, np.diff(np.append(runs, len(order))), key[runs], max_tokens)
+
+
+def fill_runs(runs: np.ndarray, run_lens: np.ndarray, costs: np.ndarray, max_tokens: int
+              ) -> np.ndarray:
+    """`fill_batches` given its runs: start [R], length [R] and cost per row [R] of each run of
+    consecutive examples of equal cost; -> the batches' offsets."""
+    if not len(runs):
+        return np.zeros(1, np.int64)
     starts, rows, longest = [np.zeros(1, np.int64)], 0, 0
-    for pos, n, cost in zip(runs.tolist(), run_lens.tolist(), key[runs].tolist()):
+    for pos, n, cost in zip(runs.tolist(), run_lens.tolist(), costs.tolist()):
         longest = max(longest, cost)
         room = max_tokens // longest - rows
         if rows and room <= 0:  # the open batch is full at this run's cost
@@ -74,7 +82,7 @@ def fill_batches(order: np.ndarray, src: np.ndarray, tgt: np.ndarray, max_tokens
             new = np.arange(pos + take, pos + n, cap, dtype=np.int64)
             starts.append(new)
             rows, longest = pos + n - int(new[-1]), cost
-    return np.concatenate(starts + [np.array([len(order)])])
+    return np.concatenate(starts + [np.array([int(runs[-1] + run_lens[-1])])])
 
 
 def split_to_multiple(offsets: np.ndarray, dp_size: int) -> np.ndarray:
@@ -105,17 +113,32 @@ def length_order(src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
 def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: TokenBudget,
                       seed: int, epoch: int, dp_size: int) -> EpochPlan:
     """Bare id counts [N] each (pretraining: the source is never longer than its target, so
-    pass the target counts) -> the epoch's global batches (see the module docstring)."""
-    src, tgt = budget.row_lengths(np.asarray(source_lens), np.asarray(target_lens))
+    pass the target counts, the same array twice) -> the epoch's global batches (see the
+    module docstring)."""
+    same = source_lens is target_lens
+    if same:  # pretraining: (target row, source row) orders as the longer side's row alone
+        longest = max(budget.max_source_len, budget.max_target_len)
+        src = tgt = np.minimum(np.asarray(target_lens), longest - 2) + 2
+    else:
+        src, tgt = budget.row_lengths(np.asarray(source_lens), np.asarray(target_lens))
     too_long = max(int(src.max(initial=0)), int(tgt.max(initial=0)))
     if too_long > budget.max_tokens:
         raise JanusError(f"data: data.max_tokens={budget.max_tokens} is below one example of "
                          f"{too_long} tokens (with [BOS]/[EOS]): raise it to at least "
                          f"max(data.max_source_len, data.max_target_len)")
+    if too_long < 2**16:  # a quarter of the memory traffic for every gather and sort below
+        src, tgt = src.astype(np.uint16), tgt.astype(np.uint16)
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(tgt))
-    order = perm[length_order(src[perm], tgt[perm])]
-    plan = EpochPlan(order, split_to_multiple(fill_batches(order, src, tgt, budget.max_tokens),
-                                              dp_size))
+    if same:  # one sort, and the runs of equal cost are the lengths' histogram
+        order = perm[np.argsort(tgt[perm], kind="stable")]
+        counts = np.bincount(tgt)
+        costs = np.flatnonzero(counts)
+        runs = np.cumsum(counts[costs]) - counts[costs]
+        offsets = fill_runs(runs, counts[costs], costs, budget.max_tokens)
+    else:
+        order = perm[length_order(src[perm], tgt[perm])]
+        offsets = fill_batches(order, src, tgt, budget.max_tokens)
+    plan = EpochPlan(order, split_to_multiple(offsets, dp_size))
     groups = rng.permutation(len(plan) // dp_size)
     return plan.take((groups[:, None] * dp_size + np.arange(dp_size)).ravel())

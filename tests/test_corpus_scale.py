@@ -132,6 +132,9 @@ def test_plan_built_once_and_mapped_by_the_other_ranks(tmp_path, budget):
     assert builder.built == 2 and follower.built == 0  # epochs 0 and 1, built once
     assert isinstance(second._plan(1).order, np.memmap)
     assert len(list((tmp_path / "plans").iterdir())) == 2
+    [next(first) for _ in range(first.batches_per_epoch)]  # into epoch 2: epoch 0's plan goes
+    assert sorted(json.loads((d / "key.json").read_text())["epoch"]
+                  for d in (tmp_path / "plans").iterdir()) == [1, 2]
     # Another seed is another plan; a follower that finds none builds it itself after wait_s.
     other = loader(1, follower, seed=4)
     assert follower.built == 1 and next(other) != next(loader(1, None))

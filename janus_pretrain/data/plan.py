@@ -8,7 +8,7 @@ document/sample/shuffle indexes as .npy files built by one rank.
 
 `PlanCache`: plans under `<directory>/<key hash>/` (order.npy, offsets.npy, key.json), the key
 naming everything a plan depends on (seed, epoch, the corpus's identity, the batching settings,
-the data-parallel size). The process with LOCAL_RANK 0 (or none: one process) builds a missing
+the data-parallel size); a builder removes the same run's plans two epochs old. The process with LOCAL_RANK 0 (or none: one process) builds a missing
 plan and renames it into place whole; the others wait for it to appear and map it, or build it
 themselves after `wait_s` (a builder that died, a directory another node cannot see).
 """
@@ -40,10 +40,6 @@ class EpochPlan:
         if not 0 <= g < len(self):
             raise IndexError(f"batch {g} of {len(self)}")
         return np.asarray(self.order[self.offsets[g]:self.offsets[g + 1]], dtype=np.int64)
-
-    def sizes(self) -> np.ndarray:
-        """Examples per batch [len(self)]."""
-        return np.diff(np.asarray(self.offsets))
 
     def take(self, batches: np.ndarray) -> "EpochPlan":
         """The plan made of batches `batches` (indices into this plan), in that order."""
@@ -109,4 +105,18 @@ class PlanCache:
             pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self._drop_older(key)
         return plan
+
+    def _drop_older(self, key: dict) -> None:
+        """Remove this run's plans of epochs before key's previous one (ranks are at most one
+        epoch apart): a plan of 1e9 examples is 4 GB, one per epoch."""
+        for other in self.directory.iterdir():
+            try:
+                old = json.loads((other / "key.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if ({k: v for k, v in old.items() if k != "epoch"}
+                    == {k: v for k, v in key.items() if k != "epoch"}
+                    and old.get("epoch", key["epoch"]) < key["epoch"] - 1):
+                shutil.rmtree(other, ignore_errors=True)

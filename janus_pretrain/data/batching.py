@@ -15,9 +15,11 @@ batches on ranks 0 .. D-1:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
+from janus_pretrain.data.buckets import Buckets, fill_bucketed
 from janus_pretrain.data.plan import EpochPlan
 from janus_pretrain.errors import JanusError
 
@@ -30,12 +32,18 @@ class TokenBudget:
     max_tokens: int
     max_source_len: int
     max_target_len: int
+    buckets: Optional[Buckets] = None  # rows are then padded up to their bucket's length
 
     def row_lengths(self, source_lens: np.ndarray, target_lens: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Bare id counts [N] each -> collated row lengths [N] each (source, target)."""
-        return (np.minimum(source_lens, self.max_source_len - 2) + 2,
-                np.minimum(target_lens, self.max_target_len - 2) + 2)
+        """Bare id counts [N] each -> collated (and bucketed) row lengths [N] each (source,
+        target)."""
+        src = np.minimum(source_lens, self.max_source_len - 2) + 2
+        tgt = np.minimum(target_lens, self.max_target_len - 2) + 2
+        if self.buckets is None:
+            return src, tgt
+        return (self.buckets.lengths_of(src, self.max_source_len),
+                self.buckets.lengths_of(tgt, self.max_target_len))
 
 
 def fixed_size_plan(n: int, micro_batch_size: int, seed: int, epoch: int, dp_size: int
@@ -115,7 +123,7 @@ def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: 
     """Bare id counts [N] each (pretraining: the source is never longer than its target, so
     pass the target counts, the same array twice) -> the epoch's global batches (see the
     module docstring)."""
-    same = source_lens is target_lens
+    same = source_lens is target_lens and budget.buckets is None
     if same:  # pretraining: (target row, source row) orders as the longer side's row alone
         longest = max(budget.max_source_len, budget.max_target_len)
         src = tgt = np.minimum(np.asarray(target_lens), longest - 2) + 2
@@ -130,15 +138,19 @@ def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: 
         src, tgt = src.astype(np.uint16), tgt.astype(np.uint16)
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(tgt))
-    if same:  # one sort, and the runs of equal cost are the lengths' histogram
+    if budget.buckets is not None:
+        plan = EpochPlan.from_batches(fill_bucketed(perm, src, tgt, budget.max_tokens))
+        plan = EpochPlan(plan.order, split_to_multiple(np.asarray(plan.offsets), dp_size))
+    elif same:  # one sort, and the runs of equal cost are the lengths' histogram
         order = perm[np.argsort(tgt[perm], kind="stable")]
         counts = np.bincount(tgt)
         costs = np.flatnonzero(counts)
         runs = np.cumsum(counts[costs]) - counts[costs]
-        offsets = fill_runs(runs, counts[costs], costs, budget.max_tokens)
+        plan = EpochPlan(order, split_to_multiple(
+            fill_runs(runs, counts[costs], costs, budget.max_tokens), dp_size))
     else:
         order = perm[length_order(src[perm], tgt[perm])]
-        offsets = fill_batches(order, src, tgt, budget.max_tokens)
-    plan = EpochPlan(order, split_to_multiple(offsets, dp_size))
+        plan = EpochPlan(order, split_to_multiple(
+            fill_batches(order, src, tgt, budget.max_tokens), dp_size))
     groups = rng.permutation(len(plan) // dp_size)
     return plan.take((groups[:, None] * dp_size + np.arange(dp_size)).ravel())

@@ -36,10 +36,20 @@ class EpochPlan:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def __iter__(self):
+        return (self[g] for g in range(len(self)))
+
     def __getitem__(self, g: int) -> np.ndarray:
         if not 0 <= g < len(self):
             raise IndexError(f"batch {g} of {len(self)}")
         return np.asarray(self.order[self.offsets[g]:self.offsets[g + 1]], dtype=np.int64)
+
+    @classmethod
+    def from_batches(cls, batches: list[np.ndarray]) -> "EpochPlan":
+        sizes = [len(b) for b in batches]
+        return cls(np.concatenate([np.asarray(b, dtype=np.int64) for b in batches]
+                                  + [np.zeros(0, np.int64)]),
+                   np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64))
 
     def take(self, batches: np.ndarray) -> "EpochPlan":
         """The plan made of batches `batches` (indices into this plan), in that order."""

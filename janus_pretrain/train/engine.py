@@ -92,6 +92,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg), mpu=DeepSpeedMPU())
     _keep_fp32_grad_norm(engine)
+    if engine.zero_optimization_stage() == 0:
+        _copy_back_in_one_kernel(engine)
     if engine.zero_optimization_stage() in (1, 2):
         _clip_without_sync(engine.optimizer)
     return engine
@@ -107,6 +109,21 @@ def _keep_fp32_grad_norm(engine) -> None:
                                                   engine.gradient_clipping(), engine.mpu)
 
     engine.clip_fp32_gradients = clip_and_keep
+
+
+def _copy_back_in_one_kernel(engine) -> None:
+    """ZeRO-0's data-parallel gradient average is DeepSpeed's (its buckets, communication dtype
+    and scaling), but the averaged bucket goes back into the gradients in one multi-tensor copy
+    instead of one copy kernel per parameter, and not at all on one data-parallel rank."""
+    reduce = engine.allreduce_bucket
+
+    def allreduce_and_copy(small_bucket, dp_group, dp_world_size=None):
+        if dist.get_world_size(group=dp_group) == 1:
+            return
+        reduced = reduce(small_bucket, dp_group, dp_world_size)
+        torch._foreach_copy_(small_bucket, list(engine.unflatten(reduced, small_bucket)))
+
+    engine.allreduce_and_copy = allreduce_and_copy
 
 
 def _clip_without_sync(zero_optimizer) -> None:

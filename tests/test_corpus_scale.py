@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,7 @@ def collate(examples, rng):
 
 @pytest.mark.parametrize("budget", [None, TokenBudget(64, 16, 16)])
 def test_plan_built_once_and_mapped_by_the_other_ranks(tmp_path, budget):
+    """Ranks of a node (processes sharing the cache directory) in turn."""
     rng = np.random.default_rng(2)
     docs = [np.concatenate([[i], rng.integers(5, 90, size=int(rng.integers(0, 20)))])
             for i in range(300)]
@@ -122,8 +124,7 @@ def test_plan_built_once_and_mapped_by_the_other_ranks(tmp_path, budget):
         return BatchLoader(corpus, collate, 4, seed, dp_rank=rank, dp_size=2, budget=budget,
                            plans=cache)
 
-    builder = PlanCache(tmp_path / "plans", builder=True)
-    follower = PlanCache(tmp_path / "plans", builder=False, wait_s=0)
+    builder, follower = PlanCache(tmp_path / "plans"), PlanCache(tmp_path / "plans")
     first, second = loader(0, builder), loader(1, follower)
     uncached = [loader(r, None) for r in range(2)]
     n = first.batches_per_epoch + 2  # into epoch 1
@@ -131,11 +132,11 @@ def test_plan_built_once_and_mapped_by_the_other_ranks(tmp_path, budget):
     assert [next(second) for _ in range(n)] == [next(uncached[1]) for _ in range(n)]
     assert builder.built == 2 and follower.built == 0  # epochs 0 and 1, built once
     assert isinstance(second._plan(1).order, np.memmap)
-    assert len(list((tmp_path / "plans").iterdir())) == 2
+    plans = lambda: [d for d in (tmp_path / "plans").iterdir() if d.is_dir()]  # noqa: E731
+    assert len(plans()) == 2
     [next(first) for _ in range(first.batches_per_epoch)]  # into epoch 2: epoch 0's plan goes
-    assert sorted(json.loads((d / "key.json").read_text())["epoch"]
-                  for d in (tmp_path / "plans").iterdir()) == [1, 2]
-    # Another seed is another plan; a follower that finds none builds it itself after wait_s.
+    assert sorted(json.loads((d / "key.json").read_text())["epoch"] for d in plans()) == [1, 2]
+    # Another seed is another plan, built by whoever asks first.
     other = loader(1, follower, seed=4)
     assert follower.built == 1 and next(other) != next(loader(1, None))
 
@@ -182,8 +183,6 @@ def test_partitioned_prepare_and_merge_equal_one_prepare(tmp_path, corpus_file, 
 def test_killed_prepare_resumes_keeping_finished_shards(tmp_path, corpus_file, tokenizer_path,
                                                         shards_dir):
     import signal
-    import time
-
     from janus_pretrain.data.prepare import STATE, prepare
 
     big = tmp_path / "big.txt"
@@ -293,3 +292,35 @@ def test_two_document_blocks_keep_the_boundary_and_noise_stays_inside_each(tmp_p
             kept = piece[piece != MASK].tolist()
             assert set(kept) <= set(doc) and kept == sorted(kept)  # this document's ids only
         assert mask[:20].any() and mask[21:33].any()  # each document has its own spans
+
+
+def _race(directory, log, ready):
+    from janus_pretrain.data.plan import EpochPlan
+
+    def build():
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(0.3)  # long enough for the others to find no plan and queue on the lock
+        return EpochPlan(np.arange(10), np.array([0, 4, 10]))
+
+    ready.wait()
+    plan = PlanCache(directory).get({"epoch": 0}, build)
+    assert [b.tolist() for b in plan] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+
+
+def test_processes_racing_for_a_plan_build_it_once(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    procs = [ctx.Process(target=_race, args=(tmp_path / "plans", tmp_path / "log", ready))
+             for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    ready.set()
+    for proc in procs:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    assert len((tmp_path / "log").read_text().split()) == 1

@@ -12,7 +12,7 @@ scratch, and what a training start reads, takes and holds against the corpus's s
 2. start vs corpus size: corpora of --docs documents made by repeating the prepared enwiki
    documents (their real lengths and ids), in shards of 1e6 documents; for each, a fresh process
    opens it (data.train), builds the epoch plan (fixed batches, then data.max_tokens) as the
-   node's plan builder, maps it as another rank would, and collates the first batch (JANUS
+   first rank of a node does, maps it as the others then do, and collates the first batch (JANUS
    denoising): seconds per phase, bytes read (rchar: payload reads would show here; mapped pages
    read later do not), and the peak RSS over what the process held before opening the corpus
    (torch and the rest imported).
@@ -161,13 +161,11 @@ def probe_start(corpus_dir: str, max_tokens: int) -> dict:
             start = time.perf_counter()
             next(loader)
             result[f"{name}_first_batch_s"] = time.perf_counter() - start
-            os.environ["LOCAL_RANK"] = "1"  # another rank of the node: maps the plan
-            start = time.perf_counter()
+            start = time.perf_counter()  # another rank of the node: maps the plan
             follower = build_loader(data, corpus, objective.collate, 1, 8, plan_dir=Path(plans))
             next(follower)
             result[f"{name}_plan_map_s"] = time.perf_counter() - start
             assert follower.plan_cache.built == 0
-            os.environ["LOCAL_RANK"] = "0"
     result["read_bytes"] = rchar() - read0
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result

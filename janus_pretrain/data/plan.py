@@ -1,5 +1,5 @@
 """An epoch's plan (which examples form each global micro-batch) as two flat arrays, and a disk
-cache of plans so that one process per node builds each and the others map it.
+cache of plans so that one process builds each and the others map it.
 
 `EpochPlan`: batch g is `order[offsets[g]:offsets[g + 1]]`. Flat arrays rather than a list of
 per-batch arrays: a plan of 1e9 examples is 4-8 bytes per example in one file that every rank
@@ -8,20 +8,23 @@ document/sample/shuffle indexes as .npy files built by one rank.
 
 `PlanCache`: plans under `<directory>/<key hash>/` (order.npy, offsets.npy, key.json), the key
 naming everything a plan depends on (seed, epoch, the corpus's identity, the batching settings,
-the data-parallel size); a builder removes the same run's plans two epochs old. The process with LOCAL_RANK 0 (or none: one process) builds a missing
-plan and renames it into place whole; the others wait for it to appear and map it, or build it
-themselves after `wait_s` (a builder that died, a directory another node cannot see).
+the data-parallel size). A process that finds no plan takes an exclusive flock on
+`<key hash>.lock` and looks again: the first builds and renames the plan into place whole, the
+others (ranks of the node, their collation workers, other nodes where the filesystem has
+flock) wait on the lock and then map what it built. The kernel drops a dead builder's lock, so a
+killed run leaves nothing to clean; where flock is not supported, each process builds for
+itself. A builder removes the same run's plans two epochs old.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
@@ -72,16 +75,9 @@ class EpochPlan:
                    np.load(directory / "offsets.npy", mmap_mode="r"))
 
 
-def is_plan_builder() -> bool:
-    """One process per node builds plans: LOCAL_RANK 0, or a process started without one."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-
 class PlanCache:
-    def __init__(self, directory: Path, builder: Optional[bool] = None, wait_s: float = 600.0):
+    def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self.builder = is_plan_builder() if builder is None else builder
-        self.wait_s = wait_s
         self.built = 0  # plans this process built (the others it mapped)
 
     def path(self, key: dict) -> Path:
@@ -90,14 +86,21 @@ class PlanCache:
 
     def get(self, key: dict, build: Callable[[], EpochPlan]) -> EpochPlan:
         path = self.path(key)
-        if not (path / "offsets.npy").is_file():
-            if not self.builder:
-                deadline = time.monotonic() + self.wait_s
-                while not (path / "offsets.npy").is_file() and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            if not (path / "offsets.npy").is_file():
-                return self._build(path, key, build)
-        return EpochPlan.load(path)
+        if (path / "offsets.npy").is_file():
+            return EpochPlan.load(path)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock = open(path.with_suffix(".lock"), "a")
+        except OSError:  # a read-only place: the plan stays in this process's memory
+            return self._build(path, key, build)
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released by close, or by the kernel at death
+            except OSError:  # no flock on this filesystem: build unless another has
+                pass
+            if (path / "offsets.npy").is_file():
+                return EpochPlan.load(path)
+            return self._build(path, key, build)
 
     def _build(self, path: Path, key: dict, build: Callable[[], EpochPlan]) -> EpochPlan:
         plan = build()
@@ -130,3 +133,4 @@ class PlanCache:
                     == {k: v for k, v in key.items() if k != "epoch"}
                     and old.get("epoch", key["epoch"]) < key["epoch"] - 1):
                 shutil.rmtree(other, ignore_errors=True)
+                other.with_suffix(".lock").unlink(missing_ok=True)

@@ -54,7 +54,7 @@ def _print_meta(meta: dict, output: str) -> None:
 def _data_merge(args) -> None:
     from janus_pretrain.data.prepare import merge
 
-    _print_meta(merge(args.output), args.output)
+    _print_meta(merge(args.output, args.parts), args.output)
 
 
 def _data_verify(args) -> None:
@@ -137,6 +137,8 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(run=_data_prepare)
     m = data_sub.add_parser("merge", help="write meta.json once every partition has finished")
     m.add_argument("output")
+    m.add_argument("--from", dest="parts", nargs="+", default=(),
+                   help="partitions prepared into other directories: their shards move to output")
     m.set_defaults(run=_data_merge)
     v = data_sub.add_parser("verify", help="check prepared shards against meta.json's checksums "
                                            "(once after a prepare or a copy; training trusts them)")

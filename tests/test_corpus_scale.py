@@ -165,6 +165,12 @@ def test_partitioned_prepare_and_merge_equal_one_prepare(tmp_path, corpus_file, 
         assert parts[key] == whole[key]
     assert _documents(tmp_path / "parts") == _documents(tmp_path / "whole")
     assert merge(tmp_path / "parts") == parts
+    # Partitions on node-local disks: prepared apart, moved together by merge.
+    for i in range(2):
+        prepare([str(corpus_file)], str(tokenizer_path), tmp_path / f"node{i}",
+                partition=(i, 2), **kw)
+    apart = merge(tmp_path / "gathered", [tmp_path / "node0", tmp_path / "node1"])
+    assert apart == parts and _documents(tmp_path / "gathered") == _documents(tmp_path / "whole")
     verify_corpus(tmp_path / "parts")
     # Besides the tokenizer, the output holds the shards and small state: no scratch copy.
     payload = sum(p.stat().st_size for p in (tmp_path / "parts").glob("shard_*"))

@@ -327,10 +327,38 @@ def _truncate(directory: Path, entry: dict, documents: int) -> dict:
             "sha256": {k: file_sha256(directory / f"{entry['name']}.{k}") for k in ("bin", "idx")}}
 
 
-def merge(output: str | Path) -> dict:
+def gather(output: Path, parts: Sequence[str | Path]) -> None:
+    """Move the finished shards of partitions prepared into other directories (node-local
+    disks) into `output`; every directory must hold the same plan (same inputs, tokenizer,
+    --workers and number of partitions)."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / STATE).mkdir(exist_ok=True)
+    for part in map(Path, parts):
+        plan_path = part / STATE / "plan.json"
+        if not plan_path.is_file():
+            raise JanusError(f"data: {plan_path} not found: {part} holds no prepared partition")
+        ours = output / STATE / "plan.json"
+        if not ours.is_file():
+            shutil.copy(plan_path, ours)
+        elif json.loads(ours.read_text()) != json.loads(plan_path.read_text()):
+            raise JanusError(f"data: {part} was prepared with another plan than {output} (other "
+                             f"inputs, tokenizer, --workers or partitions)")
+        for done in (part / STATE).glob("shard_*.json"):
+            name = done.stem
+            for suffix in (".bin", ".idx"):
+                shutil.move(part / f"{name}{suffix}", output / f"{name}{suffix}")
+            shutil.move(done, output / STATE / done.name)  # last: the shard is complete
+        for tokenizer in part.glob("tokenizer.*"):
+            shutil.copy(tokenizer, output / tokenizer.name)
+
+
+def merge(output: str | Path, parts: Sequence[str | Path] = ()) -> dict:
     """`janus-pretrain data merge`: once every task of the plan is finished (by any number of
-    partitions sharing `output`), write meta.json; returns its contents."""
+    partitions sharing `output`, or prepared into the directories `parts` and moved here
+    first), write meta.json; returns its contents."""
     output = Path(output)
+    if parts:
+        gather(output, parts)
     plan_path = output / STATE / "plan.json"
     if not plan_path.is_file():
         raise JanusError(f"data: {plan_path} not found: nothing was prepared into {output}")

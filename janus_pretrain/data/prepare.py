@@ -283,8 +283,11 @@ def prepare(inputs: Sequence[str], tokenizer: str, output: str | Path, num_worke
     plan_path = output / STATE / "plan.json"
     fingerprint = _fingerprint(inputs, tok, field, max_docs)
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    if plan is not None and plan["fingerprint"] != fingerprint and not any(
+            (output / STATE).glob("shard_*.json")):
+        plan = None  # nothing of it was finished (a first attempt that failed): plan anew
     if plan is not None and plan["fingerprint"] != fingerprint:
-        raise JanusError(f"data: {output} holds an unfinished prepare of other inputs, tokenizer, "
+        raise JanusError(f"data: {output} holds a prepare of other inputs, tokenizer, "
                          f"field or max_docs ({plan_path}); remove it or choose another --output")
     if plan is None:
         total = sum(Path(p).stat().st_size for p in inputs if Path(p).exists())

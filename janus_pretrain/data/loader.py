@@ -154,7 +154,10 @@ class BatchLoader:
                 self._ahead = iter(DataLoader(
                     _Ahead(self, self.epoch, self.index), batch_size=None, collate_fn=_as_is,
                     num_workers=self.workers, prefetch_factor=self.prefetch,
-                    pin_memory=self.pin_memory, persistent_workers=False))
+                    pin_memory=self.pin_memory, persistent_workers=False,
+                    # its own generator: the workers' seeds must not move the training RNG
+                    # (dropout), which a resumed run restores from the checkpoint
+                    generator=torch.Generator()))
             position, batch = next(self._ahead)
             if isinstance(batch, Exception):
                 self.close()

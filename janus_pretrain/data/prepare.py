@@ -210,7 +210,8 @@ def run_task(task: Task, output: Path, tokenizer_path: str, field: str,
     """Tokenize one task into `<output>/<task.name>.bin/.idx`; returns its state record."""
     tok = _worker_tokenizer.get(tokenizer_path)
     if tok is None:
-        os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker (Hugging Face tokenizers)
+        if multiprocessing.parent_process() is not None:  # a pool worker: one core each
+            os.environ["RAYON_NUM_THREADS"] = "1"  # (Hugging Face tokenizers' thread pool)
         tok = _worker_tokenizer[tokenizer_path] = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tok.vocab_size)
     writer = ShardWriter(output / task.name, dtype)

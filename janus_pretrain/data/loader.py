@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from janus_pretrain.data.batching import TokenBudget, fixed_size_plan, token_budget_plan
 from janus_pretrain.data.buckets import Buckets, build_buckets
 from janus_pretrain.data.packing import PackedCorpus
+from janus_pretrain.data.plan import EpochPlan, PlanCache
 from janus_pretrain.errors import JanusError
 
 Collate = Callable[[list, np.random.Generator], dict]
@@ -45,12 +47,14 @@ class BatchLoader:
                  dp_rank: int = 0, dp_size: int = 1, sources: Optional[object] = None,
                  budget: Optional[TokenBudget] = None, prefetch: int = 0,
                  buckets: Optional[Buckets] = None, workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, plans: Optional[PlanCache] = None):
         """`corpus[i]` is a target id array; `sources[i]`, if given, the matching source ids
         (fine-tuning pairs); pretraining derives sources from targets in `collate`. With a
         `budget`, batches are filled to it and `micro_batch_size` is not used; with `buckets`,
         collated batches are padded up to a few shapes (buckets.py). `prefetch` > 0 with
-        `workers` > 0 collates in worker processes (see the module docstring)."""
+        `workers` > 0 collates in worker processes (see the module docstring). With `plans`,
+        epoch plans come from that cache (built once per node) where the corpus has an
+        `identity`."""
         self.corpus = corpus
         self.sources = sources
         self.collate = collate
@@ -63,12 +67,8 @@ class BatchLoader:
         self.workers = workers if prefetch else 0
         self.pin_memory = pin_memory
         self.buckets = buckets
-        if budget is not None:
-            self._target_lens = document_lengths(corpus)
-            # A derived (denoised) source is never longer than its target.
-            self._source_lens = (document_lengths(sources) if sources is not None
-                                 else self._target_lens)
-        self._plans: dict[int, list[np.ndarray]] = {}
+        self.plan_cache = plans
+        self._plans: dict[int, EpochPlan] = {}
         self.epoch = 0
         self.index = 0
         if self.batches_in_epoch(0) == 0:
@@ -77,14 +77,37 @@ class BatchLoader:
                              f"({size}) per data-parallel rank ({dp_size} ranks)")
         self._ahead = None  # the workers' iterator of (position, batch), while they run
 
-    def _plan(self, epoch: int) -> list[np.ndarray]:
+    def _epoch_corpus(self, epoch: int):
+        """What epoch `epoch` draws from: a blend's examples differ by epoch (data/blend.py)."""
+        return self.corpus.for_epoch(epoch) if hasattr(self.corpus, "for_epoch") else self.corpus
+
+    def _build_plan(self, epoch: int) -> EpochPlan:
+        if self.budget is None:
+            return fixed_size_plan(len(self.corpus), self.micro_batch_size, self.seed, epoch,
+                                   self.dp_size)
+        targets = document_lengths(self._epoch_corpus(epoch))
+        # A derived (denoised) source is never longer than its target.
+        sources = document_lengths(self.sources) if self.sources is not None else targets
+        return token_budget_plan(sources, targets, self.budget, self.seed, epoch, self.dp_size)
+
+    def _plan_key(self, epoch: int) -> Optional[dict]:
+        """What the epoch's plan depends on; None where the corpus cannot name itself."""
+        corpus = getattr(self.corpus, "identity", None)
+        sources = getattr(self.sources, "identity", None)
+        if corpus is None or (self.sources is not None and sources is None):
+            return None
+        b = self.budget
+        batching = ({"micro_batch_size": self.micro_batch_size} if b is None else
+                    {"budget": [b.max_tokens, b.max_source_len, b.max_target_len],
+                     "buckets": list(b.buckets.lengths) if b.buckets is not None else None})
+        return {"version": 1, "corpus": corpus, "sources": sources, "seed": self.seed,
+                "epoch": epoch, "dp_size": self.dp_size, **batching}
+
+    def _plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
-            if self.budget is None:
-                plan = fixed_size_plan(len(self.corpus), self.micro_batch_size, self.seed,
-                                       epoch, self.dp_size)
-            else:
-                plan = token_budget_plan(self._source_lens, self._target_lens, self.budget,
-                                         self.seed, epoch, self.dp_size)
+            key = self._plan_key(epoch) if self.plan_cache is not None else None
+            plan = (self._build_plan(epoch) if key is None else
+                    self.plan_cache.get(key, lambda: self._build_plan(epoch)))
             # A process looks at most one epoch back (the position it normalises from).
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
             self._plans[epoch] = plan
@@ -104,10 +127,16 @@ class BatchLoader:
     def batch_at(self, epoch: int, index: int) -> dict:
         """This rank's micro-batch `index` of `epoch` (a pure function of the two)."""
         g = index * self.dp_size + self.dp_rank
-        examples = [(self.sources[i] if self.sources is not None else None, self.corpus[i])
+        corpus = self._epoch_corpus(epoch)
+        examples = [(self.sources[i] if self.sources is not None else None, corpus[i])
                     for i in self._plan(epoch)[g].tolist()]
         batch = self.collate(examples, np.random.default_rng([self.seed, epoch, g]))
         return batch if self.buckets is None else self.buckets.pad(batch)
+
+    def consumed(self) -> np.ndarray:
+        """This epoch's examples that all ranks have taken so far, in plan order."""
+        plan = self._plan(self.epoch)
+        return plan.order[:plan.offsets[min(self.index * self.dp_size, len(plan))]]
 
     def __iter__(self):
         return self
@@ -224,15 +253,18 @@ class _Ahead(IterableDataset):
 
 
 def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,
-                 sources: Optional[object] = None) -> BatchLoader:
+                 sources: Optional[object] = None, plan_dir: Optional[Path] = None) -> BatchLoader:
     """The training loader a `DataConfig` describes: documents or packed blocks, batches of
-    data.micro_batch_size examples or of data.max_tokens padded cells, prefetched or not."""
+    data.micro_batch_size examples or of data.max_tokens padded cells, prefetched or not;
+    epoch plans cached under `plan_dir` if given."""
     if data.pack_documents:
-        corpus = PackedCorpus(corpus, data.max_target_len - 2)
+        pack = lambda c: PackedCorpus(c, data.max_target_len - 2)  # noqa: E731
+        corpus = corpus.map_members(pack) if hasattr(corpus, "map_members") else pack(corpus)
     buckets = build_buckets(data)
     budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len, buckets)
               if data.max_tokens is not None else None)
     return BatchLoader(corpus, collate, data.micro_batch_size, data.seed, dp_rank=dp_rank,
                        dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch,
                        buckets=buckets, workers=data.workers,
-                       pin_memory=torch.cuda.is_available())
+                       pin_memory=torch.cuda.is_available(),
+                       plans=PlanCache(plan_dir) if plan_dir is not None else None)

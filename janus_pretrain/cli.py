@@ -2,6 +2,9 @@
 
     janus-pretrain tokenizer train --input corpus.txt --vocab-size 32000 --output tok.model
     janus-pretrain data prepare --input corpus.txt --tokenizer tok.model --output shards/
+    janus-pretrain data prepare ... --partition 0/4   (then 1/4 .. 3/4 on other nodes)
+    janus-pretrain data merge shards/
+    janus-pretrain data verify shards/
     janus-pretrain train --config configs/pretrain/demo.yaml [--resume] [key=value ...]
     janus-pretrain generate --checkpoint runs/demo/train --mode ar|nar < sources.txt
     janus-pretrain checkpoint consolidate --checkpoint runs/demo/train --output model.safetensors
@@ -31,12 +34,36 @@ def _tokenizer_train(args) -> None:
 
 
 def _data_prepare(args) -> None:
-    from janus_pretrain.data.prepare import prepare
+    from janus_pretrain.data.prepare import parse_partition, prepare
 
-    meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field, args.max_docs)
+    partition = parse_partition(args.partition)
+    meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field, args.max_docs,
+                   partition, args.shard_mb * 2**20)
+    if meta is None:
+        print(f"data: partition {args.partition} of {args.output} done; the others still run "
+              f"(the last to finish writes meta.json, or `janus-pretrain data merge {args.output}`)")
+    else:
+        _print_meta(meta, args.output)
+
+
+def _print_meta(meta: dict, output: str) -> None:
     print(f"data: {meta['documents']} documents, {meta['tokens']} tokens in "
-          f"{len(meta['shards'])} shards -> {args.output}; skipped {meta['skipped']['empty']} "
+          f"{len(meta['shards'])} shards -> {output}; skipped {meta['skipped']['empty']} "
           f"empty and {meta['skipped']['invalid_utf8']} non-UTF-8 documents")
+
+
+def _data_merge(args) -> None:
+    from janus_pretrain.data.prepare import merge
+
+    _print_meta(merge(args.output, args.parts), args.output)
+
+
+def _data_verify(args) -> None:
+    from janus_pretrain.data.shards import verify_corpus
+
+    meta = verify_corpus(args.directory)
+    print(f"data: {args.directory}: {len(meta['shards'])} shards, {meta['documents']} documents, "
+          f"{meta['tokens']} tokens match their checksums")
 
 
 def _train(args) -> None:
@@ -110,7 +137,20 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--field", default="text", help="text column of jsonl/parquet/hub data")
     d.add_argument("--max-docs", type=int, default=None)
+    d.add_argument("--partition", default="0/1",
+                   help="i/N: prepare the i-th of N slices (N nodes sharing --output); a rerun "
+                        "keeps finished shards")
+    d.add_argument("--shard-mb", type=int, default=256, help="MB of text per shard (at most)")
     d.set_defaults(run=_data_prepare)
+    m = data_sub.add_parser("merge", help="write meta.json once every partition has finished")
+    m.add_argument("output")
+    m.add_argument("--from", dest="parts", nargs="+", default=(),
+                   help="partitions prepared into other directories: their shards move to output")
+    m.set_defaults(run=_data_merge)
+    v = data_sub.add_parser("verify", help="check prepared shards against meta.json's checksums "
+                                           "(once after a prepare or a copy; training trusts them)")
+    v.add_argument("directory")
+    v.set_defaults(run=_data_verify)
 
     tr = sub.add_parser("train", help="pretrain (or fine-tune) with DeepSpeed")
     tr.add_argument("--config", required=True, help="run YAML, e.g. configs/pretrain/demo.yaml")

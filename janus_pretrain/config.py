@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -193,7 +193,9 @@ class DataConfig:
     shape the batch (DeepSpeed only books it as the nominal micro-batch)."""
 
     # Required to train (RunConfig.check_data), not to describe a model or an objective.
-    train: Optional[str] = None  # shard directory written by `janus-pretrain data prepare`
+    # shard directory written by `janus-pretrain data prepare`, or several blended by weight:
+    # [{path: a, weight: 0.8}, {path: b, weight: 0.2}] or "0.8 a 0.2 b" (data/blend.py)
+    train: Any = None
     tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json, or a directory holding one
     # Fine-tuning pairs: shards whose document i is the source of document i of `train` (see
     # `janus-finetune prepare`); unset, the objective derives sources (pretraining, `denoise`).

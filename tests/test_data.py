@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -57,7 +58,9 @@ def test_shard_round_trip(tmp_path, vocab):
     entry = write_shard(tmp_path / "s", docs, dtype)
     n_tokens = sum(map(len, docs))
     assert entry == {"name": "s", "documents": len(docs), "tokens": n_tokens,
-                     "max_id": max(max(d) for d in docs if d)}
+                     "max_id": max(max(d) for d in docs if d),
+                     "sha256": {k: hashlib.sha256((tmp_path / f"s.{k}").read_bytes()).hexdigest()
+                                for k in ("bin", "idx")}}
     assert (tmp_path / "s.bin").stat().st_size == n_tokens * np.dtype(dtype).itemsize
     shard = Shard(tmp_path / "s")
     assert shard.dtype == dtype
@@ -213,7 +216,7 @@ def test_loader_ranks_partition_epoch(shards_dir, dp_size):
     # The first batch after the epoch differs from the first of the epoch (new permutation).
     fresh = BatchLoader(corpus, collate, micro, seed=5, dp_rank=0, dp_size=dp_size)
     assert next(loaders[0]) != next(fresh)
-    assert loaders[0].epoch == 1 and loaders[0].consumed == micro * dp_size
+    assert loaders[0].epoch == 1 and loaders[0].position == micro * dp_size
 
 
 def _small_corpus(n=26):
@@ -352,7 +355,7 @@ def test_packing_puts_every_token_in_one_block(tmp_path):
     parts = [_random_docs(rng, 9, 500, max_len=12), [], _random_docs(rng, 4, 500, max_len=12)]
     _write_corpus(tmp_path / "c", parts, 500)
     corpus = ShardedCorpus(tmp_path / "c")
-    stream = [t for part in parts for doc in part for t in doc]
+    stream = [t for part in parts for doc in part for t in doc + [EOS]]  # a separator after each
     packed = PackedCorpus(corpus, 7)
     blocks = [packed[k].tolist() for k in range(len(packed))]
     assert [t for block in blocks for t in block] == stream
@@ -385,10 +388,10 @@ def test_packed_blocks_in_token_budget_batches(tmp_path):
         rows = []
         for batch in _take(loader, loader.batches_per_epoch):
             assert batch["src"].numel() <= 20 and batch["tgt"].numel() <= 20
-            rows += [tuple(r[1:r.index(EOS)]) for r in batch["tgt"].tolist()]
+            rows += [tuple(t for t in r[1:] if t != PAD)[:-1] for r in batch["tgt"].tolist()]
     finally:
         loader.close()
-    stream = [t for d in docs for t in d]
+    stream = [t for d in docs for t in d + [EOS]]
     assert sorted(rows) == sorted(tuple(stream[k:k + 7]) for k in range(0, len(stream), 7))
 
 

@@ -124,7 +124,7 @@ def test_resume_at_any_dp_size_uses_every_example_once(budget):
     corpus = _corpus(200)
     loaders = _loaders(4, budget, corpus=corpus)
     plan = loaders[0]._plan(0)
-    order = [int(i) for i in (plan if budget is None else np.concatenate(plan))]
+    order = np.asarray(plan.order).tolist()
     taken = _steps(loaders, 3)
     for dp_size in (3, 2, 1, 4):
         state = json.loads(json.dumps(loaders[0].state_dict()))
@@ -132,7 +132,7 @@ def test_resume_at_any_dp_size_uses_every_example_once(budget):
         for loader in loaders:
             loader.load_state_dict(state)
         taken += _steps(loaders, 2)
-    while loaders[0].epoch == 0 and loaders[0]._normalised(0, loaders[0].consumed)[0] == 0:
+    while loaders[0].epoch == 0 and loaders[0]._normalised(0, loaders[0].position)[0] == 0:
         taken += _steps(loaders, 1)
     assert taken == order[:len(taken)]
     assert len(set(taken)) == len(taken)
@@ -152,8 +152,8 @@ def test_position_moves_to_another_dp_size_as_examples_consumed(dp_size, size):
     after = _loaders(dp_size, size=size)
     for loader in after:
         loader.load_state_dict(state)
-    assert [loader.consumed for loader in after] == [16] * dp_size
-    plan = before[0]._plan(0).tolist()
+    assert [loader.position for loader in after] == [16] * dp_size
+    plan = np.asarray(before[0]._plan(0).order).tolist()
     assert [i for loader in after for i in next(loader)] == plan[16:16 + dp_size * size]
 
 
@@ -166,7 +166,7 @@ def test_epochs_hold_whole_steps_of_a_fixed_global_batch():
         per_step = 8 // dp_size
         steps = loaders[0].batches_per_epoch // per_step
         epochs.append(_steps(loaders, steps * per_step))
-        assert loaders[0].consumed == 64 and loaders[0]._normalised(0, 64) == (1, 0)
+        assert loaders[0].position == 64 and loaders[0]._normalised(0, 64) == (1, 0)
     assert epochs[0] == epochs[1] == epochs[2]
 
 

@@ -292,12 +292,12 @@ def test_tokenizer_without_a_usable_line_says_why(tmp_path, content):
 
 
 def test_data_prepare_on_an_empty_file_says_empty(tmp_path):
-    from janus_pretrain.data.prepare import load_corpus
+    from janus_pretrain.data.prepare import plan_tasks
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(JanusError, match=f"data: {empty}: empty, nothing to prepare"):
-        load_corpus([str(empty)], "text", str(tmp_path / "cache"))
+        plan_tasks([str(empty)], tmp_path / "out", 1, "text")
 
 
 def test_prepare_max_pairs_zero_is_refused_before_writing(tmp_path):

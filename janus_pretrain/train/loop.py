@@ -24,7 +24,7 @@ import torch.distributed as dist
 from janus_pretrain.checkpoint import store
 from janus_pretrain.checkpoint.init import init_weights
 from janus_pretrain.config import RunConfig, to_dict
-from janus_pretrain.data.corpora import open_corpus, open_sources, validation_loader
+from janus_pretrain.data.corpora import open_sources, open_train, validation_loader
 from janus_pretrain.data.loader import BatchLoader, build_loader
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
@@ -115,7 +115,7 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
     cfg = batch_size.resolved(cfg, state.data_parallel_size())
     # bad data fails before the output directory is created (for its lock)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    corpus = open_corpus(cfg.data.train, tokenizer)
+    corpus = open_train(cfg.data.train, tokenizer)
     with run_lock.hold(Path(cfg.train.output_dir), topo.is_main):
         return _train(cfg, resume, task_eval, topo, tokenizer, corpus)
 
@@ -132,10 +132,10 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     if cfg.train.compile:
         model.compile()
     engine = build_engine(model, cfg)
-    loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
-                          state.data_parallel_size(),
-                          open_sources(cfg.data.source, tokenizer, corpus), cfg.train.grad_accum)
     output = Path(cfg.train.output_dir)
+    loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
+                          state.data_parallel_size(), open_sources(cfg.data.source, tokenizer, corpus),
+                          plan_dir=output / "data_plans", accumulation=cfg.train.grad_accum)
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
                                       cfg.train.keep_checkpoints, cfg.train.save_interval_minutes,
                                       cfg.train.async_save, cfg.train.eval_interval)
@@ -167,6 +167,9 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
             diverged = bad_in_a_row >= cfg.train.max_bad_steps
             done = step == last_step or stopping or diverged
             logger.after_step(step, done, stats, engine)
+            if topo.is_main and hasattr(loader.corpus, "mixture") and (
+                    done or not step % cfg.train.log_interval):  # a blend's realised shares
+                logger.write_eval(step, loader.corpus.mixture(loader.epoch, loader.consumed()))
             checkpointer.after_step(step, done, lambda: saved_state(guard, loader, cfg))
             validator.after_step(step, checkpointer.last, logger)
     loader.close()

@@ -1,0 +1,195 @@
+"""Analytic memory of one GPU in a training step: model states by precision, ZeRO stage, TP and
+DP, and the activations one micro-batch holds for backward, by objective and checkpointing.
+
+The planner (janus_pretrain/plan.py) and `bench memory` both read this module, so the accounting
+the plan ranks layouts by is the one the benchmark checks against live engines and steps.
+
+Model states per rank (Rajbhandari et al., 2020, with the numel of this TP rank's shard):
+    params     w x numel, / dp from ZeRO-3          (w = 2 in bf16/fp16, 4 in fp32)
+    grads      w x numel, / dp from ZeRO-2
+    optimizer  Adam m, v (8 bytes) plus an fp32 master (4 bytes) unless fp32 without ZeRO,
+               / dp from ZeRO-1
+    buffers    DeepSpeed's gradient bucket (`reduce_bucket_size` elements of w) from ZeRO-1;
+               ZeRO-3 also holds one prefetch bucket of gathered parameters
+
+Activations of a micro-batch, counted from the layers of model/transformer.py as SDPA's fused
+kernels run them (flash / efficient attention and FlexAttention keep no [T, T] scores; a row keeps
+only its log-sum-exp), per token row of one layer, with w the activation width, h the hidden
+size, f the FFN width, a the heads, t = TP (tensors before a column-parallel layer and after a
+row-parallel one are whole on every TP rank; those between are split):
+    attention block  LN input + LN output w h, qkv 3 w h / t, kernel output and its
+                     contiguous copy 2 w h / t, log-sum-exp 4 a / t, LN statistics 8,
+                     residual dropout mask h
+    cross block      as attention with q only (w h / t); keys/values 2 w h / t per source row
+    FFN block        LN input + LN output w h, GELU input and output 2 w f / t, LN statistics
+                     8, dropout mask h
+Encoder rows pay attention + FFN, decoder rows attention + cross + FFN in every decoder pass.
+With `activation_checkpointing: full` a layer keeps only its input (w h per row) and one layer
+is rebuilt at a time during backward.
+
+The vocabulary: every stream of logits the loss reads keeps its fp32 log-probabilities and
+probabilities (8 bytes per row and column of V / t, objectives/losses.py `_Stream`) and the
+output projection's input (w h per projected row); the backward adds the logits' fp32 gradient
+and its cast to w, one stream group at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from janus_pretrain.config import ModelConfig
+
+WIDTH = {"fp32": 4, "bf16": 2, "fp16": 2}
+# DeepSpeed's bucket defaults where the JSON leaves them out (deepspeed/runtime/zero/config.py).
+DEFAULT_BUCKET = 500_000_000
+# What the framework holds beyond tensors (CUDA context, NCCL buffers, the caching allocator's
+# rounding and fragmentation): a measured constant, bench gpu's peak MiB of the bf16 rows minus
+# this model's accounting of them (docs/performance.md, "Memory and communication model").
+FRAMEWORK_OVERHEAD = 2.0 * 2**30
+
+
+def padded_vocab(cfg: ModelConfig, vocab: int) -> int:
+    m = cfg.vocab_divisible_by
+    return (vocab + m - 1) // m * m
+
+
+def parameter_count(cfg: ModelConfig, vocab: int, tp: int = 1, mask_vector: bool = False) -> int:
+    """Parameters one TP rank holds, exactly as JanusModel builds them (tests check it against
+    the module): column-parallel weights and biases and row-parallel weights split over `tp`,
+    row-parallel biases, LayerNorms, position tables and the length head whole."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    attn = (3 * h * h + 3 * h + h * h) // tp + h
+    cross = (h * h + h + 2 * h * h + 2 * h + h * h) // tp + h
+    ffn = (h * f + f + f * h) // tp + h
+    enc = cfg.encoder_layers * (attn + ffn + 2 * 2 * h)
+    dec = cfg.decoder_layers * (attn + cross + ffn + 3 * 2 * h)
+    v = padded_vocab(cfg, vocab)
+    shared = v * h // tp + 2 * (cfg.max_positions + (2 if cfg.arch == "bart" else 0)) * h
+    norms = 2 * 2 * h  # pre-LN: a final LayerNorm per stack; bart: one on each stack's embeddings
+    bias = v // tp if cfg.arch == "bart" else 0
+    length = h * cfg.length_classes + cfg.length_classes
+    return enc + dec + shared + norms + bias + length + (h if mask_vector else 0)
+
+
+@dataclass(frozen=True)
+class ZeroBuckets:
+    """The DeepSpeed JSON's bucket sizes (elements) that become buffers on the GPU."""
+
+    reduce_bucket_size: int = DEFAULT_BUCKET
+    prefetch_bucket_size: int = 50_000_000
+    contiguous_gradients: bool = True
+
+    @classmethod
+    def from_json(cls, ds: dict) -> "ZeroBuckets":
+        z = ds.get("zero_optimization", {})
+        return cls(int(z.get("reduce_bucket_size", DEFAULT_BUCKET)),
+                   int(z.get("stage3_prefetch_bucket_size", 50_000_000)),
+                   bool(z.get("contiguous_gradients", True)))
+
+
+def model_states(numel: int, stage: int, dp: int, precision: str,
+                 buckets: ZeroBuckets | None = None) -> dict[str, float]:
+    """Bytes per rank of parameters, gradients, optimizer state (with fp32 masters) and
+    DeepSpeed's buffers, for `numel` parameters on this TP rank."""
+    width = WIDTH[precision]
+    optimizer = 12 if (stage > 0 or precision != "fp32") else 8
+    out = {"params": width * numel / (dp if stage >= 3 else 1),
+           "grads": width * numel / (dp if stage >= 2 else 1),
+           "optimizer": optimizer * numel / (dp if stage >= 1 else 1),
+           "buffers": 0.0}
+    if buckets is not None and stage > 0:
+        out["buffers"] = width * min(buckets.reduce_bucket_size, numel)
+        if stage == 3:
+            out["buffers"] += width * min(buckets.prefetch_bucket_size, numel)
+    return out
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The shape of one micro-batch: `passes` are the decoder passes as (rows, rows projected to
+    the vocabulary) per sample (model/flops.py `decoder_passes` / `bang_passes`), `streams` the
+    loss's groups of projected rows, each kept as log-probabilities and probabilities; a
+    `causal` pass runs SDPA's causal kernel, the others a boolean mask [B, T, T]."""
+
+    batch: int
+    src_len: int
+    passes: tuple[tuple[int, int], ...]
+    streams: tuple[int, ...] = field(default=())
+    encoder_passes: int = 1
+    causal: tuple[bool, ...] = field(default=())  # per pass: causal (no mask tensor) or masked
+    stacked: int = 0  # logit rows the loss copies to stack its slot streams (JANUS's slots)
+
+
+def _attention_row(h: int, a: int, w: int, tp: int, q: int, mask: int) -> float:
+    return 2 * w * h + (q + 1) * w * h / tp + 4 * a / tp + 8 + mask * h
+
+
+def _ffn_row(h: int, f: int, w: int, tp: int, mask: int) -> float:
+    return 2 * w * h + 2 * w * f / tp + 8 + mask * h
+
+
+def activations(cfg: ModelConfig, vocab: int, mb: MicroBatch, tp: int, precision: str,
+                checkpointing: bool, device: str = "cuda") -> dict[str, float]:
+    """Bytes one rank holds for backward after the forward of micro-batch `mb`, and the extra
+    the loss and backward add at their peak: {"layers", "vocabulary", "transient"}. `device` "cpu" keeps
+    dropout masks in the activations' dtype (torch's CPU dropout), "cuda" in one byte."""
+    h, f, a, w = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_heads, WIDTH[precision]
+    mask = w if device == "cpu" else 1
+    b, s = mb.batch, mb.src_len
+    v = padded_vocab(cfg, vocab) / tp
+    enc_row = _attention_row(h, a, w, tp, 3, mask) + _ffn_row(h, f, w, tp, mask)
+    dec_row = enc_row + _attention_row(h, a, w, tp, 1, mask)
+    cross_kv = 2 * w * h / tp * b * s  # per decoder layer and pass
+    # SDPA turns a boolean mask into an additive one of the query's dtype in every layer; the
+    # causal AR pass needs none (the first pass of janus and ar)
+    masked = [t for (t, _), causal in zip(mb.passes, mb.causal) if not causal]
+    attn_masks = w * b * sum(t * t for t in masked)
+    enc_rows = mb.encoder_passes * b * s
+    dec_rows = sum(b * t for t, _ in mb.passes)
+    # per row of each stack: the embedding dropout mask, the final LayerNorm's input, statistics
+    # and output; rows projected from a gathered subset keep that copy too
+    stack_rows = (enc_rows + dec_rows) * (mask * h + 2 * w * h + 8)
+    gathered = w * h * sum(b * r for t, r in mb.passes if r < t)
+    if checkpointing:
+        layers = w * h * (enc_rows * cfg.encoder_layers + dec_rows * cfg.decoder_layers)
+        # backward rebuilds one layer at a time: the largest of them
+        rebuilt = max([enc_rows / mb.encoder_passes * enc_row] +
+                      [b * t * dec_row + cross_kv + w * b * t * t * (t in masked)
+                       for t, _ in mb.passes])
+    else:
+        layers = (enc_rows * cfg.encoder_layers * enc_row
+                  + dec_rows * cfg.decoder_layers * dec_row
+                  + (cross_kv * len(mb.passes) + attn_masks) * cfg.decoder_layers)
+        rebuilt = 0.0
+    layers += stack_rows + gathered
+    vocabulary = 8 * v * b * sum(mb.streams)
+    # the loss's forward holds every stream's logits and the stacked copies at once
+    forward = w * v * b * (sum(r for _, r in mb.passes) + mb.stacked)
+    # its backward: the fp32 gradient of the largest stream group and its cast to w, plus the
+    # layer being rebuilt under checkpointing
+    cast = w if w != 4 else 0
+    backward = (4 + cast) * v * b * max(mb.streams, default=0) + rebuilt
+    return {"layers": layers, "vocabulary": vocabulary, "transient": max(forward, backward)}
+
+
+def micro_batch(objective, host: dict) -> MicroBatch:
+    """The MicroBatch of a collated batch (`objective.collate`) of a JanusObjective or a
+    BangObjective: the decoder passes it runs and the stream groups its loss keeps."""
+    from janus_pretrain.model.flops import bang_passes, decoder_passes
+    from janus_pretrain.objectives.losses import slot_streams
+
+    b, s = host["src"].shape
+    length = host["tgt"].shape[1]
+    if hasattr(objective, "streams"):  # BANG
+        passes = bang_passes(objective.cfg.kind == "bang", objective.streams, length)
+        return MicroBatch(b, s, tuple(passes), (passes[0][1],),
+                          causal=(objective.cfg.kind != "bang",))
+    k = host["masked_pos"].shape[1]
+    passes = decoder_passes(objective.needs_ar, objective.needs_nar, length, k)
+    names = objective.terms - {"length"}
+    streams = (length - 1,) if "ce_ar" in names else ()
+    slots = slot_streams(tuple(names))
+    streams += (len(slots) * k,) if slots else ()
+    stacked = (len(slots) + ("ar_m" in slots)) * k if slots else 0
+    causal = (True, False) if objective.needs_ar else (False,)
+    return MicroBatch(b, s, tuple(passes), streams, objective.encoder_passes,
+                      causal[:len(passes)], stacked)

@@ -1,9 +1,9 @@
-"""python -m janus_pretrain.bench {cuda,decode,gpu,memory,padding,profile,train} [...]"""
+"""python -m janus_pretrain.bench {accounting,cuda,decode,gpu,memory,padding,profile,train} [...]"""
 import sys
 
-from janus_pretrain.bench import cuda, decode, gpu, memory, padding, profile, train
+from janus_pretrain.bench import accounting, cuda, decode, gpu, memory, padding, profile, train
 
-BENCHMARKS = {"cuda": cuda.main, "decode": decode.main, "gpu": gpu.main, "memory": memory.main,
+BENCHMARKS = {"accounting": accounting.main, "cuda": cuda.main, "decode": decode.main, "gpu": gpu.main, "memory": memory.main,
               "padding": padding.main, "profile": profile.main,
               "train": train.main}
 

@@ -52,44 +52,65 @@ def padded_vocab(cfg: ModelConfig, vocab: int) -> int:
     return (vocab + m - 1) // m * m
 
 
-def parameter_count(cfg: ModelConfig, vocab: int, tp: int = 1, mask_vector: bool = False) -> int:
-    """Parameters one TP rank holds, exactly as JanusModel builds them (tests check it against
-    the module): column-parallel weights and biases and row-parallel weights split over `tp`,
-    row-parallel biases, LayerNorms, position tables and the length head whole."""
+def parameter_sizes(cfg: ModelConfig, vocab: int, tp: int = 1, mask_vector: bool = False
+                    ) -> list[int]:
+    """The numel of every parameter tensor one TP rank holds, as JanusModel builds them (tests
+    check the sum against the module): column-parallel weights and biases and row-parallel
+    weights split over `tp`; row-parallel biases, LayerNorms, position tables and the length head
+    whole. ZeRO-3 keeps tensors under its persistence threshold whole on every rank, so the
+    sizes matter, not only their sum."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    attn = (3 * h * h + 3 * h + h * h) // tp + h
-    cross = (h * h + h + 2 * h * h + 2 * h + h * h) // tp + h
-    ffn = (h * f + f + f * h) // tp + h
-    enc = cfg.encoder_layers * (attn + ffn + 2 * 2 * h)
-    dec = cfg.decoder_layers * (attn + cross + ffn + 3 * 2 * h)
+    norm = [h, h]
+    attn = [3 * h * h // tp, 3 * h // tp, h * h // tp, h]
+    cross = [h * h // tp, h // tp, 2 * h * h // tp, 2 * h // tp, h * h // tp, h]
+    ffn = [h * f // tp, f // tp, f * h // tp, h]
+    enc = (norm + attn + norm + ffn) * cfg.encoder_layers
+    dec = (norm + attn + norm + cross + norm + ffn) * cfg.decoder_layers
     v = padded_vocab(cfg, vocab)
-    shared = v * h // tp + 2 * (cfg.max_positions + (2 if cfg.arch == "bart" else 0)) * h
-    norms = 2 * 2 * h  # pre-LN: a final LayerNorm per stack; bart: one on each stack's embeddings
-    bias = v // tp if cfg.arch == "bart" else 0
-    length = h * cfg.length_classes + cfg.length_classes
-    return enc + dec + shared + norms + bias + length + (h if mask_vector else 0)
+    positions = [(cfg.max_positions + (2 if cfg.arch == "bart" else 0)) * h] * 2
+    # pre-LN: a final LayerNorm per stack; bart: one on each stack's embeddings, a logits bias
+    rest = norm * 2 + ([v // tp] if cfg.arch == "bart" else [])
+    length = [h * cfg.length_classes, cfg.length_classes]
+    return [v * h // tp] + positions + enc + dec + rest + length + ([h] if mask_vector else [])
+
+
+def parameter_count(cfg: ModelConfig, vocab: int, tp: int = 1, mask_vector: bool = False) -> int:
+    """Parameters one TP rank holds (`parameter_sizes` summed)."""
+    return sum(parameter_sizes(cfg, vocab, tp, mask_vector))
+
+
+def trained_count(cfg, vocab: int, tp: int = 1) -> int:
+    """Parameters of a run config's model that its objective gives gradients: all but the
+    length head where no term reads it (objective.weights.length = 0, and BANG)."""
+    sizes = parameter_sizes(cfg.model, vocab, tp, cfg.objective.is_bang)
+    length = cfg.model.hidden_size * cfg.model.length_classes + cfg.model.length_classes
+    uses_length = not cfg.objective.is_bang and cfg.objective.weights.length > 0
+    return sum(sizes) - (0 if uses_length else length)
 
 
 @dataclass(frozen=True)
 class ZeroBuckets:
-    """The DeepSpeed JSON's bucket sizes (elements) that become buffers on the GPU."""
+    """The DeepSpeed JSON's settings that become buffers on the GPU (elements)."""
 
     reduce_bucket_size: int = DEFAULT_BUCKET
-    prefetch_bucket_size: int = 50_000_000
-    contiguous_gradients: bool = True
+    overlap_comm: bool = False
+    max_live_parameters: int = 1_000_000_000
 
     @classmethod
     def from_json(cls, ds: dict) -> "ZeroBuckets":
         z = ds.get("zero_optimization", {})
         return cls(int(z.get("reduce_bucket_size", DEFAULT_BUCKET)),
-                   int(z.get("stage3_prefetch_bucket_size", 50_000_000)),
-                   bool(z.get("contiguous_gradients", True)))
+                   bool(z.get("overlap_comm", False)),
+                   int(z.get("stage3_max_live_parameters", 1_000_000_000)))
 
 
 def model_states(numel: int, stage: int, dp: int, precision: str,
                  buckets: ZeroBuckets | None = None) -> dict[str, float]:
     """Bytes per rank of parameters, gradients, optimizer state (with fp32 masters) and
-    DeepSpeed's buffers, for `numel` parameters on this TP rank."""
+    DeepSpeed's buffers, for `numel` parameters on this TP rank. Buffers, measured on live
+    engines (`bench accounting`): ZeRO 1-3 allocate the whole `reduce_bucket_size` bucket
+    (two with ZeRO-2's `overlap_comm`, which double-buffers), and ZeRO-3 keeps the parameters it
+    gathers for forward until backward has used them, up to `stage3_max_live_parameters`."""
     width = WIDTH[precision]
     optimizer = 12 if (stage > 0 or precision != "fp32") else 8
     out = {"params": width * numel / (dp if stage >= 3 else 1),
@@ -97,10 +118,21 @@ def model_states(numel: int, stage: int, dp: int, precision: str,
            "optimizer": optimizer * numel / (dp if stage >= 1 else 1),
            "buffers": 0.0}
     if buckets is not None and stage > 0:
-        out["buffers"] = width * min(buckets.reduce_bucket_size, numel)
+        copies = 2 if (stage == 2 and buckets.overlap_comm) else 1
+        out["buffers"] = width * buckets.reduce_bucket_size * copies
         if stage == 3:
-            out["buffers"] += width * min(buckets.prefetch_bucket_size, numel)
+            out["buffers"] += width * min(numel, buckets.max_live_parameters) * (1 - 1 / dp)
     return out
+
+
+def peak_bytes(states: dict[str, float], acts: dict[str, float], stage: int) -> float:
+    """A rank's peak in a step. Below ZeRO-2 the gradients are allocated during backward, as the
+    activations they are computed from are freed, so the peak holds one or the other; ZeRO-2
+    and 3 reduce into a partition allocated once."""
+    held = states["params"] + states["optimizer"] + states["buffers"]
+    if stage >= 2:
+        return held + states["grads"] + sum(acts.values())
+    return held + max(sum(acts.values()), states["grads"])
 
 
 @dataclass(frozen=True)

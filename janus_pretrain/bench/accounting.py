@@ -172,7 +172,7 @@ def predicted(cfg, objective, host: dict, stage: int, tp: int, dp: int) -> dict:
             "activations": acts, "comm": volumes}
 
 
-def worker(out: str) -> None:
+def worker(out: str, layouts: list) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -185,7 +185,7 @@ def worker(out: str) -> None:
     from janus_pretrain.train.engine import build_engine
 
     rows = []
-    for objective_name, stage, tp, checkpointing in LAYOUTS:
+    for objective_name, stage, tp, checkpointing in layouts:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         cfg = layout_config(objective_name, stage, tp, checkpointing)
@@ -226,8 +226,8 @@ def worker(out: str) -> None:
     state.shutdown()
 
 
-def run_layouts(timeout: int = 600) -> list[dict]:
-    """Both ranks over LAYOUTS, in one torch.distributed.run; rank 0's rows."""
+def run_layouts(layouts=LAYOUTS, timeout: int = 600) -> list[dict]:
+    """Both ranks over `layouts`, in one torch.distributed.run; rank 0's rows."""
     from janus_pretrain.parallel.state import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -237,7 +237,7 @@ def run_layouts(timeout: int = 600) -> list[dict]:
         out = Path(tmp) / "rows.json"
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                f"--master_port={free_port()}", "-m", "janus_pretrain.bench.accounting",
-                               "--worker", str(out)], env=env, capture_output=True, text=True,
+                               "--worker", str(out), json.dumps(layouts)], env=env, capture_output=True, text=True,
                               timeout=timeout)
         if proc.returncode:
             raise RuntimeError(f"accounting worker failed:\n{proc.stderr[-4000:]}")
@@ -280,6 +280,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2])
+        worker(sys.argv[2], json.loads(sys.argv[3]))
     else:
         main(sys.argv[1:])

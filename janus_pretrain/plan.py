@@ -225,18 +225,19 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.1f}"
 
 
-def table(rows: list[Layout], limit: int | None = None) -> str:
+def table(rows: list[Layout], limit: int | None, gpu_memory: float) -> str:
     head = ("| TP | DP | ZeRO | micro | accum | ckpt | params | grads | optim | buffers | "
-            "activations | overhead | GiB/GPU | compute ms | comm ms | optim ms | step ms | "
-            "tokens/s | days |")
-    lines = [head, "|" + "---:|" * 5 + "---|" + "---:|" * 13]
+            "activations | overhead | GiB/GPU | fits | compute ms | comm ms | optim ms | "
+            "step ms | tokens/s | days |")
+    lines = [head, "|" + "---:|" * 5 + "---|" + "---:|" * 7 + "---|" + "---:|" * 6]
     for r in rows[:limit]:
         m, s = r.memory, r.step
         lines.append(
             f"| {r.tp} | {r.dp} | {r.zero} | {r.micro_batch} | {r.grad_accum} | {r.checkpointing} "
             f"| {_gib(m['params'])} | {_gib(m['grads'])} | {_gib(m['optimizer'])} "
             f"| {_gib(m['buffers'])} | {_gib(m['activations'])} | {_gib(m['overhead'])} "
-            f"| {_gib(r.peak)} | {1e3 * s['compute']:.0f} | {1e3 * s['comm']:.0f} "
+            f"| {_gib(r.peak)} | {'yes' if r.peak <= gpu_memory else 'no'} "
+            f"| {1e3 * s['compute']:.0f} | {1e3 * s['comm']:.0f} "
             f"| {1e3 * s['optimizer']:.0f} | {1e3 * sum(s.values()):.0f} | {r.tokens_per_s:,.0f} "
             f"| {r.days:.1f} |")
     return "\n".join(lines)
@@ -320,7 +321,7 @@ def render(result: dict, top: int) -> str:
         f"{result['objective']}, {c['gpus']} GPUs of {c['gpu_memory'] / 2**30:g} GiB, "
         f"{c['gpus_per_node']} per node ({c['node']['name']})",
         f"{len(result['layouts'])} layouts listed, fastest first:", "",
-        table(rows, top or None), "",
+        table(rows, top or None, c["gpu_memory"]), "",
         f"chosen: TP {best['tp']} x DP {best['dp']}, ZeRO {best['zero']}, micro-batch "
         f"{best['micro_batch']} x {best['grad_accum']} accumulated, checkpointing "
         f"{best['checkpointing']}: {_gib(best['peak'])} GiB/GPU, "

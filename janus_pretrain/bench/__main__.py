@@ -1,10 +1,12 @@
-"""python -m janus_pretrain.bench {accounting,cuda,decode,gpu,memory,padding,profile,train} [...]"""
+"""python -m janus_pretrain.bench {accounting,cuda,decode,gpu,memory,overhead,padding,plan,profile,train} [...]"""
 import sys
 
-from janus_pretrain.bench import accounting, cuda, decode, gpu, memory, padding, profile, train
+from janus_pretrain.bench import (accounting, cuda, decode, gpu, memory, overhead, padding, plan,
+                                  profile, train)
 
-BENCHMARKS = {"accounting": accounting.main, "cuda": cuda.main, "decode": decode.main, "gpu": gpu.main, "memory": memory.main,
-              "padding": padding.main, "profile": profile.main,
+BENCHMARKS = {"accounting": accounting.main, "cuda": cuda.main, "decode": decode.main,
+              "gpu": gpu.main, "memory": memory.main, "overhead": overhead.main,
+              "padding": padding.main, "plan": plan.main, "profile": profile.main,
               "train": train.main}
 
 if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

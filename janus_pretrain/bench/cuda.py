@@ -141,9 +141,10 @@ def check_loss_scale_skip(device, args) -> dict:
         loss, _ = objective.loss(engine(**prep.model_inputs), prep)
         guard.add_loss(loss * factor)
         engine.backward(loss * factor)  # factor inf: every gradient inf or nan
-        guard.skip = bool(guard.local_flag())
+        guard.before_update(False)
         engine.step()
-        guard.reset()
+        guard.after_update()
+        guard.settle()
 
     before, scale_before = weights(), scale()
     step(math.inf)

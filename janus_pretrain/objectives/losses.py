@@ -109,7 +109,7 @@ def _subtract_ce(grad: torch.Tensor, s: _Stream, labels: torch.Tensor, w: torch.
     """grad [..., V_local] -= w ((1 - eps) onehot(label) + eps real / V_real), in place; the
     w p part of the CE gradient is the caller's (w [..., 1])."""
     if eps > 0:
-        grad.addcmul_(s.real, w, value=-eps / s.vocab)
+        grad.addcmul_(s.real, w / s.vocab, value=-eps)  # s.vocab: a device scalar
     local, here = _label_local(labels, grad.shape[-1])
     grad.scatter_add_(-1, local[..., None], -(1.0 - eps) * w * here[..., None])
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.runtime.utils import clip_grad_norm_
+import torch.distributed as dist
+from deepspeed.runtime.utils import is_model_parallel_parameter
 
 from janus_pretrain.config import CONFIG_ROOT, RunConfig
 from janus_pretrain.errors import JanusError
@@ -71,10 +72,16 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.data.micro_batch_size * cfg.train.grad_accum * dp,
         "gradient_clipping": cfg.optim.clip_grad,
-        "bf16": {**base.get("bf16", {}), "enabled": precision == "bf16"},
+        # Non-finite updates are found and skipped on the device (train/nonfinite.py); DeepSpeed's
+        # own bf16 check reads a flag on the host every step.
+        "bf16": {"check_grad_overflow": False, **base.get("bf16", {}), "enabled": precision == "bf16"},
         "fp16": {**base.get("fp16", {}), "enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
+        # DeepSpeed's throughput timer synchronizes the device in every forward and step;
+        # the loop measures throughput itself (train/metrics.py).
+        "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
@@ -85,16 +92,55 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg), mpu=DeepSpeedMPU())
     _keep_fp32_grad_norm(engine)
+    if engine.zero_optimization_stage() in (1, 2):
+        _clip_without_sync(engine.optimizer)
     return engine
 
 
 def _keep_fp32_grad_norm(engine) -> None:
-    """DeepSpeed's fp32 path without ZeRO clips but drops the norm it computed, so
-    `get_global_grad_norm()` would stay None; keep it (ZeRO and bf16 optimizers report theirs)."""
+    """DeepSpeed's fp32 path without ZeRO clips through a norm it reads on the host (and then
+    drops, so `get_global_grad_norm()` would stay None): clip on the device instead and keep the
+    norm, a device tensor (ZeRO and bf16 optimizers report theirs)."""
 
     def clip_and_keep():
-        engine._global_grad_norm = float(clip_grad_norm_(
-            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
-            mpu=engine.mpu))
+        engine._global_grad_norm = clip_gradients(list(engine.module.parameters()),
+                                                  engine.gradient_clipping(), engine.mpu)
 
     engine.clip_fp32_gradients = clip_and_keep
+
+
+def _clip_without_sync(zero_optimizer) -> None:
+    """ZeRO-1/2 clip their flat gradient partitions by a scale that DeepSpeed checks on the host
+    (`is_invalid_grad_norm`, once per parameter group per step); the same scale as a device
+    tensor, a non-finite norm mapped to inf as there (the update is then skipped anyway)."""
+
+    def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        o = zero_optimizer
+        if o.clip_grad == 0.0 and o.loss_scale == 1.0:
+            return
+        scale = torch.as_tensor(float(o.loss_scale), device=o.device)
+        if o.clip_grad > 0.0:
+            norm = torch.as_tensor(total_norm, dtype=torch.float, device=o.device)
+            norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, float("inf"))
+            scale = ((norm / o.loss_scale + 1e-6) / o.clip_grad).clamp(min=1.0) * o.loss_scale
+        flat = [g for grad in grad_groups_flat for g in (grad if isinstance(grad, list) else [grad])]
+        torch._foreach_mul_(flat, (1.0 / scale).to(flat[0].dtype))
+
+    zero_optimizer.unscale_and_clip_grads = unscale_and_clip_grads
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, mpu) -> torch.Tensor:
+    """Scale the gradients in place so that their global 2-norm is at most `max_norm`, with no
+    host sync -> the norm before clipping (device). Parameters replicated over the TP group
+    count once (on TP rank 0), shards everywhere, as Megatron counts them."""
+    grads = [p.grad for p in params if p.grad is not None]
+    first = mpu.get_model_parallel_rank() == 0
+    counted = [p.grad for p in params
+               if p.grad is not None and (first or is_model_parallel_parameter(p))]
+    squares = (torch.stack(torch._foreach_norm(counted)).float().square().sum() if counted
+               else grads[0].new_zeros((), dtype=torch.float32))
+    if mpu.get_model_parallel_world_size() > 1:
+        dist.all_reduce(squares, group=mpu.get_model_parallel_group())
+    norm = squares.sqrt()
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+    return norm

@@ -48,12 +48,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def agree_at_boundary(local_bad: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """The step's one collective: (any rank saw a non-finite value, any rank must stop)."""
-    flags = torch.stack([local_bad, torch.tensor(float(stop_requested), device=local_bad.device)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    bad, stop = flags.tolist()
-    return bad > 0, stop > 0
+def to_device(host: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch's copy to the device (asynchronous from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) for k, v in host.items()}
+
+
+def must_read_flags(train_cfg, step: int, last_step: int) -> bool:
+    """Steps that wait for the device anyway (a log, a save, the last one) read their own
+    non-finite / stop flags; the others learn them one step late (nonfinite.py)."""
+    return (step == last_step or step % train_cfg.log_interval == 0
+            or bool(train_cfg.save_interval and step % train_cfg.save_interval == 0))
 
 
 @dataclass
@@ -72,24 +76,22 @@ class TrainResult:
 
 def optimizer_step(engine, objective: Objective, loader: BatchLoader, cfg: RunConfig,
                    guard: NonFiniteGuard, stats: StepStats, stop_requested: bool,
-                   device: torch.device, step: Optional[int] = None) -> bool:
-    """One optimizer step (update `step`) of `train.grad_accum` micro-batches; returns whether
-    any rank must stop. `guard.skip` then says whether the update was skipped (non-finite on some
-    rank)."""
-    stopping = False
+                   device: torch.device, step: Optional[int] = None) -> None:
+    """One optimizer step (update `step`) of `train.grad_accum` micro-batches, without a host
+    sync: whether it was skipped (non-finite on some rank) and whether a rank asked to stop
+    reach `guard.bad_in_a_row` / `guard.stop` at the next step, or at `guard.settle()`."""
     for micro in range(cfg.train.grad_accum):
         host = next(loader)
-        prep = objective.prepare({k: v.to(device, non_blocking=True) for k, v in host.items()})
+        prep = objective.prepare(to_device(host, device))
         loss, terms = objective.loss(engine(**prep.model_inputs), prep, step)
         guard.add_loss(loss)
         engine.backward(loss)
         if micro == cfg.train.grad_accum - 1:
-            guard.skip, stopping = agree_at_boundary(guard.local_flag(), stop_requested)
+            guard.before_update(stop_requested)
         engine.step()
         stats.add(loss, terms, host, objective.flops(host, cfg.model, engine.module.padded_vocab_size))
-    stats.end_step(guard.skip)
-    guard.reset()
-    return stopping
+    stats.end_step(guard.flags[0])
+    guard.after_update()
 
 
 def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = None
@@ -138,15 +140,18 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
                           cfg.train.eval_batches, cfg.train.eval_interval, checkpointer.root,
                           objective.terms, topo.device, task_eval)
     guard = NonFiniteGuard(engine)
+    guard.bad_in_a_row = bad_in_a_row
     last_step = min(cfg.train.steps, cfg.train.exit_after or cfg.train.steps)
     step, stopping, diverged = start_step, False, False
     engine.train()
     with StopRequest() as stop_request:
         while step < last_step and not (stopping or diverged):
             step += 1
-            stopping = optimizer_step(engine, objective, loader, cfg, guard, stats,
-                                      stop_request.requested, topo.device, step)
-            bad_in_a_row = bad_in_a_row + 1 if guard.skip else 0
+            optimizer_step(engine, objective, loader, cfg, guard, stats, stop_request.requested,
+                           topo.device, step)
+            if must_read_flags(cfg.train, step, last_step):
+                guard.settle()
+            bad_in_a_row, stopping = guard.bad_in_a_row, guard.stop
             diverged = bad_in_a_row >= cfg.train.max_bad_steps
             done = step == last_step or stopping or diverged
             logger.after_step(step, done, stats, engine)

@@ -53,25 +53,27 @@ class StepStats:
     def reset(self) -> None:
         self.sums = torch.zeros(len(TERMS) + 1, device=self.device, dtype=torch.float64)
         self.step_sums = torch.zeros_like(self.sums)
+        self.zero = torch.zeros((), device=self.device)  # the value of a term a batch lacks
         self.step_micro_batches = 0
-        self.micro_batches = 0
+        self.micro_batches = torch.zeros((), device=self.device, dtype=torch.float64)
         self.tokens = 0
         self.flops = 0.0
         self.start = time.perf_counter()
 
     def add(self, total: torch.Tensor, terms: dict[str, torch.Tensor],
             host: dict[str, torch.Tensor], flops: float) -> None:
-        values = [terms[t] if t in terms else torch.zeros((), device=self.device) for t in TERMS]
+        values = [terms.get(t, self.zero) for t in TERMS]
         self.step_sums += torch.stack([total.detach(), *values]).double()
         self.step_micro_batches += 1
         self.tokens += real_tokens(host)
         self.flops += flops
 
-    def end_step(self, skipped: bool) -> None:
-        """A skipped step's (non-finite) losses stay out of the averages."""
-        if not skipped:
-            self.sums += self.step_sums
-            self.micro_batches += self.step_micro_batches
+    def end_step(self, skipped: torch.Tensor | bool) -> None:
+        """A skipped step's (non-finite) losses stay out of the averages; `skipped` may be a
+        device flag (1.0 = skipped), so that no host sync decides it."""
+        kept = 1.0 - torch.as_tensor(skipped, device=self.device, dtype=torch.float64)
+        self.sums += torch.nan_to_num(self.step_sums) * kept
+        self.micro_batches += self.step_micro_batches * kept
         self.step_sums.zero_()
         self.step_micro_batches = 0
 

@@ -12,9 +12,10 @@ micro-batch x accumulation x DP) is priced with the accounting the benchmarks ch
 - compute: the objective's own FLOP count of a collated micro-batch (`objective.flops`,
   model/flops.py) at the MFU the same objective reached on one H200 (MFU below), scaled to the
   node's matmul peak; activation checkpointing adds one forward (4/3 of the FLOPs);
-- communication: janus_pretrain/parallel/comm.py's payloads over ring collectives, the DP group
-  inside a node or across nodes, TP always inside a node; ZeRO-2/3 with `overlap_comm` hide
-  gradient reduction behind backward (2/3 of compute) and ZeRO-3's gathers behind forward;
+- communication: janus_pretrain/model/comm.py's payloads over ring collectives, the DP group
+  inside a node or across nodes, TP always inside a node; ZeRO 1-3 with `overlap_comm` hide
+  gradient reduction behind backward (2/3 of compute; ZeRO-1 only the last micro-batch's) and
+  ZeRO-3's gathers behind forward;
   TP's all-reduces sit on the critical path;
 - the optimizer step: Adam reads and writes its partition's states once, at the node's memory
   bandwidth.
@@ -34,7 +35,8 @@ import numpy as np
 from janus_pretrain.config import RunConfig, load_config
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import memory
-from janus_pretrain.parallel import comm
+from janus_pretrain.objectives.micro_batch import micro_batch
+from janus_pretrain.model import comm
 
 # Model FLOP utilisation per objective: docs/performance.md, "One H200 (2026-12-04)", bf16,
 # base shape, batch 16 x (256 + 256): ar = "bf16 ar sdpa" (19.0%), janus = "bf16 janus flex"
@@ -137,16 +139,11 @@ def price(cfg: RunConfig, objective_name: str, cluster: Cluster, vocab: int, tp:
     ds = json.loads(resolve_path(DEEPSPEED_JSON.format(zero)).read_text())
     sizes = memory.parameter_sizes(cfg.model, vocab, tp, cfg.objective.is_bang)
     numel = sum(sizes)
-    mb = memory.micro_batch(objective, host)
+    mb = micro_batch(objective, host)
     ckpt = checkpointing == "full"
     states = memory.model_states(numel, zero, dp, precision, memory.ZeroBuckets.from_json(ds))
     acts = memory.activations(cfg.model, vocab, mb, tp, precision, ckpt)
-    # below ZeRO-2 the gradients share the activations' room (memory.peak_bytes)
-    parts = {"params": states["params"], "grads": states["grads"] if zero >= 2 else 0.0,
-             "optimizer": states["optimizer"], "buffers": states["buffers"],
-             "activations": sum(acts.values()) if zero >= 2 else max(sum(acts.values()),
-                                                                      states["grads"])}
-    parts["overhead"] = memory.FRAMEWORK_OVERHEAD
+    parts = {**memory.peak_parts(states, acts), "overhead": memory.FRAMEWORK_OVERHEAD}
 
     node = cluster.node
     flops = objective.flops(host, cfg.model, vocab) * (4 / 3 if ckpt else 1) / tp * accum
@@ -157,12 +154,15 @@ def price(cfg: RunConfig, objective_name: str, cluster: Cluster, vocab: int, tp:
     dp_bw = node.inter if tp * dp > cluster.gpus_per_node else node.intra
     tp_time = ring_time({k: v for k, v in payload.items() if k.endswith("/tp")}, tp, node.intra)
     dp_payload = {k: v for k, v in payload.items() if k.endswith("/dp")}
-    if zc.overlap_comm and zero >= 2:
-        # reductions hide behind backward (2/3 of compute), ZeRO-3's gathers behind forward (1/3);
-        # ZeRO-2's all-gather of the updated parameters follows the optimizer step
+    if zc.overlap_comm and zero >= 1:
+        # Gradient reductions hide behind backward (2/3 of compute): every micro-batch's at ZeRO
+        # 2/3, the last micro-batch's only at ZeRO-1, which reduces once per step; ZeRO-3's
+        # gathers hide behind forward (1/3); the all-gather of updated parameters after the step
+        # at ZeRO 1/2 hides behind nothing.
         reduce = {k: v for k, v in dp_payload.items() if k != "all_gather/dp"}
         gather = {k: v for k, v in dp_payload.items() if k == "all_gather/dp"}
-        dp_time = max(0.0, ring_time(reduce, dp, dp_bw) - 2 * compute / 3)
+        window = 2 * compute / 3 / (accum if zero == 1 else 1)
+        dp_time = max(0.0, ring_time(reduce, dp, dp_bw) - window)
         dp_time += (max(0.0, ring_time(gather, dp, dp_bw) - compute / 3) if zero == 3
                     else ring_time(gather, dp, dp_bw))
     else:
@@ -211,13 +211,17 @@ def chosen_layout(fits: list[Layout], within: float = 0.02) -> Layout:
                                     -r.tokens_per_s))
 
 
-def overrides(cfg_path: str, model: str, objective: str, layout: Layout, global_batch: int,
-              tokens: float, max_target_len: int) -> list[str]:
-    steps = math.ceil(tokens / (global_batch * (max_target_len - 2)))
+def overrides(cfg: RunConfig, model: str, objective: str, layout: Layout, global_batch: int,
+              tokens: float) -> list[str]:
+    """The config overrides that run `layout`: the global batch as `train.global_batch` where the
+    config has it (the accumulation then derives from DP), else as `train.grad_accum`."""
+    steps = math.ceil(tokens / (global_batch * (cfg.data.max_target_len - 2)))
+    batch = (f"train.global_batch={global_batch}" if hasattr(cfg.train, "global_batch")
+             else f"train.grad_accum={layout.grad_accum}")
     return [f"model={model}", *OBJECTIVES[objective][1], "parallel.precision=bf16",
             f"parallel.tensor_parallel={layout.tp}",
             f"parallel.deepspeed_config={DEEPSPEED_JSON.format(layout.zero)}",
-            f"data.micro_batch_size={layout.micro_batch}", f"train.grad_accum={layout.grad_accum}",
+            f"data.micro_batch_size={layout.micro_batch}", batch,
             f"model.activation_checkpointing={layout.checkpointing}", f"train.steps={steps}"]
 
 
@@ -298,8 +302,8 @@ def plan(args) -> dict:
                          f"micro-batch {least.micro_batch}, checkpointing {least.checkpointing})")
     best = chosen_layout(fits)
     path = OBJECTIVES[args.objective][0]
-    chosen = overrides(path, args.model, args.objective, best, args.global_batch, args.tokens,
-                       cfg.data.max_target_len) + list(args.overrides)
+    chosen = overrides(cfg, args.model, args.objective, best, args.global_batch,
+                       args.tokens) + list(args.overrides)
     nodes = max(1, args.gpus // cluster.gpus_per_node)
     sbatch = (f"sbatch --nodes={nodes} --gpus-per-node={cluster.gpus_per_node} "
               f"slurm/pretrain.sbatch {path} " + " ".join(chosen))

@@ -14,9 +14,9 @@ take one warm step, then measure one more step:
     comm    the bytes of every torch.distributed collective the step calls, by kind and by group
             (DP or TP): the payload of the call (an all-reduce's tensor, a reduce-scatter's
             input, an all-gather's output)
-beside janus_pretrain/model/memory.py and janus_pretrain/parallel/comm.py's predictions for the
+beside janus_pretrain/model/memory.py and janus_pretrain/model/comm.py's predictions for the
 same layout. On CPU the dropout masks are kept in the activations' dtype (torch's CPU kernel);
-the prediction is asked for "cpu" accordingly. Layouts run fp32 (gloo has no bf16 reduce-scatter).
+the prediction is asked for "cpu" accordingly. Layouts run in fp32 unless they name bf16.
 """
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-# (objective, ZeRO stage, TP, activation checkpointing): every objective, every stage, TP 1 and
-# 2, with and without checkpointing; 2 ranks, so TP 2 runs at DP 1.
+# (objective, ZeRO stage, TP, activation checkpointing[, precision]): every objective, every
+# stage, TP 1 and 2, with and without checkpointing, fp32 and bf16; 2 ranks, so TP 2 runs at DP 1.
 LAYOUTS = (("janus", 0, 1, "none"), ("ar", 1, 1, "full"), ("bang", 2, 1, "none"),
            ("janus", 3, 1, "none"), ("janus", 2, 1, "full"), ("janus", 1, 2, "none"),
-           ("bang", 0, 2, "full"))
+           ("bang", 0, 2, "full"), ("janus", 0, 1, "none", "bf16"), ("ar", 1, 1, "none", "bf16"),
+           ("bang", 2, 1, "full", "bf16"), ("janus", 3, 1, "full", "bf16"),
+           ("janus", 2, 2, "none", "bf16"))
 SHAPE = {"batch": 4, "src_len": 64, "tgt_len": 64, "vocab": 1000}
 AR_ONLY = ("objective.weights.ce_ar=1", "objective.weights.ce_nar=0", "objective.weights.ce_aux=0",
            "objective.weights.kl_ar_aux=0", "objective.weights.kl_nar_aux=0")
@@ -142,33 +144,33 @@ class CollectiveBytes:
         return counted
 
 
-def layout_config(objective: str, stage: int, tp: int, checkpointing: str):
+def layout_config(objective: str, stage: int, tp: int, checkpointing: str, precision: str = "fp32"):
     from janus_pretrain.config import load_config
 
     return load_config(None, [
         "model=tiny", f"data.max_source_len={SHAPE['src_len']}",
         f"data.max_target_len={SHAPE['tgt_len']}", f"data.micro_batch_size={SHAPE['batch']}",
-        "parallel.precision=fp32", f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
+        f"parallel.precision={precision}", f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
         f"parallel.tensor_parallel={tp}", f"model.activation_checkpointing={checkpointing}",
         *OBJECTIVES[objective]])
 
 
 def predicted(cfg, objective, host: dict, stage: int, tp: int, dp: int) -> dict:
     """The model's figures for one layout at the batch `host` actually collated."""
-    from janus_pretrain.model import memory
-    from janus_pretrain.parallel import comm
+    from janus_pretrain.model import comm, memory
+    from janus_pretrain.objectives.micro_batch import micro_batch
     from janus_pretrain.train.engine import read_deepspeed_json
 
-    mb = memory.micro_batch(objective, host)
+    mb = micro_batch(objective, host)
     ds = read_deepspeed_json(cfg)
     sizes = memory.parameter_sizes(cfg.model, SHAPE["vocab"], tp, cfg.objective.is_bang)
-    states = memory.model_states(sum(sizes), stage, dp, "fp32", memory.ZeroBuckets.from_json(ds))
-    acts = memory.activations(cfg.model, SHAPE["vocab"], mb, tp, "fp32",
+    states = memory.model_states(sum(sizes), stage, dp, cfg.parallel.precision, memory.ZeroBuckets.from_json(ds))
+    acts = memory.activations(cfg.model, SHAPE["vocab"], mb, tp, cfg.parallel.precision,
                               cfg.model.activation_checkpointing == "full", device="cpu")
     trained = memory.trained_count(cfg, SHAPE["vocab"], tp)
     volumes = comm.step_bytes(cfg.model, mb, sizes, trained, comm.ZeroComm.from_json(ds), dp, tp,
-                              "fp32", cfg.model.activation_checkpointing == "full")
-    return {"memory": memory.peak_bytes(states, acts, stage), "states": states,
+                              cfg.parallel.precision, cfg.model.activation_checkpointing == "full")
+    return {"memory": memory.peak_bytes(states, acts), "states": states,
             "activations": acts, "comm": volumes}
 
 
@@ -185,10 +187,10 @@ def worker(out: str, layouts: list) -> None:
     from janus_pretrain.train.engine import build_engine
 
     rows = []
-    for objective_name, stage, tp, checkpointing in layouts:
+    for objective_name, stage, tp, checkpointing, *precision in layouts:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        cfg = layout_config(objective_name, stage, tp, checkpointing)
+        cfg = layout_config(objective_name, stage, tp, checkpointing, *precision)
         topo = state.initialize(tp)
         before = live_storages()
         torch.manual_seed(0)
@@ -216,6 +218,7 @@ def worker(out: str, layouts: list) -> None:
         counter.on = False
         dp = state.data_parallel_size()
         rows.append({"objective": objective_name, "zero": stage, "tp": tp, "dp": dp,
+                     "precision": cfg.parallel.precision,
                      "checkpointing": checkpointing, "measured_memory": live.peak,
                      "counted": {f"{k}/{g}": v for (k, g), v in counter.bytes.items()},
                      "predicted": predicted(cfg, objective, host, stage, tp, dp)})
@@ -258,22 +261,25 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     rows = run_layouts()
     print(f"model=tiny batch={SHAPE['batch']} src={SHAPE['src_len']} tgt={SHAPE['tgt_len']} "
-          f"vocab={SHAPE['vocab']} fp32, 2 gloo ranks; peak memory per rank (MiB) and "
+          f"vocab={SHAPE['vocab']}, 2 gloo ranks; peak memory per rank (MiB) and "
           "communication bytes of one step (KiB)")
-    print("| objective | ZeRO | TP | DP | ckpt | predicted MiB | measured MiB | pred/meas |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    print("| objective | precision | ZeRO | TP | DP | ckpt | predicted MiB | measured MiB "
+          "| pred/meas |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     for r in rows:
         pred, meas = r["predicted"]["memory"], r["measured_memory"]
-        print(f"| {r['objective']} | {r['zero']} | {r['tp']} | {r['dp']} | {r['checkpointing']} "
-              f"| {pred / 2**20:.2f} | {meas / 2**20:.2f} | {pred / meas:.3f} |")
-    print("\n| objective | ZeRO | TP | ckpt | collective/group | predicted KiB | counted KiB "
-          "| pred/counted |")
-    print("|---|---:|---:|---|---|---:|---:|---:|")
+        print(f"| {r['objective']} | {r['precision']} | {r['zero']} | {r['tp']} | {r['dp']} "
+              f"| {r['checkpointing']} | {pred / 2**20:.2f} | {meas / 2**20:.2f} "
+              f"| {pred / meas:.3f} |")
+    print("\n| objective | precision | ZeRO | TP | ckpt | collective/group | predicted KiB "
+          "| counted KiB | pred/counted |")
+    print("|---|---|---:|---:|---|---|---:|---:|---:|")
     for r in rows:
         for kind, pred, counted in comm_pairs(r):
-            ratio = f"{pred / counted:.4f}" if counted else "-"
-            print(f"| {r['objective']} | {r['zero']} | {r['tp']} | {r['checkpointing']} | {kind} "
-                  f"| {pred / 1024:.1f} | {counted / 1024:.1f} | {ratio} |")
+            ratio = f"{pred / counted:.4f}" if counted > 1024 else "scalars"
+            print(f"| {r['objective']} | {r['precision']} | {r['zero']} | {r['tp']} "
+                  f"| {r['checkpointing']} | {kind} | {pred / 1024:.1f} | {counted / 1024:.1f} "
+                  f"| {ratio} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

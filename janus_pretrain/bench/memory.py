@@ -68,7 +68,8 @@ def analytic(numel: int, stage: int, dp: int, precision: str) -> dict[str, float
     """Model states of janus_pretrain/model/memory.py (the planner's accounting), without
     DeepSpeed's buckets, which this table leaves out."""
     states = model_states(numel, stage, dp, precision)
-    return {k: states[k] for k in ("params", "grads", "optimizer")}
+    return {"params": states["params"], "grads": states["grads"] + states["grads_backward"],
+            "optimizer": states["optimizer"]}
 
 
 def worker(stage: int, preset: str, precision: str, out: str) -> None:

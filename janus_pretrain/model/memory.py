@@ -99,40 +99,50 @@ class ZeroBuckets:
     @classmethod
     def from_json(cls, ds: dict) -> "ZeroBuckets":
         z = ds.get("zero_optimization", {})
+        # DeepSpeed's default: overlap_comm on at ZeRO-3 only (deepspeed/runtime/zero/config.py)
         return cls(int(z.get("reduce_bucket_size", DEFAULT_BUCKET)),
-                   bool(z.get("overlap_comm", False)),
+                   bool(z.get("overlap_comm", z.get("stage", 0) == 3)),
                    int(z.get("stage3_max_live_parameters", 1_000_000_000)))
 
 
 def model_states(numel: int, stage: int, dp: int, precision: str,
                  buckets: ZeroBuckets | None = None) -> dict[str, float]:
     """Bytes per rank of parameters, gradients, optimizer state (with fp32 masters) and
-    DeepSpeed's buffers, for `numel` parameters on this TP rank. Buffers, measured on live
-    engines (`bench accounting`): ZeRO 1-3 allocate the whole `reduce_bucket_size` bucket
-    (two with ZeRO-2's `overlap_comm`, which double-buffers), and ZeRO-3 keeps the parameters it
-    gathers for forward until backward has used them, up to `stage3_max_live_parameters`."""
+    DeepSpeed's buffers, for `numel` parameters on this TP rank.
+
+    Gradients are "grads" where they stay allocated between steps (ZeRO 2/3's partition, and
+    the 16-bit gradients DeepSpeed's bf16/fp16 optimizer keeps at ZeRO-0) and "grads_backward"
+    where backward allocates them as it frees the activations they come from (ZeRO-1, fp32
+    ZeRO-0). Buffers, measured on live engines (`bench accounting`): ZeRO 1-3 allocate the whole
+    `reduce_bucket_size` bucket (ZeRO 1/2 two with `overlap_comm`, which double-buffers), and
+    ZeRO-3 keeps the parameters it gathers for forward until backward has used them, up to
+    `stage3_max_live_parameters`."""
     width = WIDTH[precision]
     optimizer = 12 if (stage > 0 or precision != "fp32") else 8
+    grads = width * numel / (dp if stage >= 2 else 1)
+    kept = stage >= 2 or (stage == 0 and precision != "fp32")
     out = {"params": width * numel / (dp if stage >= 3 else 1),
-           "grads": width * numel / (dp if stage >= 2 else 1),
+           "grads": grads if kept else 0.0, "grads_backward": 0.0 if kept else grads,
            "optimizer": optimizer * numel / (dp if stage >= 1 else 1),
            "buffers": 0.0}
     if buckets is not None and stage > 0:
-        copies = 2 if (stage == 2 and buckets.overlap_comm) else 1
+        copies = 2 if (stage in (1, 2) and buckets.overlap_comm) else 1
         out["buffers"] = width * buckets.reduce_bucket_size * copies
         if stage == 3:
             out["buffers"] += width * min(numel, buckets.max_live_parameters) * (1 - 1 / dp)
     return out
 
 
-def peak_bytes(states: dict[str, float], acts: dict[str, float], stage: int) -> float:
-    """A rank's peak in a step. Below ZeRO-2 the gradients are allocated during backward, as the
-    activations they are computed from are freed, so the peak holds one or the other; ZeRO-2
-    and 3 reduce into a partition allocated once."""
-    held = states["params"] + states["optimizer"] + states["buffers"]
-    if stage >= 2:
-        return held + states["grads"] + sum(acts.values())
-    return held + max(sum(acts.values()), states["grads"])
+def peak_parts(states: dict[str, float], acts: dict[str, float]) -> dict[str, float]:
+    """A rank's peak in a step by part: the gradients backward allocates share the room of the
+    activations it frees, so the peak holds the larger of the two (under "activations")."""
+    parts = {k: states[k] for k in ("params", "grads", "optimizer", "buffers")}
+    parts["activations"] = max(sum(acts.values()), states["grads_backward"])
+    return parts
+
+
+def peak_bytes(states: dict[str, float], acts: dict[str, float]) -> float:
+    return sum(peak_parts(states, acts).values())
 
 
 @dataclass(frozen=True)
@@ -162,37 +172,42 @@ def _ffn_row(h: int, f: int, w: int, tp: int, mask: int) -> float:
 def activations(cfg: ModelConfig, vocab: int, mb: MicroBatch, tp: int, precision: str,
                 checkpointing: bool, device: str = "cuda") -> dict[str, float]:
     """Bytes one rank holds for backward after the forward of micro-batch `mb`, and the extra
-    the loss and backward add at their peak: {"layers", "vocabulary", "transient"}. `device` "cpu" keeps
-    dropout masks in the activations' dtype (torch's CPU dropout), "cuda" in one byte."""
+    the loss and backward add at their peak: {"layers", "vocabulary", "transient"}.
+
+    `device` "cuda" is the GPU's step: fused attention kernels, one-byte dropout masks. "cpu" is
+    this code on a CPU, as `bench accounting` measures it: dropout masks in the activations'
+    dtype (torch's CPU kernel), and in bf16/fp16 SDPA's math backend (model/transformer.py
+    `sdpa_backend`), which keeps each attention's probabilities [B, heads / tp, T, S]."""
     h, f, a, w = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_heads, WIDTH[precision]
     mask = w if device == "cpu" else 1
+    scores = w * a / tp if device == "cpu" and w != 4 else 0.0  # per query row and key
     b, s = mb.batch, mb.src_len
     v = padded_vocab(cfg, vocab) / tp
     enc_row = _attention_row(h, a, w, tp, 3, mask) + _ffn_row(h, f, w, tp, mask)
     dec_row = enc_row + _attention_row(h, a, w, tp, 1, mask)
-    cross_kv = 2 * w * h / tp * b * s  # per decoder layer and pass
-    # SDPA turns a boolean mask into an additive one of the query's dtype in every layer; the
-    # causal AR pass needs none (the first pass of janus and ar)
-    masked = [t for (t, _), causal in zip(mb.passes, mb.causal) if not causal]
-    attn_masks = w * b * sum(t * t for t in masked)
+    enc_layer = b * s * enc_row + scores * b * s * s
+
+    def dec_layer(t: int, causal: bool) -> float:
+        # cross-attention's keys/values over the source; SDPA turns a boolean self-attention
+        # mask (every pass but the causal AR one) into an additive one of the query's dtype
+        return (b * t * dec_row + 2 * w * h / tp * b * s + (0 if causal else w * b * t * t)
+                + scores * b * (t * t + t * s))
+
+    dec_layers = [dec_layer(t, causal) for (t, _), causal in zip(mb.passes, mb.causal)]
     enc_rows = mb.encoder_passes * b * s
     dec_rows = sum(b * t for t, _ in mb.passes)
     # per row of each stack: the embedding dropout mask, the final LayerNorm's input, statistics
     # and output; rows projected from a gathered subset keep that copy too
-    stack_rows = (enc_rows + dec_rows) * (mask * h + 2 * w * h + 8)
-    gathered = w * h * sum(b * r for t, r in mb.passes if r < t)
+    layers = ((enc_rows + dec_rows) * (mask * h + 2 * w * h + 8)
+              + w * h * sum(b * r for t, r in mb.passes if r < t))
     if checkpointing:
-        layers = w * h * (enc_rows * cfg.encoder_layers + dec_rows * cfg.decoder_layers)
-        # backward rebuilds one layer at a time: the largest of them
-        rebuilt = max([enc_rows / mb.encoder_passes * enc_row] +
-                      [b * t * dec_row + cross_kv + w * b * t * t * (t in masked)
-                       for t, _ in mb.passes])
+        # each layer keeps its input; backward rebuilds one layer at a time, the largest
+        layers += w * h * (enc_rows * cfg.encoder_layers + dec_rows * cfg.decoder_layers)
+        rebuilt = max([enc_layer] + dec_layers)
     else:
-        layers = (enc_rows * cfg.encoder_layers * enc_row
-                  + dec_rows * cfg.decoder_layers * dec_row
-                  + (cross_kv * len(mb.passes) + attn_masks) * cfg.decoder_layers)
+        layers += (mb.encoder_passes * enc_layer * cfg.encoder_layers
+                   + sum(dec_layers) * cfg.decoder_layers)
         rebuilt = 0.0
-    layers += stack_rows + gathered
     vocabulary = 8 * v * b * sum(mb.streams)
     # the loss's forward holds every stream's logits and the stacked copies at once
     forward = w * v * b * (sum(r for _, r in mb.passes) + mb.stacked)
@@ -202,26 +217,3 @@ def activations(cfg: ModelConfig, vocab: int, mb: MicroBatch, tp: int, precision
     backward = (4 + cast) * v * b * max(mb.streams, default=0) + rebuilt
     return {"layers": layers, "vocabulary": vocabulary, "transient": max(forward, backward)}
 
-
-def micro_batch(objective, host: dict) -> MicroBatch:
-    """The MicroBatch of a collated batch (`objective.collate`) of a JanusObjective or a
-    BangObjective: the decoder passes it runs and the stream groups its loss keeps."""
-    from janus_pretrain.model.flops import bang_passes, decoder_passes
-    from janus_pretrain.objectives.losses import slot_streams
-
-    b, s = host["src"].shape
-    length = host["tgt"].shape[1]
-    if hasattr(objective, "streams"):  # BANG
-        passes = bang_passes(objective.cfg.kind == "bang", objective.streams, length)
-        return MicroBatch(b, s, tuple(passes), (passes[0][1],),
-                          causal=(objective.cfg.kind != "bang",))
-    k = host["masked_pos"].shape[1]
-    passes = decoder_passes(objective.needs_ar, objective.needs_nar, length, k)
-    names = objective.terms - {"length"}
-    streams = (length - 1,) if "ce_ar" in names else ()
-    slots = slot_streams(tuple(names))
-    streams += (len(slots) * k,) if slots else ()
-    stacked = (len(slots) + ("ar_m" in slots)) * k if slots else 0
-    causal = (True, False) if objective.needs_ar else (False,)
-    return MicroBatch(b, s, tuple(passes), streams, objective.encoder_passes,
-                      causal[:len(passes)], stacked)

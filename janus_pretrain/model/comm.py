@@ -53,7 +53,8 @@ class ZeroComm:
     @classmethod
     def from_json(cls, ds: dict) -> "ZeroComm":
         z = ds.get("zero_optimization", {})
-        return cls(int(z.get("stage", 0)), bool(z.get("overlap_comm", False)),
+        stage = int(z.get("stage", 0))
+        return cls(stage, bool(z.get("overlap_comm", stage == 3)),
                    int(z.get("stage3_param_persistence_threshold", 100_000)))
 
 

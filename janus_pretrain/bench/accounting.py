@@ -1,7 +1,8 @@
 """The planner's accounting checked against the code: predicted vs measured peak memory per rank
 and predicted vs counted communication bytes of one real training step, per layout.
 
-    python -m janus_pretrain.bench accounting [--model tiny] [--json PATH]
+    python -m janus_pretrain.bench accounting [--json PATH]
+    python -m janus_pretrain.bench accounting --h200    # the model beside the H200 table's peaks
 
 Two gloo ranks (torch.distributed.run) build a DeepSpeed engine (train/engine.py) for each layout
 in turn (objective ar / janus / bang, ZeRO 0-3, TP 1 or 2, activation checkpointing none / full),
@@ -254,11 +255,50 @@ def comm_pairs(row: dict) -> list[tuple[str, float, float]]:
             if pred.get(k) or counted.get(k)]
 
 
+# Peak MiB (torch.cuda.max_memory_allocated) of the rows of docs/performance.md "One H200
+# (2026-12-04)": bench gpu at the base shape, batch 16 x (256 + 256), 32k vocabulary, one GPU.
+H200_PEAK_MIB = {"bf16 ar sdpa": 5468, "bf16 janus sdpa": 9838, "bf16 ar flex": 5545,
+                 "bf16 janus flex": 10087, "fp16 ar ZeRO-0": 4983, "bf16 janus ZeRO-2": 9351}
+
+
+def h200_memory() -> None:
+    """The model's GPU peak for the H200 table's rows beside their measured peaks: the same
+    shapes and batches bench gpu built (bench/train.py `objective_config`, `host_batches`), the
+    largest of its 13 batches; plain-loop rows as ZeRO-0 without DeepSpeed's buckets."""
+    from janus_pretrain.bench.train import data_overrides, host_batches, objective_config
+    from janus_pretrain.model import memory
+    from janus_pretrain.objectives.micro_batch import micro_batch
+    from janus_pretrain.train.engine import resolve_path
+
+    args = argparse.Namespace(model="base", batch=16, src_len=256, tgt_len=256, vocab=32000,
+                              data=None, max_tokens=None)
+    args.overrides = data_overrides(args)
+    print("| H200 row | measured peak MiB | predicted MiB | pred/meas |\n|---|---:|---:|---:|")
+    for row, measured in H200_PEAK_MIB.items():
+        _, name, kind = row.split()
+        engine = kind.startswith("ZeRO")
+        stage = int(kind[-1]) if engine else 0
+        precision = row.split()[0]
+        cfg, objective = objective_config(name, args, (
+            "model.attention_dropout=0", f"model.attention={'flex' if kind == 'flex' else 'sdpa'}"))
+        ds = json.loads(resolve_path(f"configs/deepspeed/zero{stage}.json").read_text())
+        states = memory.model_states(memory.parameter_count(cfg.model, args.vocab), stage, 1,
+                                     precision, memory.ZeroBuckets.from_json(ds) if engine else None)
+        peak = max(memory.peak_bytes(states, memory.activations(
+            cfg.model, args.vocab, micro_batch(objective, host), 1, precision, False))
+            for host in host_batches(cfg, objective, args, 13))
+        print(f"| {row} | {measured:,} | {peak / 2**20:,.0f} | {peak / 2**20 / measured:.3f} |")
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench accounting",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--h200", action="store_true",
+                   help="instead: the model's peak memory beside the H200 table's (no GPU needed)")
     args = p.parse_args(argv)
+    if args.h200:
+        return h200_memory()
     rows = run_layouts()
     print(f"model=tiny batch={SHAPE['batch']} src={SHAPE['src_len']} tgt={SHAPE['tgt_len']} "
           f"vocab={SHAPE['vocab']}, 2 gloo ranks; peak memory per rank (MiB) and "

@@ -1,25 +1,26 @@
 """Analytic memory of one GPU in a training step: model states by precision, ZeRO stage, TP and
 DP, and the activations one micro-batch holds for backward, by objective and checkpointing.
 
-The planner (janus_pretrain/plan.py) and `bench memory` both read this module, so the accounting
-the plan ranks layouts by is the one the benchmark checks against live engines and steps.
+The planner (janus_pretrain/plan.py), `bench memory` and `bench accounting` read this module, so
+the accounting the plan ranks layouts by is the one the benchmark checks against live engines.
 
 Model states per rank (Rajbhandari et al., 2020, with the numel of this TP rank's shard):
     params     w x numel, / dp from ZeRO-3          (w = 2 in bf16/fp16, 4 in fp32)
     grads      w x numel, / dp from ZeRO-2
     optimizer  Adam m, v (8 bytes) plus an fp32 master (4 bytes) unless fp32 without ZeRO,
                / dp from ZeRO-1
-    buffers    DeepSpeed's gradient bucket (`reduce_bucket_size` elements of w) from ZeRO-1;
-               ZeRO-3 also holds one prefetch bucket of gathered parameters
+    buffers    DeepSpeed's gradient bucket from ZeRO-1, ZeRO-3's gathered parameters
+               (`model_states`)
 
 Activations of a micro-batch, counted from the layers of model/transformer.py as SDPA's fused
 kernels run them (flash / efficient attention and FlexAttention keep no [T, T] scores; a row keeps
 only its log-sum-exp), per token row of one layer, with w the activation width, h the hidden
 size, f the FFN width, a the heads, t = TP (tensors before a column-parallel layer and after a
 row-parallel one are whole on every TP rank; those between are split):
-    attention block  LN input + LN output w h, qkv 3 w h / t, kernel output and its
-                     contiguous copy 2 w h / t, log-sum-exp 4 a / t, LN statistics 8,
-                     residual dropout mask h
+    attention block  LN input + LN output w h, qkv 3 w h / t, kernel output w h / t (the
+                     head merge is a view of it), log-sum-exp 4 a / t, LN statistics 8,
+                     residual dropout mask h; a boolean self-attention mask becomes an
+                     additive one of w per [T, T] cell in every layer
     cross block      as attention with q only (w h / t); keys/values 2 w h / t per source row
     FFN block        LN input + LN output w h, GELU input and output 2 w f / t, LN statistics
                      8, dropout mask h
@@ -41,9 +42,10 @@ from janus_pretrain.config import ModelConfig
 WIDTH = {"fp32": 4, "bf16": 2, "fp16": 2}
 # DeepSpeed's bucket defaults where the JSON leaves them out (deepspeed/runtime/zero/config.py).
 DEFAULT_BUCKET = 500_000_000
-# What the framework holds beyond tensors (CUDA context, NCCL buffers, the caching allocator's
-# rounding and fragmentation): a measured constant, bench gpu's peak MiB of the bf16 rows minus
-# this model's accounting of them (docs/performance.md, "Memory and communication model").
+# What a GPU holds beyond the tensors this module counts (the CUDA context, NCCL's buffers, the
+# caching allocator's reserved but free blocks): an allowance, not a measurement. The tensors
+# themselves this module predicts within 7% of torch.cuda.max_memory_allocated on the H200 table's
+# rows (`bench accounting --h200`, docs/performance.md), which does not see these.
 FRAMEWORK_OVERHEAD = 2.0 * 2**30
 
 

@@ -1,7 +1,7 @@
 """The planner's accounting checked against the code: predicted vs measured peak memory per rank
 and predicted vs counted communication bytes of one real training step, per layout.
 
-    python -m janus_pretrain.bench accounting [--json PATH]
+    python -m janus_pretrain.bench accounting [--bucket N] [--json PATH]
     python -m janus_pretrain.bench accounting --h200    # the model beside the H200 table's peaks
 
 Two gloo ranks (torch.distributed.run) build a DeepSpeed engine (train/engine.py) for each layout
@@ -145,13 +145,36 @@ class CollectiveBytes:
         return counted
 
 
-def layout_config(objective: str, stage: int, tp: int, checkpointing: str, precision: str = "fp32"):
+BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+
+
+def deepspeed_json(stage: int, bucket: int | None, tmp: str) -> str:
+    """configs/deepspeed/zero{stage}.json, or a copy in `tmp` with every bucket at `bucket`
+    elements: at the tiny model the default 50M-element buckets would dwarf what is checked."""
+    path = f"configs/deepspeed/zero{stage}.json"
+    if bucket is None:
+        return path
+    from janus_pretrain.train.engine import resolve_path
+
+    ds = json.loads(resolve_path(path).read_text())
+    zero = ds["zero_optimization"]
+    for key in BUCKET_KEYS:
+        if key in zero:
+            zero[key] = bucket
+    out = Path(tmp) / f"zero{stage}_bucket{bucket}_rank{os.environ.get('RANK', '0')}.json"
+    out.write_text(json.dumps(ds))
+    return str(out)
+
+
+def layout_config(objective: str, stage: int, tp: int, checkpointing: str, precision: str = "fp32",
+                  deepspeed: str | None = None):
     from janus_pretrain.config import load_config
 
     return load_config(None, [
         "model=tiny", f"data.max_source_len={SHAPE['src_len']}",
         f"data.max_target_len={SHAPE['tgt_len']}", f"data.micro_batch_size={SHAPE['batch']}",
-        f"parallel.precision={precision}", f"parallel.deepspeed_config=configs/deepspeed/zero{stage}.json",
+        f"parallel.precision={precision}",
+        f"parallel.deepspeed_config={deepspeed or f'configs/deepspeed/zero{stage}.json'}",
         f"parallel.tensor_parallel={tp}", f"model.activation_checkpointing={checkpointing}",
         *OBJECTIVES[objective]])
 
@@ -175,7 +198,7 @@ def predicted(cfg, objective, host: dict, stage: int, tp: int, dp: int) -> dict:
             "activations": acts, "comm": volumes}
 
 
-def worker(out: str, layouts: list) -> None:
+def worker(out: str, layouts: list, bucket: int | None) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -191,7 +214,8 @@ def worker(out: str, layouts: list) -> None:
     for objective_name, stage, tp, checkpointing, *precision in layouts:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        cfg = layout_config(objective_name, stage, tp, checkpointing, *precision)
+        cfg = layout_config(objective_name, stage, tp, checkpointing, *precision,
+                            deepspeed=deepspeed_json(stage, bucket, str(Path(out).parent)))
         topo = state.initialize(tp)
         before = live_storages()
         torch.manual_seed(0)
@@ -230,8 +254,9 @@ def worker(out: str, layouts: list) -> None:
     state.shutdown()
 
 
-def run_layouts(layouts=LAYOUTS, timeout: int = 600) -> list[dict]:
-    """Both ranks over `layouts`, in one torch.distributed.run; rank 0's rows."""
+def run_layouts(layouts=LAYOUTS, bucket: int | None = None, timeout: int = 600) -> list[dict]:
+    """Both ranks over `layouts`, in one torch.distributed.run, with the DeepSpeed JSONs' buckets
+    at `bucket` elements (None: as configured); rank 0's rows."""
     from janus_pretrain.parallel.state import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -241,7 +266,7 @@ def run_layouts(layouts=LAYOUTS, timeout: int = 600) -> list[dict]:
         out = Path(tmp) / "rows.json"
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                                f"--master_port={free_port()}", "-m", "janus_pretrain.bench.accounting",
-                               "--worker", str(out), json.dumps(layouts)], env=env, capture_output=True, text=True,
+                               "--worker", str(out), json.dumps(layouts), json.dumps(bucket)], env=env, capture_output=True, text=True,
                               timeout=timeout)
         if proc.returncode:
             raise RuntimeError(f"accounting worker failed:\n{proc.stderr[-4000:]}")
@@ -294,14 +319,17 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m janus_pretrain.bench accounting",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--bucket", type=int, help="every DeepSpeed bucket at this many elements "
+                   "(default: as configs/deepspeed/*.json set them, 50M)")
     p.add_argument("--h200", action="store_true",
                    help="instead: the model's peak memory beside the H200 table's (no GPU needed)")
     args = p.parse_args(argv)
     if args.h200:
         return h200_memory()
-    rows = run_layouts()
+    rows = run_layouts(bucket=args.bucket)
     print(f"model=tiny batch={SHAPE['batch']} src={SHAPE['src_len']} tgt={SHAPE['tgt_len']} "
-          f"vocab={SHAPE['vocab']}, 2 gloo ranks; peak memory per rank (MiB) and "
+          f"vocab={SHAPE['vocab']} buckets={args.bucket or 'configured'}, 2 gloo ranks; "
+          "peak memory per rank (MiB) and "
           "communication bytes of one step (KiB)")
     print("| objective | precision | ZeRO | TP | DP | ckpt | predicted MiB | measured MiB "
           "| pred/meas |")
@@ -326,6 +354,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2], json.loads(sys.argv[3]))
+        worker(sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))
     else:
         main(sys.argv[1:])

@@ -163,8 +163,13 @@ class MicroBatch:
     stacked: int = 0  # logit rows the loss copies to stack its slot streams (JANUS's slots)
 
 
-def _attention_row(h: int, a: int, w: int, tp: int, q: int, mask: int) -> float:
-    return 2 * w * h + (q + 1) * w * h / tp + 4 * a / tp + 8 + mask * h
+def _attention_row(h: int, a: int, w: int, tp: int, q: int, mask: int, math: bool) -> float:
+    """Per query row: LN input and output, the projections the kernel keeps (`q` of q/k/v on
+    these rows), its output and log-sum-exp, LN statistics, the dropout mask. SDPA's CPU math
+    backend (bf16 on CPU) keeps instead an fp32 copy of q (and of k, v: `math_keys`) and a copy
+    of its output in w, and fp32 probabilities per key (`activations`)."""
+    kernel = (4 + w) * h / tp if math else (q + 1) * w * h / tp + 4 * a / tp
+    return 2 * w * h + kernel + 8 + mask * h
 
 
 def _ffn_row(h: int, f: int, w: int, tp: int, mask: int) -> float:
@@ -179,21 +184,25 @@ def activations(cfg: ModelConfig, vocab: int, mb: MicroBatch, tp: int, precision
     `device` "cuda" is the GPU's step: fused attention kernels, one-byte dropout masks. "cpu" is
     this code on a CPU, as `bench accounting` measures it: dropout masks in the activations'
     dtype (torch's CPU kernel), and in bf16/fp16 SDPA's math backend (model/transformer.py
-    `sdpa_backend`), which keeps each attention's probabilities [B, heads / tp, T, S]."""
+    `sdpa_backend`), which keeps fp32 copies of q, k, v and fp32 probabilities
+    [B, heads / tp, T, S]."""
     h, f, a, w = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_heads, WIDTH[precision]
     mask = w if device == "cpu" else 1
-    scores = w * a / tp if device == "cpu" and w != 4 else 0.0  # per query row and key
+    math = device == "cpu" and w != 4
+    scores = 4 * a / tp if math else 0.0  # per query row and key
+    keys = 8 * h / tp if math else 0.0  # the math path's fp32 k, v per key row
     b, s = mb.batch, mb.src_len
     v = padded_vocab(cfg, vocab) / tp
-    enc_row = _attention_row(h, a, w, tp, 3, mask) + _ffn_row(h, f, w, tp, mask)
-    dec_row = enc_row + _attention_row(h, a, w, tp, 1, mask)
+    enc_row = _attention_row(h, a, w, tp, 3, mask, math) + _ffn_row(h, f, w, tp, mask) + keys
+    dec_row = enc_row + _attention_row(h, a, w, tp, 1, mask, math)
     enc_layer = b * s * enc_row + scores * b * s * s
+    kv = keys or 2 * w * h / tp  # cross-attention's keys/values per source row
 
     def dec_layer(t: int, causal: bool) -> float:
-        # cross-attention's keys/values over the source; SDPA turns a boolean self-attention
-        # mask (every pass but the causal AR one) into an additive one of the query's dtype
-        return (b * t * dec_row + 2 * w * h / tp * b * s + (0 if causal else w * b * t * t)
-                + scores * b * (t * t + t * s))
+        # SDPA's fused kernels take a boolean self-attention mask (every pass but the causal AR
+        # one) as an additive one of the query's dtype, made in every layer
+        additive = 0 if causal or math else w * b * t * t
+        return b * t * dec_row + kv * b * s + additive + scores * b * (t * t + t * s)
 
     dec_layers = [dec_layer(t, causal) for (t, _), causal in zip(mb.passes, mb.causal)]
     enc_rows = mb.encoder_passes * b * s

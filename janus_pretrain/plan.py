@@ -286,7 +286,45 @@ def cluster_of(args) -> Cluster:
     return Cluster(args.gpus, min(args.gpus_per_node, args.gpus), args.gpu_memory * 2**30, node)
 
 
-def plan(args) -> dict:
+@dataclass
+class Plan:
+    """The layouts priced for one cluster and run, fastest first, and the one chosen."""
+
+    cluster: Cluster
+    model: str
+    objective: str
+    parameters: int
+    rows: list[Layout]  # those that fit (every layout with --all)
+    chosen: Layout
+    overrides: list[str]
+    sbatch: str
+
+    def to_json(self) -> dict:
+        memory_limit = self.cluster.gpu_memory
+        return {"cluster": asdict(self.cluster), "model": self.model, "objective": self.objective,
+                "parameters": self.parameters,
+                "layouts": [asdict(r) | {"peak": r.peak, "fits": r.peak <= memory_limit}
+                            for r in self.rows],
+                "chosen": asdict(self.chosen) | {"peak": self.chosen.peak},
+                "overrides": self.overrides, "sbatch": self.sbatch}
+
+    def render(self, top: int) -> str:
+        c, best = self.cluster, self.chosen
+        return "\n".join([
+            f"{self.model} ({self.parameters / 1e6:,.0f}M parameters), objective "
+            f"{self.objective}, {c.gpus} GPUs of {c.gpu_memory / 2**30:g} GiB, "
+            f"{c.gpus_per_node} per node ({c.node.name})",
+            f"{len(self.rows)} layouts listed, fastest first:", "",
+            table(self.rows, top or None, c.gpu_memory), "",
+            f"chosen: TP {best.tp} x DP {best.dp}, ZeRO {best.zero}, micro-batch "
+            f"{best.micro_batch} x {best.grad_accum} accumulated, checkpointing "
+            f"{best.checkpointing}: {_gib(best.peak)} GiB/GPU, {best.tokens_per_s:,.0f} tokens/s, "
+            f"{best.days:.1f} days",
+            "overrides: " + " ".join(self.overrides),
+            self.sbatch])
+
+
+def plan(args) -> Plan:
     cluster = cluster_of(args)
     cfg = run_config(args.objective, args.model, tuple(args.overrides))
     rows = layouts(cfg, args.objective, cluster, args.vocab, args.global_batch, args.tokens)
@@ -301,43 +339,16 @@ def plan(args) -> dict:
                          f"needs {_gib(least.peak)} GiB (TP {least.tp}, ZeRO {least.zero}, "
                          f"micro-batch {least.micro_batch}, checkpointing {least.checkpointing})")
     best = chosen_layout(fits)
-    path = OBJECTIVES[args.objective][0]
     chosen = overrides(cfg, args.model, args.objective, best, args.global_batch,
                        args.tokens) + list(args.overrides)
     nodes = max(1, args.gpus // cluster.gpus_per_node)
     sbatch = (f"sbatch --nodes={nodes} --gpus-per-node={cluster.gpus_per_node} "
-              f"slurm/pretrain.sbatch {path} " + " ".join(chosen))
-    return {"cluster": {**asdict(cluster), "node": asdict(cluster.node)},
-            "model": args.model, "objective": args.objective,
-            "parameters": memory.parameter_count(cfg.model, args.vocab, 1, cfg.objective.is_bang),
-            "layouts": [asdict(r) | {"peak": r.peak, "fits": r.peak <= cluster.gpu_memory}
-                        for r in (rows if args.all else fits)],
-            "chosen": asdict(best) | {"peak": best.peak}, "overrides": chosen, "sbatch": sbatch,
-            "_rows": rows if args.all else fits}
-
-
-def render(result: dict, top: int) -> str:
-    c = result["cluster"]
-    rows = result.pop("_rows")
-    best = result["chosen"]
-    return "\n".join([
-        f"{result['model']} ({result['parameters'] / 1e6:,.0f}M parameters), objective "
-        f"{result['objective']}, {c['gpus']} GPUs of {c['gpu_memory'] / 2**30:g} GiB, "
-        f"{c['gpus_per_node']} per node ({c['node']['name']})",
-        f"{len(result['layouts'])} layouts listed, fastest first:", "",
-        table(rows, top or None, c["gpu_memory"]), "",
-        f"chosen: TP {best['tp']} x DP {best['dp']}, ZeRO {best['zero']}, micro-batch "
-        f"{best['micro_batch']} x {best['grad_accum']} accumulated, checkpointing "
-        f"{best['checkpointing']}: {_gib(best['peak'])} GiB/GPU, "
-        f"{best['tokens_per_s']:,.0f} tokens/s, {best['days']:.1f} days",
-        "overrides: " + " ".join(result["overrides"]),
-        result["sbatch"]])
+              f"slurm/pretrain.sbatch {OBJECTIVES[args.objective][0]} " + " ".join(chosen))
+    return Plan(cluster, args.model, args.objective,
+                memory.parameter_count(cfg.model, args.vocab, 1, cfg.objective.is_bang),
+                rows if args.all else fits, best, chosen, sbatch)
 
 
 def main(args) -> None:
     result = plan(args)
-    if args.json:
-        result.pop("_rows")
-        print(json.dumps(result, indent=1))
-    else:
-        print(render(result, args.top))
+    print(json.dumps(result.to_json(), indent=1) if args.json else result.render(args.top))

@@ -248,7 +248,8 @@ def table(rows: list[Layout], limit: int | None, gpu_memory: float) -> str:
 
 
 def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="janus-pretrain plan", description=__doc__.splitlines()[0])
+    p = p or argparse.ArgumentParser(prog="janus-pretrain plan",
+                                     description=__doc__.splitlines()[0])
     p.add_argument("--model", default="large", help="a preset of configs/model/ (default large)")
     p.add_argument("--objective", default="janus", choices=sorted(OBJECTIVES))
     p.add_argument("--gpus", type=int, required=True)
@@ -265,7 +266,8 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="layouts shown (0: all that fit)")
     p.add_argument("--all", action="store_true", help="also list the layouts that do not fit")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. model.hidden_size=2048)")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value config overrides (e.g. model.hidden_size=2048)")
     return p
 
 

@@ -26,6 +26,7 @@ import gc
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,7 @@ def _storages(tensors) -> dict[int, torch.UntypedStorage]:
 
 
 def live_storages() -> dict[int, torch.UntypedStorage]:
-    """Every tensor storage the garbage collector can reach (model, optimizer, DeepSpeed buffers)."""
+    """Every tensor storage the garbage collector reaches (model, optimizer, DeepSpeed buffers)."""
     gc.collect()
     return _storages(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
@@ -188,7 +189,8 @@ def predicted(cfg, objective, host: dict, stage: int, tp: int, dp: int) -> dict:
     mb = micro_batch(objective, host)
     ds = read_deepspeed_json(cfg)
     sizes = memory.parameter_sizes(cfg.model, SHAPE["vocab"], tp, cfg.objective.is_bang)
-    states = memory.model_states(sum(sizes), stage, dp, cfg.parallel.precision, memory.ZeroBuckets.from_json(ds))
+    states = memory.model_states(sum(sizes), stage, dp, cfg.parallel.precision,
+                                 memory.ZeroBuckets.from_json(ds))
     acts = memory.activations(cfg.model, SHAPE["vocab"], mb, tp, cfg.parallel.precision,
                               cfg.model.activation_checkpointing == "full", device="cpu")
     trained = memory.trained_count(cfg, SHAPE["vocab"], tp)
@@ -264,12 +266,21 @@ def run_layouts(layouts=LAYOUTS, bucket: int | None = None, timeout: int = 600) 
         env.pop(key, None)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                               f"--master_port={free_port()}", "-m", "janus_pretrain.bench.accounting",
-                               "--worker", str(out), json.dumps(layouts), json.dumps(bucket)], env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        # Its own session, so that a timeout ends torchrun and both ranks, not torchrun alone.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             f"--master_port={free_port()}", "-m", "janus_pretrain.bench.accounting", "--worker",
+             str(out), json.dumps(layouts), json.dumps(bucket)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
         if proc.returncode:
-            raise RuntimeError(f"accounting worker failed:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"accounting worker failed:\n{stderr[-4000:]}")
         return json.loads(out.read_text())
 
 
@@ -307,8 +318,9 @@ def h200_memory() -> None:
         cfg, objective = objective_config(name, args, (
             "model.attention_dropout=0", f"model.attention={'flex' if kind == 'flex' else 'sdpa'}"))
         ds = json.loads(resolve_path(f"configs/deepspeed/zero{stage}.json").read_text())
+        buckets = memory.ZeroBuckets.from_json(ds) if engine else None
         states = memory.model_states(memory.parameter_count(cfg.model, args.vocab), stage, 1,
-                                     precision, memory.ZeroBuckets.from_json(ds) if engine else None)
+                                     precision, buckets)
         peak = max(memory.peak_bytes(states, memory.activations(
             cfg.model, args.vocab, micro_batch(objective, host), 1, precision, False))
             for host in host_batches(cfg, objective, args, 13))

@@ -208,11 +208,26 @@ class DataConfig:
     # Pretraining only: train on the documents back to back, cut into blocks of
     # max_target_len - 2 ids (as BART), instead of one (mostly padded) document per row.
     pack_documents: bool = False
-    prefetch: int = 2  # micro-batches collated ahead of the step by a background thread; 0: none
+    # Collation (noise, padding) runs in `workers` processes, each `prefetch` micro-batches
+    # ahead of the step, so the training process only launches kernels; either 0: collated in
+    # the training process when the step asks.
+    prefetch: int = 2
+    workers: int = 1
     seed: int = 1234
+    # Few batch shapes (data/buckets.py): source and target rows padded up to the next of these
+    # lengths (capped at max_source_len / max_target_len), JANUS's masked slots up to the next
+    # of `slot_shares` x the padded target length (else all of it). [] pads each batch to its
+    # longest row, as before buckets; with max_tokens, a bucket's batches have equal rows.
+    length_buckets: list[int] = field(default_factory=lambda: [
+        16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024])
+    slot_shares: list[float] = field(default_factory=lambda: [0.75])
 
     def __post_init__(self):
         _check(self.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+        _check(all(b > 0 for b in self.length_buckets), "data.length_buckets",
+               "every length must be positive")
+        _check(all(0 < f <= 1 for f in self.slot_shares), "data.slot_shares",
+               "every share must be in (0, 1]")
         _check(self.max_tokens is None or self.max_tokens >= max(self.max_source_len,
                                                                  self.max_target_len),
                "data.max_tokens", "must be at least max(data.max_source_len, "
@@ -220,6 +235,7 @@ class DataConfig:
         _check(not (self.pack_documents and self.source), "data.pack_documents",
                "packs pretraining documents; it cannot be used with data.source (pairs)")
         _check(self.prefetch >= 0, "data.prefetch", "must be >= 0")
+        _check(self.workers >= 0, "data.workers", "must be >= 0")
         _check(self.max_source_len >= 8, "data.max_source_len", "must be at least 8")
         _check(self.max_target_len >= 8, "data.max_target_len", "must be at least 8")
 

@@ -5,9 +5,11 @@
 #   a  a_cuda.json       CUDA correctness (python -m janus_pretrain.bench cuda)
 #   b  b_speed.json      bf16 training-step speed and MFU (python -m janus_pretrain.bench gpu)
 #   c  c_{ar,janus}.json Multi30k en->de at the authors' IWSLT shape (configs/model/iwslt.yaml):
-#                        ar and janus trained side by side for the same number of updates, in-loop
-#                        validation, then test_2016_flickr (AR beam 5; janus also NAR T=1/4/10);
-#      c_metrics_{ar,janus}.jsonl  their training and validation curves
+#                        ar, then janus, each alone on the GPU for as many updates as fit in
+#                        C_TRAIN_S (the limit's SIGTERM ends a run with a checkpoint), validation
+#                        every C_EVAL updates, then test_2016_flickr (AR beam 5; janus also NAR
+#                        T=1/4/10), and AR greedy vs spec decoding at batch 1 (into log.txt);
+#      c_metrics_{ar,janus}.jsonl  their training and validation curves, updates/s included
 #   log.txt              everything printed
 # At most 8 files come back from the machine: this is 7.
 #
@@ -44,7 +46,7 @@ else
     $PY -c "import deepspeed, megatron.core, omegaconf, datasets" || {
         echo "gpu_run: a carried package does not import"; exit 2; }
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    : "${A_S:=100}" "${B_S:=140}" "${C_STEPS:=1500}" "${C_TRAIN_S:=170}" "${C_EVAL_S:=70}"
+    : "${A_S:=80}" "${B_S:=120}" "${C_STEPS:=100000}" "${C_TRAIN_S:=120}" "${C_EVAL_S:=70}"
     C_MODEL=iwslt C_TOKENS=4096 C_EVAL=500 C_WARMUP=300 C_VALID=200 C_VOCAB=8000 C_WORKERS=8
     C_LATENCY=20
     C_LIMIT=()
@@ -67,27 +69,30 @@ if [[ " $PHASES " == *" b "* ]]; then
     rc=$?; echo "phase b exit $rc"; [ $rc = 0 ] || failed+=(b)
 fi
 if [[ " $PHASES " == *" c "* ]]; then
-    phase c "Multi30k at model=$C_MODEL, $C_STEPS updates, training limit ${C_TRAIN_S}s"
+    phase c "Multi30k at model=$C_MODEL, each run alone for up to $C_STEPS updates or ${C_TRAIN_S}s"
     WORK=$(mktemp -d)
-    pids=() evals=()
+    evals=()
     FT=($PY -m finetune.cli --data-root "$DATA_ROOT")
     "${FT[@]}" prepare --task multi30k_ende --output "$WORK/data" --vocab-size "$C_VOCAB" \
         --workers "$C_WORKERS" || exit 1
-    for run in "${C_RUNS[@]}"; do  # side by side on the one device
+    for run in "${C_RUNS[@]}"; do  # one after the other: each has the GPU to itself
+        # the limit's SIGTERM ends the run with a checkpoint (exit 75, timeout's 124)
         timeout "$C_TRAIN_S" "${FT[@]}" train --task multi30k_ende --data "$WORK/data" \
             --config "configs/finetune/$run.yaml" --valid-size "$C_VALID" "model=$C_MODEL" \
             parallel.precision=bf16 "data.max_tokens=$C_TOKENS" "train.steps=$C_STEPS" \
             "train.eval_interval=$C_EVAL" "train.save_interval=$C_EVAL" train.keep_checkpoints=1 \
             train.log_interval=50 "optim.warmup_steps=$C_WARMUP" "train.output_dir=$WORK/$run" \
-            > "$WORK/train_$run.log" 2>&1 &
-        pids+=($!)
-    done
-    wait "${pids[@]}"  # by id: a bare `wait` also waits for the log's tee
-    for run in "${C_RUNS[@]}"; do
+            > "$WORK/train_$run.log" 2>&1
+        echo "phase c train $run exit $?"
         tail -n 5 "$WORK/train_$run.log"
-        grep -q "^train: step $C_STEPS," "$WORK/train_$run.log" || failed+=("c-train-$run")
+        [ -e "$WORK/$run/checkpoints/best" ] || failed+=("c-train-$run")
         cp "$WORK/$run/metrics.jsonl" "$OUT/c_metrics_$run.jsonl"
     done
+    if [ -e "$WORK/janus/checkpoints/best" ]; then  # a decode step at batch 1 is launch-bound
+        timeout "$C_EVAL_S" $PY -m janus_pretrain.bench decode \
+            --checkpoint "$WORK/janus/checkpoints/best" --sources "$DATA_ROOT/nmt/multi30k/val.en" \
+            --sentences "$C_LATENCY" --batch-size 1 --batches 1 || failed+=(c-decode)
+    fi
     for run in "${C_RUNS[@]}"; do  # side by side too
         (timeout "$C_EVAL_S" "${FT[@]}" evaluate --task multi30k_ende \
             --checkpoint "$WORK/$run/checkpoints/best" --output "$OUT/c_$run.json" --batch-size 100 \

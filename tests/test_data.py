@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -396,12 +396,12 @@ def test_packed_blocks_in_token_budget_batches(tmp_path):
 def test_prefetch_gives_synchronous_batches_across_resume(budget):
     corpus = _small_corpus(40)
     make = lambda prefetch: BatchLoader(corpus, collate, 4, seed=5, budget=budget,  # noqa: E731
-                                        prefetch=prefetch)
+                                        prefetch=prefetch, workers=2 if prefetch else 0)
     sync, ahead, resumed = make(0), make(2), make(2)
     try:
         n = sync.batches_per_epoch + 3
         assert _take(ahead, 3) == _take(sync, 3)
-        time.sleep(0.05)  # let the worker fill its queue: the state is what the caller took
+        time.sleep(0.05)  # let the workers fill their queues: the state is what the caller took
         assert ahead.state_dict() == sync.state_dict() == {"epoch": 0, "index": 3, "seed": 5,
                                                              "dp_size": 1, "micro_batch_size": 4}
         resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
@@ -413,7 +413,7 @@ def test_prefetch_gives_synchronous_batches_across_resume(budget):
     finally:
         ahead.close()
         resumed.close()
-    assert not any(t.name == "janus-prefetch" for t in threading.enumerate())
+    assert not multiprocessing.active_children()
 
 
 def test_prefetch_raises_collate_errors_in_order():
@@ -424,7 +424,7 @@ def test_prefetch_raises_collate_errors_in_order():
 
     corpus = _small_corpus(12)
     sync = BatchLoader(corpus, failing, 1, seed=0)
-    ahead = BatchLoader(corpus, failing, 1, seed=0, prefetch=3)
+    ahead = BatchLoader(corpus, failing, 1, seed=0, prefetch=3, workers=2)
     expected = []
     with pytest.raises(JanusError, match="bad document 7"):
         while True:

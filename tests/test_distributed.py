@@ -66,6 +66,26 @@ def test_resume_equals_uninterrupted_run(runs, launch_training, tmp_path_factory
     runs["resumed"] = out
 
 
+def test_bf16_without_zero_resumes_exactly(runs, launch_training, tmp_path_factory):
+    """bf16 at ZeRO-0 runs our MasterWeights optimizer (train/master_weights.py) inside the
+    DeepSpeed engine: its fp32 masters and moments go through DeepSpeed's checkpoint, so a
+    resumed run (2 data-parallel ranks) equals the uninterrupted one bit for bit."""
+    common = (f"train.steps={STEPS}", "parallel.deepspeed_config=configs/deepspeed/zero0.json",
+              "parallel.precision=bf16")
+    full = read_metrics(trained(runs, launch_training, tmp_path_factory, "bf16_zero0", *common))
+    out = tmp_path_factory.mktemp("bf16_resumed")
+    first = launch_training(out, nproc=2, extra=(*common, "train.exit_after=2"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = launch_training(out, nproc=2, extra=common, resume=True)
+    assert second.returncode == 0, second.stderr[-4000:]
+    resumed = read_metrics(out)
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(full, resumed):
+        for key in EXACT:
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    assert full[-1]["train/loss"] < full[0]["train/loss"]
+
+
 def test_checkpoint_rejects_another_tokenizer(runs, launch_training, tmp_path_factory,
                                               corpus_file):
     from janus_pretrain.data.prepare import prepare

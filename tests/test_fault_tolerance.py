@@ -136,7 +136,8 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("zero,precision", [("zero0", "fp32"), ("zero2", "fp32"), ("zero1", "bf16")])
+@pytest.mark.parametrize("zero,precision", [("zero0", "fp32"), ("zero2", "fp32"), ("zero1", "bf16"),
+                                            ("zero0", "bf16")])
 def test_nonfinite_steps_are_skipped_then_stop(zero, precision, shards_dir, tokenizer_path,
                                                tmp_path, single_process, monkeypatch):
     from janus_pretrain.objectives.janus import JanusObjective

@@ -1,5 +1,6 @@
-"""Count what a training step asks of a GPU, on any device: aten ops (each one a kernel launch on
-a GPU) and host syncs (ops whose result the host must wait for), per phase of the step.
+"""Count what a training step asks of a GPU, on any device: aten ops that launch a kernel on a
+GPU (views, `detach` and bare allocations do not, so they are counted apart as `free`) and host
+syncs (ops whose result the host must wait for), per phase of the step.
 
 A sync is an op that reads a *device* tensor's value on the host: `_local_scalar_dense` (`.item()`,
 `float(t)`, `bool(t)`, `if t:`), `is_nonzero`, `nonzero`, `masked_select`, `unique`,
@@ -35,6 +36,8 @@ SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonz
 INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
              aten._index_put_impl_.default}
 SYNC_METHODS = {"tolist", "numpy"}
+NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.lift_fresh.default,
+             aten.set_.source_Storage, aten.set_.source_Storage_storage_offset}
 SITE_ROOTS = ("janus_pretrain", "deepspeed", "megatron", "finetune", "transformers")
 
 
@@ -78,6 +81,7 @@ class StepCounter(TorchDispatchMode):
         super().__init__()
         self.phase = "loop"
         self.ops: Counter = Counter()
+        self.free: Counter = Counter()  # views and allocations: no kernel
         self.syncs: Counter = Counter()
         self.sites: Counter = Counter()
         self._host = WeakIdKeyDictionary()
@@ -102,7 +106,7 @@ class StepCounter(TorchDispatchMode):
         inputs = _tensors(args, kwargs)
         host = bool(inputs) and all(self.is_host(t) for t in inputs)
         if not host:
-            self.ops[self.phase] += 1
+            (self.free if func.is_view or func in NO_KERNEL else self.ops)[self.phase] += 1
             if func in SYNC_OPS and not (func is aten.repeat_interleave.Tensor
                                          and kwargs.get("output_size") is not None):
                 self.add_sync(str(func.overloadpacket.__name__))
@@ -133,16 +137,18 @@ class StepCounter(TorchDispatchMode):
 
     def totals(self, steps: int = 1) -> dict:
         """Ops and syncs per step, per phase and in all."""
-        phases = sorted(set(self.ops) | set(self.syncs))
+        phases = sorted(set(self.ops) | set(self.syncs) | set(self.free))
         return {"ops": {p: self.ops[p] / steps for p in phases},
                 "syncs": {p: self.syncs[p] / steps for p in phases},
                 "ops_total": sum(self.ops.values()) / steps,
+                "free_total": sum(self.free.values()) / steps,
                 "syncs_total": sum(self.syncs.values()) / steps,
                 "sync_sites": [f"{phase} {what} {site} x{n / steps:g}"
                                for (phase, what, site), n in self.sites.most_common()]}
 
     def reset(self) -> None:
         self.ops.clear()
+        self.free.clear()
         self.syncs.clear()
         self.sites.clear()
 

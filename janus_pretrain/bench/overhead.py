@@ -1,5 +1,5 @@
-"""What a training step asks of the host: aten ops (kernel launches on a GPU) and host syncs per
-step, split into forward / loss+backward / optimizer / loop, for the bare steps and the real loop
+"""What a training step asks of the host: aten ops that launch kernels on a GPU (views and
+allocations, which do not, are counted apart as `free`) and host syncs per step, split into forward / loss+backward / optimizer / loop, for the bare steps and the real loop
 side by side, plus the distinct batch shapes a run's plan produces (each one a cuDNN plan and a
 torch.compile graph on a GPU). Counted on any device (bench/counting.py); exact, not timed.
 
@@ -200,23 +200,54 @@ def loop_row(name: str, stage: int, args, device: torch.device) -> tuple[dict, f
         loader.close()
 
 
-def distinct_shapes(name: str, args, epochs: int = 2) -> dict:
-    """Distinct collated shapes over `epochs` epochs of the real plan: ar (rows, S, L),
-    janus (rows, S, L, K); and how many first appear after the first epoch."""
+def distinct_shapes(name: str, args, bucketed: bool, epochs: int = 2) -> dict:
+    """Distinct collated shapes over `epochs` epochs of the real plan, ar (rows, S, L) and janus
+    (rows, S, L, K), how many first appear after the first epoch, and the padded share of the
+    cells (source + target rows, and JANUS's 2K slot rows against the masked positions)."""
     cfg, objective = run_config(name, args)
+    if not bucketed:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, length_buckets=[]))
     loader = loader_for(cfg, objective, args, prefetch=0)
     seen: dict[tuple, int] = {}
-    batches = 0
+    batches, real, cells, slots, used = 0, 0, 0, 0, 0
     for epoch in range(epochs):
         for index in range(loader.batches_in_epoch(epoch)):
             b = loader.batch_at(epoch, index)
             shape = (*b["src"].shape, b["tgt"].shape[1])
             if objective.needs_nar:
                 shape += (b["masked_pos"].shape[1],)
+                slots += b["masked_pos"].numel()
+                used += int((b["masked_pos"] >= 0).sum())
             seen.setdefault(shape, epoch)
             batches += 1
+            real += int((b["src"] != PAD).sum() + (b["tgt"] != PAD).sum())
+            cells += b["src"].numel() + b["tgt"].numel()
     return {"batches": batches, "distinct": len(seen),
-            "new_after_epoch_1": sum(1 for e in seen.values() if e > 0)}
+            "new_after_epoch_1": sum(1 for e in seen.values() if e > 0),
+            "pad_fraction": 1 - real / cells,
+            "slot_pad_fraction": 1 - used / slots if slots else None}
+
+
+def collation_ms(name: str, args, batches: int = 40, step_s: float = 0.02) -> dict:
+    """Milliseconds per batch that the training thread spends in next(loader): collating
+    itself (data.workers=0) or taking what a worker process collated (data.workers=1), with
+    `step_s` of simulated step between batches, so that the worker can run ahead."""
+    cfg, objective = run_config(name, args)
+    out = {}
+    for workers in (0, 1):
+        data = dataclasses.replace(cfg.data, workers=workers, prefetch=2)
+        loader = loader_for(dataclasses.replace(cfg, data=data), objective, args, prefetch=2)
+        times = []
+        try:
+            for _ in range(batches):
+                start = time.perf_counter()
+                next(loader)
+                times.append(time.perf_counter() - start)
+                time.sleep(step_s)
+        finally:
+            loader.close()
+        out[f"workers={workers}"] = statistics.median(times[2:]) * 1000
+    return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -231,10 +262,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
     p.add_argument("--no-bart", action="store_true")
     p.add_argument("--shapes", action="store_true", help="count distinct shapes (needs --data)")
+    p.add_argument("--shapes-only", action="store_true", help="only the shapes (with --data)")
     p.add_argument("--json", type=Path)
     args = bench_train.checked_shape(p, p.parse_args(argv))
     if args.shapes and args.data is None:
         p.error("--shapes needs --data")
+    if args.shapes_only:
+        args.shapes = True
     args.compile = False
     return args
 
@@ -251,27 +285,28 @@ def main(argv: list[str]) -> dict:
           flush=True)
     rows: dict[str, tuple[dict, float]] = {}
     objectives = args.objectives.split(",")
-    for name in objectives:
+    for name in objectives if not args.shapes_only else ():
         rows[f"bare {name}"] = bare_row(name, args, device)
-    if not args.no_bart:
+    if not args.no_bart and not args.shapes_only:
         rows["bart"] = bart_row(args, device)
-    for stage in map(int, args.stages.split(",")):
+    for stage in map(int, args.stages.split(",")) if not args.shapes_only else ():
         for name in objectives:
             rows[f"loop {name} zero{stage}"] = loop_row(name, stage, args, device)
     phases = ("forward", "backward", "optimizer", "loop")
-    print(f"{'row':<18}{'ops':>7}{'syncs':>7}  " + "".join(f"{p + ' ops/syncs':>22}" for p in phases)
-          + f"{'host ms':>9}")
+    print(f"{'row':<18}{'ops':>7}{'syncs':>7}{'free':>7}  "
+          + "".join(f"{p + ' ops/syncs':>22}" for p in phases) + f"{'host ms':>9}")
     for row, (t, ms) in rows.items():
         cells = "".join(f"{t['ops'].get(p, 0):>16.0f}/{t['syncs'].get(p, 0):<5.0f}" for p in phases)
-        print(f"{row:<18}{t['ops_total']:>7.0f}{t['syncs_total']:>7.0f}  {cells}{ms:>9.1f}")
+        print(f"{row:<18}{t['ops_total']:>7.0f}{t['syncs_total']:>7.0f}{t['free_total']:>7.0f}  "
+              f"{cells}{ms:>9.1f}")
     ratios = {}
-    for name in objectives:
+    for name in objectives if rows else ():
         bare_ops, bare_ms = rows[f"bare {name}"][0]["ops_total"], rows[f"bare {name}"][1]
         for stage in map(int, args.stages.split(",")):
             t, ms = rows[f"loop {name} zero{stage}"]
             ratios[f"loop/bare ops, {name} zero{stage}"] = t["ops_total"] / bare_ops
             ratios[f"loop/bare host ms, {name} zero{stage}"] = ms / bare_ms
-    if {"ar", "janus"} <= set(objectives):
+    if {"ar", "janus"} <= set(objectives) and rows:
         ratios["janus/ar ops, bare"] = rows["bare janus"][0]["ops_total"] / rows["bare ar"][0]["ops_total"]
     if "bart" in rows and "ar" in objectives:
         ratios["ar/bart ops, bare"] = rows["bare ar"][0]["ops_total"] / rows["bart"][0]["ops_total"]
@@ -283,10 +318,18 @@ def main(argv: list[str]) -> dict:
     table = {"rows": {r: {**t, "host_ms": ms} for r, (t, ms) in rows.items()}, "ratios": ratios,
              "settings": {k: v for k, v in vars(args).items() if k != "overrides"}}
     if args.shapes:
-        table["shapes"] = {name: distinct_shapes(name, args) for name in objectives}
-        for name, s in table["shapes"].items():
-            print(f"shapes {name}: {s['distinct']} distinct over {s['batches']} batches of 2 "
-                  f"epochs, {s['new_after_epoch_1']} first seen in epoch 2")
+        table["shapes"] = {f"{name} {kind}": distinct_shapes(name, args, kind == "bucketed")
+                           for name in objectives for kind in ("unbucketed", "bucketed")}
+        table["collation_ms"] = {name: collation_ms(name, args) for name in objectives}
+        for name, ms in table["collation_ms"].items():
+            print(f"collation {name}: ms per batch on the training thread: " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+        for row, s in table["shapes"].items():
+            slot = (f", slot rows padded {s['slot_pad_fraction']:.1%}"
+                    if s["slot_pad_fraction"] is not None else "")
+            print(f"shapes {row}: {s['distinct']} distinct over {s['batches']} batches of 2 "
+                  f"epochs, {s['new_after_epoch_1']} first seen in epoch 2; cells padded "
+                  f"{s['pad_fraction']:.1%}{slot}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(table, indent=2, default=str) + "\n")

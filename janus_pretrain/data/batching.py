@@ -15,9 +15,11 @@ size D, so that the consecutive batches g = i*D .. i*D + D - 1 are step i's batc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
+from janus_pretrain.data.buckets import Buckets, fill_bucketed
 from janus_pretrain.errors import JanusError
 
 
@@ -29,12 +31,18 @@ class TokenBudget:
     max_tokens: int
     max_source_len: int
     max_target_len: int
+    buckets: Optional[Buckets] = None  # rows are then padded up to their bucket's length
 
     def row_lengths(self, source_lens: np.ndarray, target_lens: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Bare id counts [N] each -> collated row lengths [N] each (source, target)."""
-        return (np.minimum(source_lens, self.max_source_len - 2) + 2,
-                np.minimum(target_lens, self.max_target_len - 2) + 2)
+        """Bare id counts [N] each -> collated (and bucketed) row lengths [N] each (source,
+        target)."""
+        src = np.minimum(source_lens, self.max_source_len - 2) + 2
+        tgt = np.minimum(target_lens, self.max_target_len - 2) + 2
+        if self.buckets is None:
+            return src, tgt
+        return (self.buckets.lengths_of(src, self.max_source_len),
+                self.buckets.lengths_of(tgt, self.max_target_len))
 
 
 def fixed_size_plan(n: int, micro_batch_size: int, seed: int, epoch: int, dp_size: int
@@ -86,7 +94,11 @@ def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: 
                          f"max(data.max_source_len, data.max_target_len)")
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(tgt))
-    order = perm[np.lexsort((src[perm], tgt[perm]))]
-    batches = split_to_multiple(fill_batches(order, src, tgt, budget.max_tokens), dp_size)
+    if budget.buckets is not None:
+        batches = fill_bucketed(perm, src, tgt, budget.max_tokens)
+    else:
+        order = perm[np.lexsort((src[perm], tgt[perm]))]
+        batches = fill_batches(order, src, tgt, budget.max_tokens)
+    batches = split_to_multiple(batches, dp_size)
     groups = rng.permutation(len(batches) // dp_size)
     return [batches[q * dp_size + r] for q in groups.tolist() for r in range(dp_size)]

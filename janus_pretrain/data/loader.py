@@ -8,19 +8,24 @@ those two numbers (the same on every rank) is enough to resume exactly. A run at
 or micro-batch size resumes after the same i * D * micro_batch_size examples of the epoch
 (`BatchLoader._rescaled`).
 
-With `prefetch` > 0 a background thread collates (and noises) the next batches while the step
-runs; it computes the same pure function, so the batches are those of synchronous collation, and
-the saved position is that of the batches the caller has taken, not of those prefetched.
+With `workers` > 0, that many worker processes collate (and noise) the next batches, `prefetch`
+each ahead of the step, off the training process (whose Python thread must keep launching
+kernels): worker w of W computes positions w, w + W, ... of the same pure function and torch's
+DataLoader hands them over in order, in pinned memory on a GPU machine. The batches are those of
+synchronous collation, and the saved position is that of the batches the caller has taken, not
+of those prefetched.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import itertools
 from typing import Callable, Optional
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from janus_pretrain.data.batching import TokenBudget, fixed_size_plan, token_budget_plan
+from janus_pretrain.data.buckets import Buckets, build_buckets
 from janus_pretrain.data.packing import PackedCorpus
 from janus_pretrain.errors import JanusError
 
@@ -37,10 +42,14 @@ def document_lengths(corpus) -> np.ndarray:
 class BatchLoader:
     def __init__(self, corpus, collate: Collate, micro_batch_size: Optional[int], seed: int,
                  dp_rank: int = 0, dp_size: int = 1, sources: Optional[object] = None,
-                 budget: Optional[TokenBudget] = None, prefetch: int = 0):
+                 budget: Optional[TokenBudget] = None, prefetch: int = 0,
+                 buckets: Optional[Buckets] = None, workers: int = 0,
+                 pin_memory: bool = False):
         """`corpus[i]` is a target id array; `sources[i]`, if given, the matching source ids
         (fine-tuning pairs); pretraining derives sources from targets in `collate`. With a
-        `budget`, batches are filled to it and `micro_batch_size` is not used."""
+        `budget`, batches are filled to it and `micro_batch_size` is not used; with `buckets`,
+        collated batches are padded up to a few shapes (buckets.py). `prefetch` > 0 with
+        `workers` > 0 collates in worker processes (see the module docstring)."""
         self.corpus = corpus
         self.sources = sources
         self.collate = collate
@@ -50,34 +59,35 @@ class BatchLoader:
         self.dp_size = dp_size
         self.budget = budget
         self.prefetch = prefetch
+        self.workers = workers if prefetch else 0
+        self.pin_memory = pin_memory
+        self.buckets = buckets
         if budget is not None:
             self._target_lens = document_lengths(corpus)
             # A derived (denoised) source is never longer than its target.
             self._source_lens = (document_lengths(sources) if sources is not None
                                  else self._target_lens)
         self._plans: dict[int, list[np.ndarray]] = {}
-        self._plans_lock = threading.Lock()
         self.epoch = 0
         self.index = 0
         if self.batches_in_epoch(0) == 0:
             size = f"{micro_batch_size}" if budget is None else f"{budget.max_tokens} tokens"
             raise JanusError(f"data: {len(corpus)} documents are fewer than one micro-batch "
                              f"({size}) per data-parallel rank ({dp_size} ranks)")
-        self._worker: Optional[threading.Thread] = None
+        self._ahead = None  # the workers' iterator of (position, batch), while they run
 
     def _plan(self, epoch: int) -> list[np.ndarray]:
-        with self._plans_lock:
-            if epoch not in self._plans:
-                if self.budget is None:
-                    plan = fixed_size_plan(len(self.corpus), self.micro_batch_size, self.seed,
-                                           epoch, self.dp_size)
-                else:
-                    plan = token_budget_plan(self._source_lens, self._target_lens, self.budget,
-                                             self.seed, epoch, self.dp_size)
-                # The caller and the prefetcher are at most one epoch apart.
-                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-                self._plans[epoch] = plan
-            return self._plans[epoch]
+        if epoch not in self._plans:
+            if self.budget is None:
+                plan = fixed_size_plan(len(self.corpus), self.micro_batch_size, self.seed,
+                                       epoch, self.dp_size)
+            else:
+                plan = token_budget_plan(self._source_lens, self._target_lens, self.budget,
+                                         self.seed, epoch, self.dp_size)
+            # A process looks at most one epoch back (the position it normalises from).
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = plan
+        return self._plans[epoch]
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Micro-batches of this rank in `epoch` (with a budget, it may differ between epochs)."""
@@ -95,19 +105,33 @@ class BatchLoader:
         g = index * self.dp_size + self.dp_rank
         examples = [(self.sources[i] if self.sources is not None else None, self.corpus[i])
                     for i in self._plan(epoch)[g].tolist()]
-        return self.collate(examples, np.random.default_rng([self.seed, epoch, g]))
+        batch = self.collate(examples, np.random.default_rng([self.seed, epoch, g]))
+        return batch if self.buckets is None else self.buckets.pad(batch)
 
     def __iter__(self):
         return self
 
+    def positions(self, epoch: int, index: int):
+        """Consecutive positions from (epoch, index) on, across epochs."""
+        while True:
+            epoch, index = self._normalised(epoch, index)
+            yield epoch, index
+            index += 1
+
     def __next__(self) -> dict:
         self.epoch, self.index = self._normalised(self.epoch, self.index)
-        if self.prefetch:
-            if self._worker is None:
-                self._start_worker()
-            position, batch = self._ready.get()
+        if self.workers:
+            if self._ahead is None:
+                self._ahead = iter(DataLoader(
+                    _Ahead(self, self.epoch, self.index), batch_size=None, collate_fn=_as_is,
+                    num_workers=self.workers, prefetch_factor=self.prefetch,
+                    pin_memory=self.pin_memory, persistent_workers=False,
+                    # its own generator: the workers' seeds must not move the training RNG
+                    # (dropout), which a resumed run restores from the checkpoint
+                    generator=torch.Generator()))
+            position, batch = next(self._ahead)
             if isinstance(batch, Exception):
-                self._worker = None
+                self.close()
                 raise batch
             assert position == (self.epoch, self.index), (position, self.epoch, self.index)
         else:
@@ -115,38 +139,11 @@ class BatchLoader:
         self.index += 1
         return batch
 
-    def _start_worker(self) -> None:
-        self._stop = threading.Event()
-        self._ready = queue.Queue(maxsize=self.prefetch)
-        self._worker = threading.Thread(target=self._produce, name="janus-prefetch", daemon=True,
-                                        args=(self.epoch, self.index, self._stop, self._ready))
-        self._worker.start()
-
-    def _produce(self, epoch: int, index: int, stop: threading.Event, ready: queue.Queue) -> None:
-        """Worker thread: put (position, batch) for consecutive positions from (epoch, index),
-        or the exception that stopped it, until told to stop."""
-        while not stop.is_set():
-            try:
-                epoch, index = self._normalised(epoch, index)
-                item = ((epoch, index), self.batch_at(epoch, index))
-            except Exception as e:  # handed to the caller's next()
-                item = ((epoch, index), e)
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item[1], Exception):
-                return
-            index += 1
-
     def close(self) -> None:
-        """Stop the prefetch thread (if any) and drop what it had prepared."""
-        if self._worker is not None:
-            self._stop.set()
-            self._worker.join()
-            self._worker = None
+        """Stop the collating workers (if any) and drop what they had prepared."""
+        if self._ahead is not None:
+            self._ahead._shutdown_workers()
+            self._ahead = None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
@@ -184,13 +181,38 @@ class BatchLoader:
         return consumed // size
 
 
+def _as_is(item):
+    return item
+
+
+class _Ahead(IterableDataset):
+    """(position, batch) for consecutive positions from a start: worker w of W takes every W-th,
+    so that the DataLoader, reading its workers in turn, yields them in order."""
+
+    def __init__(self, loader: BatchLoader, epoch: int, index: int):
+        self.loader, self.start = loader, (epoch, index)
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for position in itertools.islice(self.loader.positions(*self.start), w, None, n):
+            try:
+                yield position, self.loader.batch_at(*position)
+            except Exception as e:  # raised by the caller's next(), as its own one line
+                yield position, e
+                return
+
+
 def build_loader(data, corpus, collate: Collate, dp_rank: int, dp_size: int,
                  sources: Optional[object] = None) -> BatchLoader:
     """The training loader a `DataConfig` describes: documents or packed blocks, batches of
     data.micro_batch_size examples or of data.max_tokens padded cells, prefetched or not."""
     if data.pack_documents:
         corpus = PackedCorpus(corpus, data.max_target_len - 2)
-    budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len)
+    buckets = build_buckets(data)
+    budget = (TokenBudget(data.max_tokens, data.max_source_len, data.max_target_len, buckets)
               if data.max_tokens is not None else None)
     return BatchLoader(corpus, collate, data.micro_batch_size, data.seed, dp_rank=dp_rank,
-                       dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch)
+                       dp_size=dp_size, sources=sources, budget=budget, prefetch=data.prefetch,
+                       buckets=buckets, workers=data.workers,
+                       pin_memory=torch.cuda.is_available())

@@ -48,9 +48,12 @@ class FlexMask:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, heads, T, D], k/v [B, heads, S, D] -> [B, heads, T, D]."""
         qp, kp = self.padded_len
-        q = F.pad(q, (0, 0, 0, qp - q.shape[2]))
-        k, v = (F.pad(z, (0, 0, 0, kp - z.shape[2])) for z in (k, v))
-        return _compiled()(q, k, v, block_mask=self.block_mask)[:, :, :self.q_len]
+        if qp != q.shape[2]:  # bucketed lengths (data/buckets.py) are often aligned already
+            q = F.pad(q, (0, 0, 0, qp - q.shape[2]))
+        if kp != k.shape[2]:
+            k, v = (F.pad(z, (0, 0, 0, kp - z.shape[2])) for z in (k, v))
+        out = _compiled()(q, k, v, block_mask=self.block_mask)
+        return out if qp == self.q_len else out[:, :, :self.q_len]
 
 
 def causal_mask(b: int, t: int, device: torch.device) -> torch.Tensor:

@@ -49,11 +49,20 @@ def bang_passes(main: bool, streams: int, tgt_len: int) -> list[tuple[int, int]]
     return [((int(main) + streams) * rows, streams * rows)]
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5
-                ) -> float:
-    """Measured FLOP/s of a square matmul on this device (the denominator of MFU), at `size` or
-    at the first power of two from 256 up where one product takes over a tenth of `seconds`:
-    bf16 on a CPU without bf16 units runs at ~1 GFLOP/s, 17 s for one product of side 2048."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] | None = None,
+                seconds: float = 0.5) -> float:
+    """The machine's matmul peak, the denominator of MFU: the best FLOP/s of square matmuls of
+    the given sides (default 2048, 4096 and 8192 on a GPU, where only the large ones reach the
+    peak: an H200 gives ~675 TFLOP/s at 2048 and ~790 at 8192 in bf16; 2048 on a CPU)."""
+    if sizes is None:
+        sizes = (2048, 4096, 8192) if device.type == "cuda" else (2048,)
+    return max(_matmul_rate(device, dtype, size, seconds / len(sizes)) for size in sizes)
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype, size: int, seconds: float) -> float:
+    """Measured FLOP/s of a square matmul at `size`, or at the first power of two from 256 up
+    where one product takes over a tenth of `seconds`: bf16 on a CPU without bf16 units runs at
+    ~1 GFLOP/s, 17 s for one product of side 2048."""
     # A private generator: measuring must not move the training RNG streams.
     gen = torch.Generator(device).manual_seed(0)
     side = min(size, 256)

@@ -78,6 +78,8 @@ class JanusObjective:
             authors = cfg.mask_sampler == "authors"
             if cfg.masking == "denoise":
                 src, m = noise.pretraining_noise(rng, tgt, cfg, MASK)
+            elif not self.needs_nar:  # no stream reads a target mask: draw none
+                m = np.zeros(n, dtype=bool)
             elif cfg.masking == "span" and authors:
                 m = noise.authors_target_mask(rng, n, cfg.target_mask_ratio,
                                               cfg.target_span_lambda)

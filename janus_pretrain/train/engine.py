@@ -14,8 +14,9 @@ from deepspeed.runtime.utils import is_model_parallel_parameter
 
 from janus_pretrain.config import CONFIG_ROOT, RunConfig
 from janus_pretrain.errors import JanusError
-from janus_pretrain.optim import WarmupDecay, build_optimizer
+from janus_pretrain.optim import WarmupDecay, adamw, build_optimizer, param_groups
 from janus_pretrain.parallel.state import DeepSpeedMPU, data_parallel_size
+from janus_pretrain.train.master_weights import MasterWeights
 
 # Keys the run config owns; a DeepSpeed JSON that sets them too would be a second source of truth.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -62,9 +63,15 @@ def read_deepspeed_json(cfg: RunConfig) -> dict:
     return base
 
 
+def uses_master_weights(cfg: RunConfig, base: dict) -> bool:
+    """bf16 without ZeRO: our MasterWeights optimizer (train/master_weights.py), the engine in
+    fp32, instead of DeepSpeed's unfused fp16 optimizer."""
+    return cfg.parallel.precision == "bf16" and base.get("zero_optimization", {}).get("stage", 0) == 0
+
+
 def deepspeed_config(cfg: RunConfig) -> dict:
     base = read_deepspeed_json(cfg)
-    precision = cfg.parallel.precision
+    precision = "fp32" if uses_master_weights(cfg, base) else cfg.parallel.precision
     dp = data_parallel_size()
     return {
         **base,
@@ -87,11 +94,23 @@ def deepspeed_config(cfg: RunConfig) -> dict:
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig):
     """-> DeepSpeed engine (owns the optimizer and LR scheduler; steps both on engine.step())."""
-    optimizer = build_optimizer(model, cfg)
+    masters = uses_master_weights(cfg, read_deepspeed_json(cfg))
+    if masters:  # what DeepSpeed's bf16 mode would cast: the parameters, not the buffers
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        optimizer = MasterWeights(param_groups(model, cfg), lambda groups: adamw(groups, cfg),
+                                  cfg.optim.lr, cfg.optim.clip_grad, DeepSpeedMPU())
+    else:
+        optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(cfg.optim, cfg.train.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg), mpu=DeepSpeedMPU())
-    _keep_fp32_grad_norm(engine)
+    if masters:
+        engine.clip_fp32_gradients = lambda: None  # MasterWeights clips the fp32 gradients
+    else:
+        _keep_fp32_grad_norm(engine)
+    if engine.zero_optimization_stage() == 0:
+        _copy_back_in_one_kernel(engine)
     if engine.zero_optimization_stage() in (1, 2):
         _clip_without_sync(engine.optimizer)
     return engine
@@ -107,6 +126,21 @@ def _keep_fp32_grad_norm(engine) -> None:
                                                   engine.gradient_clipping(), engine.mpu)
 
     engine.clip_fp32_gradients = clip_and_keep
+
+
+def _copy_back_in_one_kernel(engine) -> None:
+    """ZeRO-0's data-parallel gradient average is DeepSpeed's (its buckets, communication dtype
+    and scaling), but the averaged bucket goes back into the gradients in one multi-tensor copy
+    instead of one copy kernel per parameter, and not at all on one data-parallel rank."""
+    reduce = engine.allreduce_bucket
+
+    def allreduce_and_copy(small_bucket, dp_group, dp_world_size=None):
+        if dist.get_world_size(group=dp_group) == 1:
+            return
+        reduced = reduce(small_bucket, dp_group, dp_world_size)
+        torch._foreach_copy_(small_bucket, list(engine.unflatten(reduced, small_bucket)))
+
+    engine.allreduce_and_copy = allreduce_and_copy
 
 
 def _clip_without_sync(zero_optimizer) -> None:

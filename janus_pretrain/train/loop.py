@@ -54,10 +54,19 @@ def to_device(host: dict[str, torch.Tensor], device: torch.device) -> dict[str, 
 
 
 def must_read_flags(train_cfg, step: int, last_step: int) -> bool:
-    """Steps that wait for the device anyway (a log, a save, the last one) read their own
-    non-finite / stop flags; the others learn them one step late (nonfinite.py)."""
-    return (step == last_step or step % train_cfg.log_interval == 0
-            or bool(train_cfg.save_interval and step % train_cfg.save_interval == 0))
+    """Steps that wait for the device anyway (a log, the last one) read their own non-finite /
+    stop flags; the others learn them one step late (nonfinite.py), and a save reads them
+    first (`saved_state`)."""
+    return step == last_step or step % train_cfg.log_interval == 0
+
+
+def saved_state(guard: NonFiniteGuard, loader: BatchLoader, cfg: RunConfig) -> dict:
+    """What a checkpoint holds besides the engine's state. The step's flags are read first: a
+    save waits for the device anyway, and a skipped update's held LR schedule must be the one
+    saved."""
+    guard.settle()
+    return {"loader": loader.state_dict(), "config": to_dict(cfg),
+            "bad_steps_in_a_row": guard.bad_in_a_row}
 
 
 @dataclass
@@ -155,9 +164,7 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
             diverged = bad_in_a_row >= cfg.train.max_bad_steps
             done = step == last_step or stopping or diverged
             logger.after_step(step, done, stats, engine)
-            checkpointer.after_step(step, done, lambda: {
-                "loader": loader.state_dict(), "config": to_dict(cfg),
-                "bad_steps_in_a_row": bad_in_a_row})
+            checkpointer.after_step(step, done, lambda: saved_state(guard, loader, cfg))
             validator.after_step(step, checkpointer.last, logger)
     loader.close()
     result = TrainResult(topo.rank, start_step, step, checkpointer.last and str(checkpointer.last),

@@ -45,9 +45,9 @@ class NonFiniteGuard:
         def gated_step(*args, **kwargs):
             # Inside DeepSpeed's optimizer step, once per update (ZeRO steps each parameter
             # group in turn): the gradients the update will apply are final.
-            if not self._gated:
+            if not self._gated and not getattr(inner, "checks_finite", False):
                 self.flags[0] = torch.maximum(self.flags[0], self._gradient_bad(inner))
-                self._gated = True
+            self._gated = True
             inner.found_inf = self.flags[0]
             return step(*args, **kwargs)
 

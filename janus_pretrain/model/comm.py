@@ -9,7 +9,7 @@ output); on a ring, a rank sends and receives 2 (n - 1) / n of an all-reduce's p
 
 ZeRO (DeepSpeed 0.19, deepspeed/runtime/zero/stage_1_and_2.py, stage3.py), gradients of the
 rank's `numel` parameters in the model's precision, once per optimizer step:
-    stage 0    all-reduce of every gradient
+    stage 0    all-reduce of every gradient (in fp32 in a bf16 run: train/master_weights.py)
     stage 1/2  all-reduce of every trained gradient bucket (DeepSpeed's
                `use_multi_rank_bucket_allreduce`, its default, reduces a bucket with one
                all-reduce and keeps this rank's partition; ZeRO-2 every micro-batch, ZeRO-1 at
@@ -62,11 +62,14 @@ def zero_bytes(sizes: list[int], trained: int, zero: ZeroComm, dp: int, precisio
                micro_batches: int = 1) -> dict[str, float]:
     """Payload bytes per optimizer step over the DP group: {"kind/dp": bytes}. `trained` is the
     numel of the parameters the objective gives gradients (ZeRO 1-3 reduce only those; ZeRO-0
-    reduces every gradient buffer). A DP group of one still calls its all-reduces (no traffic)."""
+    reduces every gradient buffer). A DP group of one still calls ZeRO 1-3's all-reduces (no
+    traffic), not ZeRO-0's."""
     w = WIDTH[precision]
     numel = sum(sizes)
     if zero.stage == 0:
-        return {"all_reduce/dp": w * numel}
+        # bf16 runs its engine in fp32 (train/master_weights.py): gradients reduce in fp32; a
+        # DP group of one reduces nothing
+        return {"all_reduce/dp": (4 if precision == "bf16" else w) * numel} if dp > 1 else {}
     if zero.stage in (1, 2):
         # ZeRO-2 reduces every micro-batch's gradients in backward, ZeRO-1 once per step
         out = {"all_reduce/dp": w * trained * (micro_batches if zero.stage == 2 else 1)}

@@ -110,23 +110,26 @@ class ZeroBuckets:
 def model_states(numel: int, stage: int, dp: int, precision: str,
                  buckets: ZeroBuckets | None = None) -> dict[str, float]:
     """Bytes per rank of parameters, gradients, optimizer state (with fp32 masters) and
-    DeepSpeed's buffers, for `numel` parameters on this TP rank.
+    DeepSpeed's buffers, for `numel` parameters on this TP rank; "step" is what the optimizer
+    step allocates on top while it runs.
 
-    Gradients are "grads" where they stay allocated between steps (ZeRO 2/3's partition, and
-    the 16-bit gradients DeepSpeed's bf16/fp16 optimizer keeps at ZeRO-0) and "grads_backward"
-    where backward allocates them as it frees the activations they come from (ZeRO-1, fp32
-    ZeRO-0). Buffers, measured on live engines (`bench accounting`): ZeRO 1-3 allocate the whole
-    `reduce_bucket_size` bucket (ZeRO 1/2 two with `overlap_comm`, which double-buffers), and
-    ZeRO-3 keeps the parameters it gathers for forward until backward has used them, up to
-    `stage3_max_live_parameters`."""
+    Gradients are "grads" where they stay allocated between steps (ZeRO 2/3's partition; at
+    ZeRO-0 in bf16 the fp32 master gradients train/master_weights.py keeps until the next step)
+    and "grads_backward" where backward allocates them as it frees the activations they come
+    from (ZeRO-1, ZeRO-0's gradients). ZeRO-0 in bf16 steps through flat buffers: the fp32
+    gradients and the masters' 16-bit copy (4 + w bytes a parameter). Buffers, measured on live
+    engines (`bench accounting`): ZeRO 1-3 allocate the whole `reduce_bucket_size` bucket (ZeRO
+    1/2 two with `overlap_comm`, which double-buffers), and ZeRO-3 keeps the parameters it
+    gathers for forward until backward has used them, up to `stage3_max_live_parameters`."""
     width = WIDTH[precision]
-    optimizer = 12 if (stage > 0 or precision != "fp32") else 8
+    masters = stage == 0 and precision != "fp32"
+    optimizer = 12 if (stage > 0 or masters) else 8
     grads = width * numel / (dp if stage >= 2 else 1)
-    kept = stage >= 2 or (stage == 0 and precision != "fp32")
     out = {"params": width * numel / (dp if stage >= 3 else 1),
-           "grads": grads if kept else 0.0, "grads_backward": 0.0 if kept else grads,
+           "grads": grads if stage >= 2 else (4 * numel if masters else 0.0),
+           "grads_backward": 0.0 if stage >= 2 else grads,
            "optimizer": optimizer * numel / (dp if stage >= 1 else 1),
-           "buffers": 0.0}
+           "buffers": 0.0, "step": (4 + width) * numel if masters else 0.0}
     if buckets is not None and stage > 0:
         copies = 2 if (stage in (1, 2) and buckets.overlap_comm) else 1
         out["buffers"] = width * buckets.reduce_bucket_size * copies
@@ -136,10 +139,13 @@ def model_states(numel: int, stage: int, dp: int, precision: str,
 
 
 def peak_parts(states: dict[str, float], acts: dict[str, float]) -> dict[str, float]:
-    """A rank's peak in a step by part: the gradients backward allocates share the room of the
-    activations it frees, so the peak holds the larger of the two (under "activations")."""
+    """A rank's peak in a step by part. The gradients backward allocates take the room of the
+    activations it frees; during the optimizer step they are all there, with the step's own
+    buffers and the loss's saved log-probabilities (the loss tensor, and so its graph, lives
+    until the step is done). The larger of the two goes under "activations"."""
     parts = {k: states[k] for k in ("params", "grads", "optimizer", "buffers")}
-    parts["activations"] = max(sum(acts.values()), states["grads_backward"])
+    parts["activations"] = max(sum(acts.values()), states["grads_backward"] + states["step"]
+                               + acts["vocabulary"])
     return parts
 
 

@@ -44,7 +44,7 @@ WIDTH = {"fp32": 4, "bf16": 2, "fp16": 2}
 DEFAULT_BUCKET = 500_000_000
 # What a GPU holds beyond the tensors this module counts (the CUDA context, NCCL's buffers, the
 # caching allocator's reserved but free blocks): an allowance, not a measurement. The tensors
-# themselves this module predicts within 7% of torch.cuda.max_memory_allocated on the H200 table's
+# themselves this module predicts within 4% of torch.cuda.max_memory_allocated on the H200 table's
 # rows (`bench accounting --h200`, docs/performance.md), which does not see these.
 FRAMEWORK_OVERHEAD = 2.0 * 2**30
 
@@ -114,20 +114,23 @@ def model_states(numel: int, stage: int, dp: int, precision: str,
     step allocates on top while it runs.
 
     Gradients are "grads" where they stay allocated between steps (ZeRO 2/3's partition; at
-    ZeRO-0 in bf16 the fp32 master gradients train/master_weights.py keeps until the next step)
-    and "grads_backward" where backward allocates them as it frees the activations they come
-    from (ZeRO-1, ZeRO-0's gradients). ZeRO-0 in bf16 steps through flat buffers: the fp32
+    ZeRO-0 in bf16 the fp32 master gradients train/master_weights.py keeps until the next step,
+    in fp16 DeepSpeed's optimizer's 16-bit gradients) and "grads_backward" where backward
+    allocates them as it frees the activations they come from (ZeRO-1, ZeRO-0 in bf16 and fp32).
+    ZeRO-0 in bf16 steps through flat buffers: the fp32
     gradients and the masters' 16-bit copy (4 + w bytes a parameter). Buffers, measured on live
     engines (`bench accounting`): ZeRO 1-3 allocate the whole `reduce_bucket_size` bucket (ZeRO
     1/2 two with `overlap_comm`, which double-buffers), and ZeRO-3 keeps the parameters it
     gathers for forward until backward has used them, up to `stage3_max_live_parameters`."""
     width = WIDTH[precision]
-    masters = stage == 0 and precision != "fp32"
-    optimizer = 12 if (stage > 0 or masters) else 8
+    masters = stage == 0 and precision == "bf16"  # train/engine.py `uses_master_weights`
+    optimizer = 12 if (stage > 0 or precision != "fp32") else 8
     grads = width * numel / (dp if stage >= 2 else 1)
+    # kept between steps: ZeRO 2/3's partition, DeepSpeed's fp16 optimizer's 16-bit gradients
+    kept = stage >= 2 or (stage == 0 and precision == "fp16")
     out = {"params": width * numel / (dp if stage >= 3 else 1),
-           "grads": grads if stage >= 2 else (4 * numel if masters else 0.0),
-           "grads_backward": 0.0 if stage >= 2 else grads,
+           "grads": grads if kept else (4 * numel if masters else 0.0),
+           "grads_backward": 0.0 if kept else grads,
            "optimizer": optimizer * numel / (dp if stage >= 1 else 1),
            "buffers": 0.0, "step": (4 + width) * numel if masters else 0.0}
     if buckets is not None and stage > 0:

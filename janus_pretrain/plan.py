@@ -281,10 +281,13 @@ def cluster_of(args) -> Cluster:
         raise JanusError(f"plan: --gpus {args.gpus} is not a whole number of nodes of "
                          f"--gpus-per-node {args.gpus_per_node}")
     node = NODES[args.node]
-    if args.intra_gbs or args.inter_gbs:
+    for name in ("intra_gbs", "inter_gbs"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise JanusError(f"plan: --{name.replace('_', '-')} must be positive")
+    if args.intra_gbs is not None or args.inter_gbs is not None:
         node = Node(node.name + " (links overridden)", node.matmul, node.hbm,
-                    (args.intra_gbs or node.intra / 1e9) * 1e9,
-                    (args.inter_gbs or node.inter / 1e9) * 1e9)
+                    node.intra if args.intra_gbs is None else args.intra_gbs * 1e9,
+                    node.inter if args.inter_gbs is None else args.inter_gbs * 1e9)
     return Cluster(args.gpus, min(args.gpus_per_node, args.gpus), args.gpu_memory * 2**30, node)
 
 

@@ -82,6 +82,7 @@ def test_plan_chooses_a_layout_that_fits(capsys):
     (["--gpus", "64", "--gpu-memory", "1"], "no layout fits in 1 GiB"),
     (["--gpus", "64", "--global-batch", "100"], "--global-batch 100 is not a multiple"),
     (["--gpus", "64", "--model", "huge"], "unknown preset 'huge'"),
+    (["--gpus", "64", "--inter-gbs", "0"], "--inter-gbs must be positive"),
 ])
 def test_plan_errors_are_one_line(args, message, capsys):
     from janus_pretrain.cli import main

@@ -1,6 +1,6 @@
 """The one-GPU run (slurm/gpu_run.sh, docs/gpu.md) without a GPU: `bench gpu` and `bench cuda`
 refuse in one line without CUDA, and the whole command's --dry-run-cpu runs its three phases at
-tiny shapes (phase a's checks, phase b's rows without flex and compiled ones, phase c's Multi30k
+tiny shapes (phase a's checks, phase b's rows without flex and captured ones, phase c's Multi30k
 slice trained and evaluated), each writing its results into the output folder."""
 import json
 import os
@@ -36,6 +36,8 @@ def test_gpu_run_dry_run_cpu_writes_every_phase(tmp_path):
     log = (out / "log.txt").read_text()
     for phase in ("a", "b"):
         assert f"phase {phase} exit 0" in log
+    assert "bf16 janus sdpa / bf16 ar sdpa step time" in log  # the side-by-side ratios
+    assert any(line.split()[:1] == ["spec_exact"] for line in log.splitlines())  # c: batch 1
 
     checks = json.loads((out / "a_cuda.json").read_text())["checks"]
     assert {k: v["status"] for k, v in checks.items()} == {
@@ -45,8 +47,9 @@ def test_gpu_run_dry_run_cpu_writes_every_phase(tmp_path):
     assert checks["decode"]["spec_exact"]["equal"] == checks["decode"]["spec_exact"]["of"] > 0
 
     rows = json.loads((out / "b_speed.json").read_text())["rows"]
-    assert list(rows) == ["bf16 ar sdpa", "bf16 janus sdpa", "bf16 bart sdpa", "bf16 ar ZeRO-0",
-                          "bf16 janus ZeRO-2"]
+    assert list(rows) == ["bf16 ar sdpa", "bf16 janus sdpa", "bf16 janus sdpa no-cudnn",
+                          "bf16 bart sdpa", "bf16 janus loop ZeRO-0", "bf16 janus loop ZeRO-1",
+                          "bf16 janus loop ZeRO-2"]
     for row, r in rows.items():
         assert r["seconds"] > 0 and r["flops"] > 0 and 0 < r["mfu"], row
 

@@ -133,7 +133,8 @@ def check_loss_scale_skip(device, args) -> dict:
     engine, cfg, objective = engine_for("ar", precision, 0, args, NO_DROPOUT)
     guard = NonFiniteGuard(engine)
     batch = device_batch(cfg, objective, args, device)
-    scale = lambda: engine.optimizer.loss_scale  # noqa: E731 - DeepSpeed's property; None if unscaled
+    # DeepSpeed's fp16 property; bf16 has no loss scale (MasterWeights without ZeRO)
+    scale = lambda: getattr(engine.optimizer, "loss_scale", None)  # noqa: E731
     weights = lambda: [p.detach().float().clone() for p in engine.module.parameters()]  # noqa: E731
 
     def step(factor: float) -> None:

@@ -18,6 +18,7 @@ of those prefetched.
 from __future__ import annotations
 
 import itertools
+import signal
 from typing import Callable, Optional
 
 import numpy as np
@@ -125,7 +126,7 @@ class BatchLoader:
                 self._ahead = iter(DataLoader(
                     _Ahead(self, self.epoch, self.index), batch_size=None, collate_fn=_as_is,
                     num_workers=self.workers, prefetch_factor=self.prefetch,
-                    persistent_workers=False,
+                    persistent_workers=False, worker_init_fn=_leave_signals_to_the_trainer,
                     # its own generator: the workers' seeds must not move the training RNG
                     # (dropout), which a resumed run restores from the checkpoint
                     generator=torch.Generator()))
@@ -180,6 +181,14 @@ class BatchLoader:
                              f"{self.epoch}, not a whole number of global micro-batches of {size} "
                              f"(data.micro_batch_size {self.micro_batch_size} x {self.dp_size} ranks)")
         return consumed // size
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A preemption signal reaches the whole process group (Slurm, Ctrl-C, `kill -- -PGID`):
+    the training process turns it into a checkpoint and an exit (train/signals.py) and then stops
+    its workers; a worker that died of it first would crash the trainer instead."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _as_is(item):

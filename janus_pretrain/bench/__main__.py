@@ -1,10 +1,12 @@
-"""python -m janus_pretrain.bench {cuda,data,decode,gpu,memory,overhead,padding,profile,train} [...]"""
+"""python -m janus_pretrain.bench {accounting,cuda,data,decode,gpu,memory,overhead,padding,plan,profile,train} [...]"""
 import sys
 
-from janus_pretrain.bench import cuda, data, decode, gpu, memory, overhead, padding, profile, train
+from janus_pretrain.bench import (accounting, cuda, data, decode, gpu, memory, overhead, padding,
+                                  plan, profile, train)
 
-BENCHMARKS = {"cuda": cuda.main, "data": data.main, "decode": decode.main, "gpu": gpu.main,
-              "memory": memory.main, "overhead": overhead.main, "padding": padding.main,
+BENCHMARKS = {"accounting": accounting.main, "cuda": cuda.main, "data": data.main,
+              "decode": decode.main, "gpu": gpu.main, "memory": memory.main,
+              "overhead": overhead.main, "padding": padding.main, "plan": plan.main,
               "profile": profile.main, "train": train.main}
 
 if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:

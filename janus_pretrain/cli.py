@@ -10,6 +10,7 @@
     janus-pretrain checkpoint consolidate --checkpoint runs/demo/train --output model.safetensors
     janus-pretrain convert from-hf facebook/bart-base --output bart.safetensors
     janus-pretrain convert to-hf runs/demo/train --output hf_model/
+    janus-pretrain plan --model large --objective janus --gpus 64 --global-batch 2048 --tokens 2.1e12
 
 `train` runs as one process or under `torchrun` / `deepspeed --no_local_rank --module
 janus_pretrain.cli train ...`. User errors print one line and exit with status 2.
@@ -94,6 +95,12 @@ def _train(args) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
 
 
+def _plan(args) -> None:
+    from janus_pretrain.plan import main
+
+    main(args)
+
+
 def _checkpoint_consolidate(args) -> None:
     from janus_pretrain.checkpoint.weights import consolidate
 
@@ -159,6 +166,11 @@ def parser() -> argparse.ArgumentParser:
                     help="check the config and data for WORLD_SIZE ranks, then exit (0, or 2)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     tr.set_defaults(run=_train)
+
+    from janus_pretrain.plan import parser as plan_parser
+
+    pl = sub.add_parser("plan", help="which layouts fit on N GPUs, how fast, how many days")
+    plan_parser(pl).set_defaults(run=_plan)
 
     ck = sub.add_parser("checkpoint", help="work with training checkpoints")
     ck_sub = ck.add_subparsers(dest="action", required=True)

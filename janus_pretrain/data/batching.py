@@ -139,8 +139,8 @@ def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: 
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(tgt))
     if budget.buckets is not None:
-        plan = EpochPlan.from_batches(fill_bucketed(perm, src, tgt, budget.max_tokens))
-        plan = EpochPlan(plan.order, split_to_multiple(np.asarray(plan.offsets), group))
+        order, offsets = fill_bucketed(perm, src, tgt, budget.max_tokens)
+        plan = EpochPlan(order, split_to_multiple(offsets, group))
     elif same:  # one sort, and the runs of equal cost are the lengths' histogram
         order = perm[np.argsort(tgt[perm], kind="stable")]
         counts = np.bincount(tgt)

@@ -18,6 +18,7 @@ janus_pretrain.cli train ...`. User errors print one line and exit with status 2
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from janus_pretrain.errors import run_cli
@@ -73,6 +74,12 @@ def _train(args) -> None:
     from janus_pretrain.train.signals import REQUEUE_EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
+    if args.check:
+        from janus_pretrain.train.preflight import check
+
+        accum = check(cfg)
+        print(f"config: ok ({os.environ.get('WORLD_SIZE', '1')} ranks, accumulation {accum})")
+        return
     try:
         result = train(cfg, resume=args.resume)
         if result.rank == 0:
@@ -155,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="pretrain (or fine-tune) with DeepSpeed")
     tr.add_argument("--config", required=True, help="run YAML, e.g. configs/pretrain/demo.yaml")
     tr.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
+    tr.add_argument("--check", action="store_true",
+                    help="check the config and data for WORLD_SIZE ranks, then exit (0, or 2)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     tr.set_defaults(run=_train)
 

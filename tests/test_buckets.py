@@ -28,7 +28,7 @@ def test_bucketed_plan_uses_every_example_once_in_one_shape_per_bucket():
     budget = TokenBudget(1024, 64, 64, Buckets(LENGTHS, 64, 64))
     src, tgt = budget.row_lengths(src_ids, tgt_ids)
     for dp in (1, 2):
-        plan = token_budget_plan(src_ids, tgt_ids, budget, seed=3, epoch=0, dp_size=dp)
+        plan = token_budget_plan(src_ids, tgt_ids, budget, seed=3, epoch=0, group=dp)
         assert sorted(np.concatenate(plan).tolist()) == list(range(n))
         assert len(plan) % dp == 0
         shapes = {}

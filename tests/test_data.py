@@ -216,7 +216,7 @@ def test_loader_ranks_partition_epoch(shards_dir, dp_size):
     # The first batch after the epoch differs from the first of the epoch (new permutation).
     fresh = BatchLoader(corpus, collate, micro, seed=5, dp_rank=0, dp_size=dp_size)
     assert next(loaders[0]) != next(fresh)
-    assert loaders[0].epoch == 1 and loaders[0].index == 1
+    assert loaders[0].epoch == 1 and loaders[0].position == micro * dp_size
 
 
 def _small_corpus(n=26):
@@ -260,7 +260,7 @@ def test_loader_epochs_cover_everything_and_reshuffle():
 
 def test_loader_errors():
     corpus = _small_corpus(10)
-    with pytest.raises(JanusError, match="fewer than one micro-batch"):
+    with pytest.raises(JanusError, match="fewer than one optimizer step"):
         BatchLoader(corpus, collate, 6, seed=0, dp_rank=0, dp_size=2)
     loader = BatchLoader(corpus, collate, 2, seed=1)
     with pytest.raises(JanusError, match="data.seed"):
@@ -331,7 +331,7 @@ def test_token_batches_resume(k, dp_size):
     for loader in original:
         _take(loader, k)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in original]
-    assert all(set(s) == {"epoch", "index", "seed", "dp_size", "micro_batch_size"} for s in states)
+    assert all(set(s) == {"epoch", "consumed", "seed", "max_tokens", "group"} for s in states)
     resumed = _budget_loaders(dp_size, budget)
     for loader, state in zip(resumed, states):
         loader.load_state_dict(state)
@@ -405,13 +405,14 @@ def test_prefetch_gives_synchronous_batches_across_resume(budget):
         n = sync.batches_per_epoch + 3
         assert _take(ahead, 3) == _take(sync, 3)
         time.sleep(0.05)  # let the workers fill their queues: the state is what the caller took
-        assert ahead.state_dict() == sync.state_dict() == {"epoch": 0, "index": 3, "seed": 5,
-                                                             "dp_size": 1, "micro_batch_size": 4}
+        assert ahead.state_dict() == sync.state_dict() == {
+            "epoch": 0, "consumed": 3 * (4 if budget is None else 1), "seed": 5,
+            "max_tokens": budget and budget.max_tokens, "group": 1}
         resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
         expected = _take(sync, n)
         assert _take(resumed, n) == expected and _take(ahead, n) == expected
         # Loading a state into a running loader drops what it had prefetched.
-        ahead.load_state_dict({"epoch": 0, "index": 1, "seed": 5})
+        ahead.load_state_dict({**sync.state_dict(), "epoch": 0, "consumed": sync.unit})
         assert next(ahead) == make(0).batch_at(0, 1)
     finally:
         ahead.close()

@@ -1,11 +1,12 @@
-"""python -m janus_pretrain.bench {accounting,cuda,data,decode,gpu,memory,overhead,padding,plan,profile,train} [...]"""
+"""python -m janus_pretrain.bench
+{accounting,checkpoint,cuda,data,decode,gpu,memory,overhead,padding,plan,profile,train} [...]"""
 import sys
 
-from janus_pretrain.bench import (accounting, cuda, data, decode, gpu, memory, overhead, padding,
-                                  plan, profile, train)
+from janus_pretrain.bench import (accounting, checkpoint, cuda, data, decode, gpu, memory,
+                                  overhead, padding, plan, profile, train)
 
-BENCHMARKS = {"accounting": accounting.main, "cuda": cuda.main, "data": data.main,
-              "decode": decode.main, "gpu": gpu.main, "memory": memory.main,
+BENCHMARKS = {"accounting": accounting.main, "checkpoint": checkpoint.main, "cuda": cuda.main,
+              "data": data.main, "decode": decode.main, "gpu": gpu.main, "memory": memory.main,
               "overhead": overhead.main, "padding": padding.main, "plan": plan.main,
               "profile": profile.main, "train": train.main}
 

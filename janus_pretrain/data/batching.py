@@ -1,16 +1,16 @@
 """Which examples form each global micro-batch of an epoch: a pure function of (seed, epoch).
 
-Two plans, both `EpochPlan`s (flat arrays, data/plan.py) whose number of batches is a multiple
-of the data-parallel size D, so that the consecutive batches g = i*D .. i*D + D - 1 are step i's
-batches on ranks 0 .. D-1:
+Two plans, both `EpochPlan`s (flat arrays, data/plan.py):
 
 - `fixed_size_plan`: a permutation drawn from (seed, epoch) cut into batches of B examples (the
-  remainder of the epoch is dropped);
+  remainder of the epoch is dropped); the training loader takes its micro-batches from the
+  permutation in turn, at any DP size (data/loader.py);
 - `token_budget_plan`, as fairseq's --max-tokens: examples sorted by padded length (ties broken
   by the same permutation), cut greedily into batches whose padded cells (rows x longest row,
-  source and target each) stay within a budget, then taken in groups of D consecutive (so the
-  ranks of one step get batches of similar cost) and the groups shuffled. Every example is in
-  exactly one batch.
+  source and target each) stay within a budget, then taken in groups of G consecutive (so the
+  micro-batches of one optimizer step, G of them over all ranks, are of similar cost) and the
+  groups shuffled. Every example is in exactly one batch. G is fixed for a run (a fixed global
+  batch makes it the same at any DP size), so the plan does not depend on the layout.
 """
 from __future__ import annotations
 
@@ -93,15 +93,15 @@ def fill_runs(runs: np.ndarray, run_lens: np.ndarray, costs: np.ndarray, max_tok
     return np.concatenate(starts + [np.array([int(runs[-1] + run_lens[-1])])])
 
 
-def split_to_multiple(offsets: np.ndarray, dp_size: int) -> np.ndarray:
+def split_to_multiple(offsets: np.ndarray, group: int) -> np.ndarray:
     """Halve the batches with the most rows (keeping the length order) until their number is a
-    multiple of dp_size, so that no example is dropped; splitting only lowers cost."""
-    while (len(offsets) - 1) % dp_size:
+    multiple of `group`, so that no example is dropped; splitting only lowers cost."""
+    while (len(offsets) - 1) % group:
         sizes = np.diff(offsets)
         k = int(np.argmax(sizes))
         if sizes[k] < 2:
             raise JanusError(f"data: {len(sizes)} single-example batches cannot be shared "
-                             f"evenly by {dp_size} data-parallel ranks")
+                             f"into groups of {group} (micro-batches of a step on all ranks)")
         offsets = np.insert(offsets, k + 1, offsets[k] + sizes[k] // 2)
     return offsets
 
@@ -119,7 +119,7 @@ def length_order(src: np.ndarray, tgt: np.ndarray) -> np.ndarray:
 
 
 def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: TokenBudget,
-                      seed: int, epoch: int, dp_size: int) -> EpochPlan:
+                      seed: int, epoch: int, group: int) -> EpochPlan:
     """Bare id counts [N] each (pretraining: the source is never longer than its target, so
     pass the target counts, the same array twice) -> the epoch's global batches (see the
     module docstring)."""
@@ -140,17 +140,17 @@ def token_budget_plan(source_lens: np.ndarray, target_lens: np.ndarray, budget: 
     perm = rng.permutation(len(tgt))
     if budget.buckets is not None:
         order, offsets = fill_bucketed(perm, src, tgt, budget.max_tokens)
-        plan = EpochPlan(order, split_to_multiple(offsets, dp_size))
+        plan = EpochPlan(order, split_to_multiple(offsets, group))
     elif same:  # one sort, and the runs of equal cost are the lengths' histogram
         order = perm[np.argsort(tgt[perm], kind="stable")]
         counts = np.bincount(tgt)
         costs = np.flatnonzero(counts)
         runs = np.cumsum(counts[costs]) - counts[costs]
         plan = EpochPlan(order, split_to_multiple(
-            fill_runs(runs, counts[costs], costs, budget.max_tokens), dp_size))
+            fill_runs(runs, counts[costs], costs, budget.max_tokens), group))
     else:
         order = perm[length_order(src[perm], tgt[perm])]
         plan = EpochPlan(order, split_to_multiple(
-            fill_batches(order, src, tgt, budget.max_tokens), dp_size))
-    groups = rng.permutation(len(plan) // dp_size)
-    return plan.take((groups[:, None] * dp_size + np.arange(dp_size)).ravel())
+            fill_batches(order, src, tgt, budget.max_tokens), group))
+    groups = rng.permutation(len(plan) // group)
+    return plan.take((groups[:, None] * group + np.arange(group)).ravel())

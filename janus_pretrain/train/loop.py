@@ -32,7 +32,7 @@ from janus_pretrain.model.flops import matmul_peak
 from janus_pretrain.objectives.build import Objective, build_objective
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD, load_tokenizer
-from janus_pretrain.train import run_lock
+from janus_pretrain.train import batch_size, run_lock
 from janus_pretrain.train.engine import build_engine, read_deepspeed_json
 from janus_pretrain.train.metrics import RunLogger, StepStats
 from janus_pretrain.train.nonfinite import NonFiniteGuard
@@ -111,7 +111,8 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
         raise JanusError("config: train.eval_interval: needs data.valid (validation shards) "
                          "or a fine-tuning task (janus-finetune train)")
     read_deepspeed_json(cfg)
-    topo = state.initialize(cfg.parallel.tensor_parallel)
+    topo = state.initialize(cfg.parallel.tensor_parallel, cfg.parallel.timeout_minutes)
+    cfg = batch_size.resolved(cfg, state.data_parallel_size())
     # bad data fails before the output directory is created (for its lock)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     corpus = open_train(cfg.data.train, tokenizer)
@@ -134,9 +135,10 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     output = Path(cfg.train.output_dir)
     loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
                           state.data_parallel_size(), open_sources(cfg.data.source, tokenizer, corpus),
-                          plan_dir=output / "data_plans")
+                          plan_dir=output / "data_plans", accumulation=cfg.train.grad_accum)
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
-                                      cfg.train.keep_checkpoints)
+                                      cfg.train.keep_checkpoints, cfg.train.save_interval_minutes,
+                                      cfg.train.async_save, cfg.train.eval_interval)
     meta = checkpointer.start(resume, cfg.train.resume_fallback) or {
         "step": 0, "bad_steps_in_a_row": 0, "loader": loader.state_dict()}
     loader.load_state_dict(meta["loader"])

@@ -2,11 +2,15 @@
 
     janus-pretrain tokenizer train --input corpus.txt --vocab-size 32000 --output tok.model
     janus-pretrain data prepare --input corpus.txt --tokenizer tok.model --output shards/
+    janus-pretrain data prepare ... --partition 0/4   (then 1/4 .. 3/4 on other nodes)
+    janus-pretrain data merge shards/
+    janus-pretrain data verify shards/
     janus-pretrain train --config configs/pretrain/demo.yaml [--resume] [key=value ...]
     janus-pretrain generate --checkpoint runs/demo/train --mode ar|nar < sources.txt
     janus-pretrain checkpoint consolidate --checkpoint runs/demo/train --output model.safetensors
     janus-pretrain convert from-hf facebook/bart-base --output bart.safetensors
     janus-pretrain convert to-hf runs/demo/train --output hf_model/
+    janus-pretrain plan --model large --objective janus --gpus 64 --global-batch 2048 --tokens 2.1e12
 
 `train` runs as one process or under `torchrun` / `deepspeed --no_local_rank --module
 janus_pretrain.cli train ...`. User errors print one line and exit with status 2.
@@ -14,6 +18,7 @@ janus_pretrain.cli train ...`. User errors print one line and exit with status 2
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from janus_pretrain.errors import run_cli
@@ -31,18 +36,41 @@ def _tokenizer_train(args) -> None:
 
 def _data_prepare(args) -> None:
     from janus_pretrain import disk_space
-    from janus_pretrain.data.prepare import files_in, prepare, written_since
+    from janus_pretrain.data.prepare import files_in, parse_partition, prepare, written_since
 
+    partition = parse_partition(args.partition)
     before = files_in(args.output)
     with disk_space.one_line(
             "data", args.output,
             lambda: (sum(p.stat().st_size for p in written_since(args.output, before)), True),
             lambda: [p.unlink() for p in written_since(args.output, before)]):
         meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field,
-                       args.max_docs)
+                       args.max_docs, partition, args.shard_mb * 2**20)
+    if meta is None:
+        print(f"data: partition {args.partition} of {args.output} done; the others still run "
+              f"(the last to finish writes meta.json, or `janus-pretrain data merge {args.output}`)")
+    else:
+        _print_meta(meta, args.output)
+
+
+def _print_meta(meta: dict, output: str) -> None:
     print(f"data: {meta['documents']} documents, {meta['tokens']} tokens in "
-          f"{len(meta['shards'])} shards -> {args.output}; skipped {meta['skipped']['empty']} "
+          f"{len(meta['shards'])} shards -> {output}; skipped {meta['skipped']['empty']} "
           f"empty and {meta['skipped']['invalid_utf8']} non-UTF-8 documents")
+
+
+def _data_merge(args) -> None:
+    from janus_pretrain.data.prepare import merge
+
+    _print_meta(merge(args.output, args.parts), args.output)
+
+
+def _data_verify(args) -> None:
+    from janus_pretrain.data.shards import verify_corpus
+
+    meta = verify_corpus(args.directory)
+    print(f"data: {args.directory}: {len(meta['shards'])} shards, {meta['documents']} documents, "
+          f"{meta['tokens']} tokens match their checksums")
 
 
 def _train(args) -> None:
@@ -52,6 +80,12 @@ def _train(args) -> None:
     from janus_pretrain.train.signals import REQUEUE_EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
+    if args.check:
+        from janus_pretrain.train.preflight import check
+
+        accum = check(cfg)
+        print(f"config: ok ({os.environ.get('WORLD_SIZE', '1')} ranks, accumulation {accum})")
+        return
     try:
         result = train(cfg, resume=args.resume)
         if result.rank == 0:
@@ -65,6 +99,12 @@ def _train(args) -> None:
         state.shutdown()
     if result.stopped_by:
         sys.exit(REQUEUE_EXIT_CODE)
+
+
+def _plan(args) -> None:
+    from janus_pretrain.plan import main
+
+    main(args)
 
 
 def _checkpoint_consolidate(args) -> None:
@@ -110,13 +150,33 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--field", default="text", help="text column of jsonl/parquet/hub data")
     d.add_argument("--max-docs", type=int, default=None)
+    d.add_argument("--partition", default="0/1",
+                   help="i/N: prepare the i-th of N slices (N nodes sharing --output); a rerun "
+                        "keeps finished shards")
+    d.add_argument("--shard-mb", type=int, default=256, help="MB of text per shard (at most)")
     d.set_defaults(run=_data_prepare)
+    m = data_sub.add_parser("merge", help="write meta.json once every partition has finished")
+    m.add_argument("output")
+    m.add_argument("--from", dest="parts", nargs="+", default=(),
+                   help="partitions prepared into other directories: their shards move to output")
+    m.set_defaults(run=_data_merge)
+    v = data_sub.add_parser("verify", help="check prepared shards against meta.json's checksums "
+                                           "(once after a prepare or a copy; training trusts them)")
+    v.add_argument("directory")
+    v.set_defaults(run=_data_verify)
 
     tr = sub.add_parser("train", help="pretrain (or fine-tune) with DeepSpeed")
     tr.add_argument("--config", required=True, help="run YAML, e.g. configs/pretrain/demo.yaml")
     tr.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
+    tr.add_argument("--check", action="store_true",
+                    help="check the config and data for WORLD_SIZE ranks, then exit (0, or 2)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
     tr.set_defaults(run=_train)
+
+    from janus_pretrain.plan import parser as plan_parser
+
+    pl = sub.add_parser("plan", help="which layouts fit on N GPUs, how fast, how many days")
+    plan_parser(pl).set_defaults(run=_plan)
 
     ck = sub.add_parser("checkpoint", help="work with training checkpoints")
     ck_sub = ck.add_subparsers(dest="action", required=True)

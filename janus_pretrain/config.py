@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -194,7 +194,9 @@ class DataConfig:
     shape the batch (DeepSpeed only books it as the nominal micro-batch)."""
 
     # Required to train (RunConfig.check_data), not to describe a model or an objective.
-    train: Optional[str] = None  # shard directory written by `janus-pretrain data prepare`
+    # shard directory written by `janus-pretrain data prepare`, or several blended by weight:
+    # [{path: a, weight: 0.8}, {path: b, weight: 0.2}] or "0.8 a 0.2 b" (data/blend.py)
+    train: Any = None
     tokenizer: Optional[str] = None  # sentencepiece .model, tokenizer.json, or a directory holding one
     # Fine-tuning pairs: shards whose document i is the source of document i of `train` (see
     # `janus-finetune prepare`); unset, the objective derives sources (pretraining, `denoise`).
@@ -270,9 +272,13 @@ class ParallelConfig:
     tensor_parallel: int = 1
     deepspeed_config: str = "configs/deepspeed/zero0.json"
     precision: str = "fp32"
+    # A collective that waits longer fails the rank (NCCL's watchdog aborts it): a hung or lost
+    # rank becomes an exit, and slurm/launch.sh a requeue, in minutes (docs/training.md).
+    timeout_minutes: float = 10.0
 
     def __post_init__(self):
         _check(self.tensor_parallel >= 1, "parallel.tensor_parallel", "must be >= 1")
+        _check(self.timeout_minutes > 0, "parallel.timeout_minutes", "must be positive")
         _check(self.precision in ("fp32", "bf16", "fp16"), "parallel.precision",
                f"'{self.precision}' is not one of fp32, bf16, fp16")
 
@@ -284,9 +290,20 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps of the whole run (the LR schedule spans these)
     # Stop this invocation (with a checkpoint) after reaching this step; `--resume` continues.
     exit_after: Optional[int] = None
+    # Sequences per optimizer step over all ranks (tokens with data.max_tokens): accumulation
+    # is derived per layout (train/batch_size.py), and a grad_accum other than 1 must agree.
+    # Unset, train.grad_accum micro-batches per rank: the batch then grows with the GPU count.
+    global_batch: Optional[int] = None
     grad_accum: int = 1
     log_interval: int = 10
     save_interval: int = 500
+    # Save also about every this many minutes (None: by steps alone); the step it falls on is
+    # planned from the measured step time (checkpoint/store.py Checkpointer).
+    save_interval_minutes: Optional[float] = None
+    # Write, hash and publish checkpoints in a background thread: a save stalls training only
+    # for its copy to host memory (checkpoint/background.py). The last save of an invocation
+    # (and a validated step's) is complete before the step ends either way.
+    async_save: bool = True
     keep_checkpoints: int = 3  # the newest k complete checkpoints stay on disk
     # On --resume, a checkpoint whose files fail their checksums is an error; true falls back to
     # the previous complete one instead.
@@ -314,6 +331,9 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_interval", "save_interval", "keep_checkpoints",
                      "max_bad_steps", "eval_batches"):
             _check(getattr(self, name) > 0, f"train.{name}", "must be positive")
+        for name in ("global_batch", "save_interval_minutes"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, f"train.{name}",
+                   "must be positive")
         _check(self.eval_interval is None or (self.eval_interval > 0 and
                                               self.eval_interval % self.save_interval == 0),
                "train.eval_interval", f"must be a positive multiple of train.save_interval="

@@ -56,6 +56,11 @@ class SentencePieceTokenizer:
         """Texts -> token ids without BOS/EOS (the objectives add them)."""
         return self.sp.encode(list(texts))
 
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode` as one array per text, on this thread only (`data prepare`: one process
+        per core, and no Python list of ints per id)."""
+        return self.sp.encode(list(texts), num_threads=1, return_type="numpy")
+
     def model_bytes(self) -> bytes:
         """The serialized model: what checkpoints and consolidated files store."""
         return self.sp.serialized_model_proto()
@@ -95,6 +100,12 @@ class HFTokenizer:
         """Texts -> our token ids without BOS/EOS (the objectives add them)."""
         encoded = self.hf.encode_batch(list(texts), add_special_tokens=False)
         return [self.our_ids[e.ids].tolist() for e in encoded]
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode` as one array per text (threads: RAYON_NUM_THREADS, which `data prepare`'s
+        workers set to 1)."""
+        encoded = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        return [self.our_ids[e.ids] for e in encoded]
 
     def model_bytes(self) -> bytes:
         return self.hf.to_str().encode("utf-8")

@@ -11,13 +11,29 @@
 #   NPROC_PER_NODE                processes per node when the allocation has no GPUs (default 1)
 #   MASTER_PORT                   rendezvous port on the first node (default: from the job id)
 #   DRY_RUN=1                     print every node's launch command, start nothing
+#   RETRIES=3 RETRY_WINDOW=86400  requeues after a failure allowed per window (seconds)
+#   RETRY_LOG                     where the failures' times go (slurm/logs/failures-<job id>)
 #
 # Preemption: USR1 or TERM to the batch script is forwarded (through srun) to the training
-# processes, which finish their step, checkpoint and exit 75; the job then requeues itself, and as
-# training always runs with --resume, the rerun continues from that checkpoint.
+# processes, which finish their step, checkpoint and exit 75; after USR1 (the time limit's
+# warning, --signal=B:USR1@120) the job then requeues itself, and as training always runs with
+# --resume, the rerun continues from that checkpoint. After TERM (scancel) it ends.
+# Failure: a rank that dies (a GPU fault, an NCCL error, a lost node, kill -9) ends the step on
+# every node (srun --kill-on-bad-exit; a rank left waiting in a collective fails after
+# parallel.timeout_minutes), and the job requeues from the newest complete checkpoint, up to
+# RETRIES times per RETRY_WINDOW (RETRY_LOG keeps the times). A config error
+# is found before any rank starts (`train --check`, exit 2) and never requeued.
 set -euo pipefail
 
 REQUEUE_EXIT_CODE=75  # janus_pretrain/train/signals.py
+CONFIG_ERROR_EXIT_CODE=2  # janus_pretrain/errors.py: a user error; a rerun would fail alike
+retries=${RETRIES:-3}
+retry_window=${RETRY_WINDOW:-86400}
+# A failed collective aborts its communicators and ends the process (instead of hanging) ...
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# ... and the watchdog's own heartbeat ends a rank whose NCCL calls stop returning at all.
+export TORCH_NCCL_ENABLE_MONITORING=${TORCH_NCCL_ENABLE_MONITORING:-1}
+export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-900}
 launcher=${LAUNCHER:-torchrun}
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 ((${#hosts[@]})) || { echo "error: no hosts in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST" >&2; exit 2; }
@@ -87,25 +103,57 @@ run_batch() {
         return 0
     fi
     [[ $launcher != deepspeed ]] || write_hostfile >"$hostfile"
-    stop_sent=0
-    trap forward_stop USR1 TERM
-    srun --nodes="${#hosts[@]}" --ntasks-per-node=1 "$0" --node "$@" &
+    rc=0
+    WORLD_SIZE=$((${#hosts[@]} * $(procs_per_node))) LOCAL_WORLD_SIZE=$(procs_per_node) \
+        python -m janus_pretrain.cli train --check --config "$@" || rc=$?
+    ((rc == 0)) || return "$rc"
+    stop_by=
+    trap 'forward_stop USR1' USR1
+    trap 'forward_stop TERM' TERM
+    # One task per node holds the node's launcher and every rank: all of the node's CPUs.
+    srun --nodes="${#hosts[@]}" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
+        --kill-on-bad-exit=1 "$0" --node "$@" &
     srun_pid=$!
     wait_for "$srun_pid"
-    if ((rc == REQUEUE_EXIT_CODE)); then
+    if [[ $stop_by == TERM ]]; then
+        # scancel (or a preemption, which Slurm requeues by itself under PreemptMode=REQUEUE):
+        # the ranks checkpointed; requeueing here would undo the cancel.
+        echo "$(date -Is) training stopped by TERM (status $rc): not requeueing"
+        return "$rc"
+    fi
+    if ((rc == REQUEUE_EXIT_CODE)) && [[ $stop_by == USR1 ]]; then
         echo "$(date -Is) training stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         return 0
     fi
+    ((rc != 0 && rc != CONFIG_ERROR_EXIT_CODE)) && retry_after_failure && return 0
     return "$rc"
+}
+
+# Requeues the job after a failure (status $rc) if the retry budget allows; else returns 1.
+retry_after_failure() {
+    local log=${RETRY_LOG:-slurm/logs/failures-$SLURM_JOB_ID} now recent=0 t
+    now=$(date +%s)
+    if [[ -f $log ]]; then
+        while read -r t; do ((now - t < retry_window)) && recent=$((recent + 1)); done <"$log"
+    fi
+    if ((recent >= retries)); then
+        echo "$(date -Is) training failed (status $rc); $recent retries in the last" \
+             "${retry_window}s spent (RETRIES=$retries): not requeueing"
+        return 1
+    fi
+    echo "$now" >>"$log"
+    echo "$(date -Is) training failed (status $rc): requeueing job $SLURM_JOB_ID" \
+         "(retry $((recent + 1)) of $retries per ${retry_window}s)"
+    scontrol requeue "$SLURM_JOB_ID"
 }
 
 forward_stop() {
     caught=1
-    ((stop_sent)) && return
-    stop_sent=1
+    [[ -z $stop_by ]] || return 0
+    stop_by=$1
     # srun hands USR1 to every process of the step on every node; the trainers act on it.
-    echo "$(date -Is) stop requested: forwarding SIGUSR1 to the training processes"
+    echo "$(date -Is) stop requested ($1): forwarding SIGUSR1 to the training processes"
     kill -USR1 "$srun_pid" 2>/dev/null || true
 }
 

@@ -28,7 +28,7 @@ def test_bucketed_plan_uses_every_example_once_in_one_shape_per_bucket():
     budget = TokenBudget(1024, 64, 64, Buckets(LENGTHS, 64, 64))
     src, tgt = budget.row_lengths(src_ids, tgt_ids)
     for dp in (1, 2):
-        plan = token_budget_plan(src_ids, tgt_ids, budget, seed=3, epoch=0, dp_size=dp)
+        plan = token_budget_plan(src_ids, tgt_ids, budget, seed=3, epoch=0, group=dp)
         assert sorted(np.concatenate(plan).tolist()) == list(range(n))
         assert len(plan) % dp == 0
         shapes = {}
@@ -49,8 +49,9 @@ def test_fill_bucketed_carries_leftovers_to_a_bucket_that_holds_them():
     src = np.array([16, 16, 16, 24, 24, 24, 24])
     tgt = np.array([16, 16, 16, 24, 24, 24, 24])
     # 2 rows of 16 (budget 40 // 16), then 1 row of 24: the third 16-example joins the 24s
-    batches = fill_bucketed(order, src, tgt, 40)
-    assert [b.tolist() for b in batches] == [[0, 1], [3], [4], [5], [6], [2]]
+    order, offsets = fill_bucketed(order, src, tgt, 40)
+    assert [order[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == [
+        [0, 1], [3], [4], [5], [6], [2]]
 
 
 @pytest.mark.parametrize("masking", ["span", "uniform"])

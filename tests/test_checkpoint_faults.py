@@ -164,21 +164,22 @@ def test_a_full_disk_while_saving_is_one_line_and_frees_the_partial_save(tiny_mo
 
     from janus_pretrain import disk_space
     from janus_pretrain.checkpoint import store
-    from janus_pretrain.tokenizer import load_tokenizer
 
     source, model = tiny_model_source
     root = tmp_path / "run" / "checkpoints"
     previous = write_checkpoint(root / "step_00000002", source, model)
 
-    class FillsTheDisk:  # DeepSpeed's save, cut short by the disk
-        def save_checkpoint(self, save_dir, tag, save_latest):
-            (root / tag / "mp_rank_00_model_states.pt").write_bytes(bytes(1000))
-            if error == "ENOSPC":
-                raise OSError(errno.ENOSPC, "No space left on device")
-            monkeypatch.setattr(disk_space, "free_bytes", lambda path: 500)
-            raise RuntimeError("basic_ios::clear: iostream error")
+    def fills_the_disk(engine, root_, step, *args, **kwargs):  # a save cut short by the disk
+        partial = root / f".tmp-step_{step:08d}"
+        partial.mkdir()
+        (partial / "mp_rank_00_model_states.pt").write_bytes(bytes(1000))
+        if error == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(disk_space, "free_bytes", lambda path: 500)
+        raise RuntimeError("basic_ios::clear: iostream error")
 
-    checkpointer = store.Checkpointer(FillsTheDisk(), tmp_path / "run", load_tokenizer(source), 2, 3)
+    monkeypatch.setattr(store, "save", fills_the_disk)
+    checkpointer = store.Checkpointer(None, tmp_path / "run", None, 2, 3)
     with pytest.raises(JanusError) as e:
         checkpointer.after_step(4, False, dict)
     needed = disk_space.size(disk_space.bytes_under(previous))

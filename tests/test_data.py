@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -57,7 +58,9 @@ def test_shard_round_trip(tmp_path, vocab):
     entry = write_shard(tmp_path / "s", docs, dtype)
     n_tokens = sum(map(len, docs))
     assert entry == {"name": "s", "documents": len(docs), "tokens": n_tokens,
-                     "max_id": max(max(d) for d in docs if d)}
+                     "max_id": max(max(d) for d in docs if d),
+                     "sha256": {k: hashlib.sha256((tmp_path / f"s.{k}").read_bytes()).hexdigest()
+                                for k in ("bin", "idx")}}
     assert (tmp_path / "s.bin").stat().st_size == n_tokens * np.dtype(dtype).itemsize
     shard = Shard(tmp_path / "s")
     assert shard.dtype == dtype
@@ -213,7 +216,7 @@ def test_loader_ranks_partition_epoch(shards_dir, dp_size):
     # The first batch after the epoch differs from the first of the epoch (new permutation).
     fresh = BatchLoader(corpus, collate, micro, seed=5, dp_rank=0, dp_size=dp_size)
     assert next(loaders[0]) != next(fresh)
-    assert loaders[0].epoch == 1 and loaders[0].index == 1
+    assert loaders[0].epoch == 1 and loaders[0].position == micro * dp_size
 
 
 def _small_corpus(n=26):
@@ -257,7 +260,7 @@ def test_loader_epochs_cover_everything_and_reshuffle():
 
 def test_loader_errors():
     corpus = _small_corpus(10)
-    with pytest.raises(JanusError, match="fewer than one micro-batch"):
+    with pytest.raises(JanusError, match="fewer than one optimizer step"):
         BatchLoader(corpus, collate, 6, seed=0, dp_rank=0, dp_size=2)
     loader = BatchLoader(corpus, collate, 2, seed=1)
     with pytest.raises(JanusError, match="data.seed"):
@@ -328,7 +331,7 @@ def test_token_batches_resume(k, dp_size):
     for loader in original:
         _take(loader, k)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in original]
-    assert all(set(s) == {"epoch", "index", "seed", "dp_size", "micro_batch_size"} for s in states)
+    assert all(set(s) == {"epoch", "consumed", "seed", "max_tokens", "group"} for s in states)
     resumed = _budget_loaders(dp_size, budget)
     for loader, state in zip(resumed, states):
         loader.load_state_dict(state)
@@ -352,7 +355,7 @@ def test_packing_puts_every_token_in_one_block(tmp_path):
     parts = [_random_docs(rng, 9, 500, max_len=12), [], _random_docs(rng, 4, 500, max_len=12)]
     _write_corpus(tmp_path / "c", parts, 500)
     corpus = ShardedCorpus(tmp_path / "c")
-    stream = [t for part in parts for doc in part for t in doc]
+    stream = [t for part in parts for doc in part for t in doc + [EOS]]  # a separator after each
     packed = PackedCorpus(corpus, 7)
     blocks = [packed[k].tolist() for k in range(len(packed))]
     assert [t for block in blocks for t in block] == stream
@@ -385,10 +388,10 @@ def test_packed_blocks_in_token_budget_batches(tmp_path):
         rows = []
         for batch in _take(loader, loader.batches_per_epoch):
             assert batch["src"].numel() <= 20 and batch["tgt"].numel() <= 20
-            rows += [tuple(r[1:r.index(EOS)]) for r in batch["tgt"].tolist()]
+            rows += [tuple(t for t in r[1:] if t != PAD)[:-1] for r in batch["tgt"].tolist()]
     finally:
         loader.close()
-    stream = [t for d in docs for t in d]
+    stream = [t for d in docs for t in d + [EOS]]
     assert sorted(rows) == sorted(tuple(stream[k:k + 7]) for k in range(0, len(stream), 7))
 
 
@@ -402,13 +405,14 @@ def test_prefetch_gives_synchronous_batches_across_resume(budget):
         n = sync.batches_per_epoch + 3
         assert _take(ahead, 3) == _take(sync, 3)
         time.sleep(0.05)  # let the workers fill their queues: the state is what the caller took
-        assert ahead.state_dict() == sync.state_dict() == {"epoch": 0, "index": 3, "seed": 5,
-                                                             "dp_size": 1, "micro_batch_size": 4}
+        assert ahead.state_dict() == sync.state_dict() == {
+            "epoch": 0, "consumed": 3 * (4 if budget is None else 1), "seed": 5,
+            "max_tokens": budget and budget.max_tokens, "group": 1}
         resumed.load_state_dict(json.loads(json.dumps(ahead.state_dict())))
         expected = _take(sync, n)
         assert _take(resumed, n) == expected and _take(ahead, n) == expected
         # Loading a state into a running loader drops what it had prefetched.
-        ahead.load_state_dict({"epoch": 0, "index": 1, "seed": 5})
+        ahead.load_state_dict({**sync.state_dict(), "epoch": 0, "consumed": sync.unit})
         assert next(ahead) == make(0).batch_at(0, 1)
     finally:
         ahead.close()

@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from janus_pretrain.config import load_config
-from janus_pretrain.data.shards import ShardedCorpus, token_dtype, write_shard
+from janus_pretrain.data.shards import ShardedCorpus, token_dtype, verify_corpus, write_shard
 from janus_pretrain.errors import JanusError
 from janus_pretrain.checkpoint import store as checkpoint
 
@@ -58,8 +58,11 @@ def test_stop_request_flags_signals_and_a_second_ctrl_c_kills():
 
 def test_kill_while_saving_resumes_from_previous_checkpoint(launch_training, tmp_path,
                                                             single_process, capsys, monkeypatch):
+    """The save of step 3 is a background one (train.async_save, not the run's last step): the
+    kill lands in its writer thread, after DeepSpeed's files and before janus.json and COMPLETE,
+    while training goes on; step 2 stays the newest complete checkpoint."""
     out = tmp_path / "run"
-    common = ("train.steps=3", "train.save_interval=1")
+    common = ("train.steps=4", "train.save_interval=1")
     monkeypatch.setenv(checkpoint.KILL_IN_SAVE, "3")
     crashed = launch_training(out, extra=common)
     monkeypatch.delenv(checkpoint.KILL_IN_SAVE)
@@ -73,14 +76,14 @@ def test_kill_while_saving_resumes_from_previous_checkpoint(launch_training, tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"ignoring {root / '.tmp-step_00000003'}: no COMPLETE marker" in resumed.stderr
     assert f"resuming from {root / 'step_00000002'}" in resumed.stdout
-    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]  # step 3 ran twice, is logged once
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]  # each logged once
     assert not (root / ".tmp-step_00000003").exists()
     assert [p.name for p in checkpoint.complete(root)] == [
-        "step_00000003", "step_00000002", "step_00000001"]
+        "step_00000004", "step_00000003", "step_00000002"]
 
     # A flipped byte in the newest checkpoint: an error that names the file, unless the run
     # asks to fall back, which then takes the previous checkpoint and says why.
-    model = root / "step_00000003" / "mp_rank_00_model_states.pt"
+    model = root / "step_00000004" / "mp_rank_00_model_states.pt"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
@@ -88,10 +91,10 @@ def test_kill_while_saving_resumes_from_previous_checkpoint(launch_training, tmp
         checkpoint.find_resumable(root, fallback=False)
     assert_one_line(info.value, model, "train.resume_fallback")
     capsys.readouterr()
-    assert checkpoint.find_resumable(root, fallback=True) == root / "step_00000002"
+    assert checkpoint.find_resumable(root, fallback=True) == root / "step_00000003"
     assert f"{model} is missing or corrupt" in capsys.readouterr().err
-    (root / "step_00000002" / "janus.json").unlink()
-    (root / "step_00000001" / checkpoint.MARKER).unlink()
+    (root / "step_00000003" / "janus.json").unlink()
+    (root / "step_00000002" / checkpoint.MARKER).unlink()
     with pytest.raises(JanusError, match="no intact checkpoint"):
         checkpoint.find_resumable(root, fallback=True)
 
@@ -257,8 +260,15 @@ def test_corrupt_shards_are_rejected_naming_the_file(tmp_path_factory, case):
     write_corpus(directory, docs)
     corrupt(directory)
     with pytest.raises(JanusError) as info:
-        ShardedCorpus(directory)
+        verify_corpus(directory)
     assert_one_line(info.value, directory)
+    try:  # what training opens and reads: meta.json, the indexes, the documents it takes
+        corpus = ShardedCorpus(directory)
+        read = [corpus[i].tolist() for i in range(len(corpus))]
+    except JanusError as e:
+        assert_one_line(e, directory)
+    else:  # what only verify finds is harmless to training (a recorded max_id lowered, say)
+        assert read == docs
 
 
 @settings(max_examples=50, deadline=None)

@@ -2,8 +2,8 @@
 (checkpoint/relayout.py): the continued losses, the final weights and AdamW moments, the Adam step,
 the LR schedule and the data position equal those of the run continued at the original layout.
 
-Dropout is off, so every layout consumes the same random numbers; DP = 1 layouts accumulate two
-micro-batches, so the global batch stays the same. What differs is the order of fp32 sums (TP
+Dropout is off, so every layout consumes the same random numbers; the config fixes
+train.global_batch, so DP = 1 layouts accumulate two micro-batches. What differs is the order of fp32 sums (TP
 splits, DP all-reduce against accumulation): losses agree within 1e-5, gradient norms within 1e-4
 relative, and every weight and moment tensor within 1e-3 of what the continued steps changed in it
 (measured: at most 4e-5)."""
@@ -13,6 +13,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import read_metrics
 
@@ -38,7 +39,7 @@ def run(launch_training, out, layout: Layout, *extra, resume=False):
         out, nproc=layout.tensor_parallel * layout.data_parallel, resume=resume, timeout=400,
         extra=(*SHAPE, f"parallel.tensor_parallel={layout.tensor_parallel}",
                f"parallel.deepspeed_config=configs/deepspeed/zero{layout.zero_stage}.json",
-               f"train.grad_accum={MICRO_BATCHES // layout.data_parallel}", *extra))
+               f"train.global_batch={MICRO_BATCHES * 2}", *extra))
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -90,19 +91,56 @@ def test_resume_at_another_layout_continues_the_same_run(original, launch_traini
     assert have.engine["lr_scheduler"] == want.engine["lr_scheduler"]
     assert have.engine["global_steps"] == want.engine["global_steps"] == STEPS
     # The data position: the same examples of the same epoch consumed.
-    consumed = [(m["loader"]["epoch"], m["loader"]["index"] * m["loader"]["dp_size"]
-                 * m["loader"]["micro_batch_size"]) for m in (have_meta, want_meta)]
+    consumed = [(m["loader"]["epoch"], m["loader"]["consumed"]) for m in (have_meta, want_meta)]
     assert consumed[0] == consumed[1] == (0, STEPS * MICRO_BATCHES * 2)
+    # train.global_batch: accumulation derived per layout.
+    assert have_meta["config"]["train"]["grad_accum"] == MICRO_BATCHES // target.data_parallel
 
 
-def _loaders(dp_size, budget=None, size=2):
-    corpus = [list(range(3 + i % 5)) for i in range(64)]
-    collate = lambda examples, rng: [list(t) for _, t in examples]  # noqa: E731
-    return [BatchLoader(corpus, collate, size, seed=3, dp_rank=r, dp_size=dp_size, budget=budget)
-            for r in range(dp_size)]
+def _corpus(n=64):
+    return [np.array([i] + list(range(3 + i % 5))) for i in range(n)]
 
 
-@pytest.mark.parametrize("dp_size,size", [(1, 2), (4, 2), (1, 4), (2, 1)])
+def _collate(examples, rng):
+    return [int(t[0]) for _, t in examples]  # the example ids of the micro-batch
+
+
+def _loaders(dp_size, budget=None, size=2, accumulation=1, corpus=None):
+    corpus = _corpus() if corpus is None else corpus
+    return [BatchLoader(corpus, _collate, size, seed=3, dp_rank=r, dp_size=dp_size, budget=budget,
+                        accumulation=accumulation) for r in range(dp_size)]
+
+
+def _steps(loaders, micro_steps):
+    """The example ids the ranks take in `micro_steps` micro-steps, in plan order (rank 0 first)."""
+    return [i for _ in range(micro_steps) for loader in loaders for i in next(loader)]
+
+
+@pytest.mark.parametrize("budget", [None, TokenBudget(24, 8, 8)], ids=["fixed", "max_tokens"])
+def test_resume_at_any_dp_size_uses_every_example_once(budget):
+    """Saved at DP 4, resumed at 3, 2, 1 and back at 4 (none of which divides what the previous
+    layout consumed into whole micro-steps of the next): the ids taken are the global plan's, in
+    its order, each once, up to the epoch's end; only a tail shorter than one step is left out."""
+    corpus = _corpus(200)
+    loaders = _loaders(4, budget, corpus=corpus)
+    plan = loaders[0]._plan(0)
+    order = np.asarray(plan.order).tolist()
+    taken = _steps(loaders, 3)
+    for dp_size in (3, 2, 1, 4):
+        state = json.loads(json.dumps(loaders[0].state_dict()))
+        loaders = _loaders(dp_size, budget, corpus=corpus)
+        for loader in loaders:
+            loader.load_state_dict(state)
+        taken += _steps(loaders, 2)
+    while loaders[0].epoch == 0 and loaders[0]._normalised(0, loaders[0].position)[0] == 0:
+        taken += _steps(loaders, 1)
+    assert taken == order[:len(taken)]
+    assert len(set(taken)) == len(taken)
+    left = len(order) - len(taken)
+    assert 0 <= left < (4 * 2 if budget is None else 4 * max(map(len, plan)))
+
+
+@pytest.mark.parametrize("dp_size,size", [(1, 2), (4, 2), (1, 4), (2, 1), (3, 2)])
 def test_position_moves_to_another_dp_size_as_examples_consumed(dp_size, size):
     """Two ranks took 4 micro-batches of 2 (16 examples): the resumed ranks, however many and
     however large their micro-batches, go on with the 17th example of the same plan."""
@@ -114,23 +152,39 @@ def test_position_moves_to_another_dp_size_as_examples_consumed(dp_size, size):
     after = _loaders(dp_size, size=size)
     for loader in after:
         loader.load_state_dict(state)
-    assert [loader.index for loader in after] == [16 // (dp_size * size)] * dp_size
-    plan = [e for batch in before[0]._plan(0) for e in batch.tolist()]
-    corpus = before[0].corpus
-    taken = [example for loader in after for example in next(loader)]
-    assert taken == [corpus[i] for i in plan[16:16 + dp_size * size]]
+    assert [loader.position for loader in after] == [16] * dp_size
+    plan = np.asarray(before[0]._plan(0).order).tolist()
+    assert [i for loader in after for i in next(loader)] == plan[16:16 + dp_size * size]
 
 
-def test_position_that_cannot_move_is_one_error():
-    state = {**_loaders(2)[0].state_dict(), "index": 3}
-    with pytest.raises(JanusError, match="not a whole number of global micro-batches") as info:
-        _loaders(4)[0].load_state_dict(state)
-    assert "\n" not in str(info.value)
-    budget = TokenBudget(20, 8, 8)
-    state = _loaders(2, budget)[0].state_dict()
-    with pytest.raises(JanusError, match="data.max_tokens") as info:
-        _loaders(1, budget)[0].load_state_dict(state)
-    assert "\n" not in str(info.value)
+def test_epochs_hold_whole_steps_of_a_fixed_global_batch():
+    """With the same global batch (16 sequences) at DP 1, 2 and 4, an epoch has the same steps:
+    the same examples in the same order, the same ones left out at its end."""
+    epochs = []
+    for dp_size in (1, 2, 4):
+        loaders = _loaders(dp_size, size=2, accumulation=8 // dp_size, corpus=_corpus(70))
+        per_step = 8 // dp_size
+        steps = loaders[0].batches_per_epoch // per_step
+        epochs.append(_steps(loaders, steps * per_step))
+        assert loaders[0].position == 64 and loaders[0]._normalised(0, 64) == (1, 0)
+    assert epochs[0] == epochs[1] == epochs[2]
+
+
+def test_token_budget_plan_is_the_same_at_any_dp_size():
+    """The token-budget plan groups a step's batches (global batch / max_tokens of them), not the
+    DP size: with tokens fixed per step, DP 1 x 4 and DP 4 x 1 take the same batches."""
+    budget = TokenBudget(24, 8, 8)
+    one, four = _loaders(1, budget, accumulation=4), _loaders(4, budget, accumulation=1)
+    assert [b.tolist() for b in one[0]._plan(0)] == [b.tolist() for b in four[0]._plan(0)]
+    assert _steps(one, 8) == _steps(four, 2)
+
+
+def test_position_under_another_token_budget_is_one_error():
+    state = _loaders(2, TokenBudget(20, 8, 8))[0].state_dict()
+    for budget in (TokenBudget(24, 8, 8), None):
+        with pytest.raises(JanusError, match="data.max_tokens=20; this run has") as info:
+            _loaders(1, budget)[0].load_state_dict(state)
+        assert "\n" not in str(info.value)
 
 
 def test_checkpoint_of_another_shape_is_one_error(original, single_process):

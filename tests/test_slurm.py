@@ -1,6 +1,7 @@
 """The multi-node launch for real: the slurm scripts parse and dry-run; on a local Slurm with two
-emulated nodes (slurm/local/start.sh) a 2-node job completes, and a job sent USR1 checkpoints,
-requeues itself and resumes; two torchrun agents on loopback train like one 2-process node."""
+emulated nodes (slurm/local/start.sh) a 2-node job completes though one of its ranks is killed
+(a failure requeue), and a job sent USR1 checkpoints, requeues itself and resumes; two torchrun
+agents on loopback train like one 2-process node."""
 import os
 import re
 import signal
@@ -158,19 +159,6 @@ def test_dry_run_prints_each_nodes_launch_command(slurm_conf):
     assert not (REPO / "slurm/logs/hostfile-4321").exists(), "a dry run wrote the hostfile"
 
 
-def test_sbatch_two_nodes_runs_to_completion(slurm_conf, shards_dir, tokenizer_path, tmp_path,
-                                             runs, launch_training, tmp_path_factory):
-    out, log = tmp_path / "train", tmp_path / "job.out"
-    info = run_job(slurm_conf, log, [*_train_overrides(shards_dir, tokenizer_path, out),
-                                     f"train.steps={STEPS}", ZERO2])
-    text = read_log(log)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
-    assert "on node[1-2]: SLURM_RESTART_COUNT=0" in text
-    assert (out / "checkpoints/latest").read_text().strip() == f"step_{STEPS:08d}"
-    # Two nodes of one process each train exactly like one node of two.
-    assert_same_losses(read_metrics(out), single_node(runs, launch_training, tmp_path_factory))
-
-
 def test_usr1_checkpoints_requeues_and_resumes(slurm_conf, shards_dir, tokenizer_path, tmp_path):
     out, log = tmp_path / "train", tmp_path / "job.out"
     steps = 20  # long enough that USR1 arrives mid-run
@@ -185,7 +173,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_conf, shards_dir, tokenizer
 
     start = time.monotonic()
     info = run_job(slurm_conf, log, [*_train_overrides(shards_dir, tokenizer_path, out),
-                                     f"train.steps={steps}", ZERO2], act=preempt)
+                                     f"train.steps={steps}", ZERO2], act=preempt, timeout=420)
     text = read_log(log)
     print(f"USR1 after {timeline['signalled'] - start:.0f}s, rerun started after "
           f"{timeline['rerun'] - start:.0f}s, done after {time.monotonic() - start:.0f}s")
@@ -200,6 +188,52 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_conf, shards_dir, tokenizer
     assert f"resuming from {out / 'checkpoints' / f'step_{step:08d}'}" in rerun
     assert (out / "checkpoints/latest").read_text().strip() == f"step_{steps:08d}"
     assert [m["step"] for m in read_metrics(out)] == list(range(1, steps + 1))
+
+
+def test_sbatch_two_nodes_survive_a_killed_rank(slurm_conf, shards_dir, tokenizer_path, tmp_path,
+                                                runs, launch_training, tmp_path_factory,
+                                                monkeypatch):
+    """A 2-node job whose node-2 rank is SIGKILLed after step 1's checkpoint: srun ends node 1's
+    rank too, the job requeues itself (a failure, within the retry budget), resumes from step 1
+    and completes with the losses of one uninterrupted node of two processes."""
+    out, log = tmp_path / "train", tmp_path / "job.out"
+    start = time.monotonic()
+    monkeypatch.setenv("JANUS_TEST_KILL_AFTER_SAVE", "1")  # the job inherits it (slurm_env)
+    monkeypatch.setenv("RETRY_LOG", str(tmp_path / "failures"))  # job ids restart with the cluster
+    info = run_job(slurm_conf, log, [*_train_overrides(shards_dir, tokenizer_path, out),
+                                     f"train.steps={STEPS}", "train.save_interval=1",
+                                     "train.async_save=false", ZERO2], timeout=420)
+    text = read_log(log)
+    print(f"killed, requeued and finished in {time.monotonic() - start:.0f}s")
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        text[-4000:]
+    first, rerun = text.split("SLURM_RESTART_COUNT=1")
+    assert "on node[1-2]: SLURM_RESTART_COUNT=0" in first
+    assert "training failed (status" in first and "(retry 1 of 3 per 86400s)" in first
+    assert f"resuming from {out / 'checkpoints' / 'step_00000001'}" in rerun
+    assert (out / "checkpoints/latest").read_text().strip() == f"step_{STEPS:08d}"
+    got = {m["step"]: m for m in read_metrics(out)}
+    assert_same_losses([got[s] for s in sorted(got)],
+                       single_node(runs, launch_training, tmp_path_factory))
+
+
+def test_a_config_error_ends_the_job_before_any_rank_starts(slurm_conf, shards_dir,
+                                                            tokenizer_path, tmp_path):
+    """`train --check` on the batch node: exit 2, one line, no srun (so no requeue: under
+    torchrun a rank's exit 2 would reach the script as 1, a failure)."""
+    result = subprocess.run(
+        ["bash", "slurm/pretrain.sbatch", CONFIG, *_train_overrides(shards_dir, tokenizer_path,
+                                                                     tmp_path / "run"),
+         "train.global_batch=24", "data.micro_batch_size=4"],
+        cwd=REPO, env={**slurm_env(slurm_conf), "SLURM_JOB_ID": "9", "NPROC_PER_NODE": "2",
+                       "SLURM_JOB_NODELIST": "node[1-2]", "RETRY_LOG": str(tmp_path / "f")},
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines() == [
+        "error: config: train.global_batch: 24 sequences = 6 micro-batches of 4, which 4 "
+        "data-parallel ranks cannot share; use data-parallel sizes 3 or 6 (1 or 3 nodes of 2 GPUs "
+        "at parallel.tensor_parallel=1)"], result.stderr
+    assert "srun" not in result.stdout and not (tmp_path / "f").exists()
 
 
 def test_two_torchrun_agents_equal_one_node(runs, launch_training, tmp_path_factory, tmp_path,

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from janus_pretrain.model.memory import model_states
+
 STAGES = (0, 1, 2, 3)
 
 
@@ -63,13 +65,11 @@ def measure(engine, stage: int) -> dict[str, int]:
 
 
 def analytic(numel: int, stage: int, dp: int, precision: str) -> dict[str, float]:
-    """ZeRO paper accounting with Adam: 12 bytes/param of optimizer state (m, v, fp32 master),
-    the master copy absent without ZeRO in fp32."""
-    width = 2 if precision == "bf16" else 4
-    optimizer = 12 if (stage > 0 or precision == "bf16") else 8
-    return {"params": width * numel / (dp if stage >= 3 else 1),
-            "grads": width * numel / (dp if stage >= 2 else 1),
-            "optimizer": optimizer * numel / (dp if stage >= 1 else 1)}
+    """Model states of janus_pretrain/model/memory.py (the planner's accounting), without
+    DeepSpeed's buckets, which this table leaves out."""
+    states = model_states(numel, stage, dp, precision)
+    return {"params": states["params"], "grads": states["grads"] + states["grads_backward"],
+            "optimizer": states["optimizer"]}
 
 
 def worker(stage: int, preset: str, precision: str, out: str) -> None:

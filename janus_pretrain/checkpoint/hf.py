@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from janus_pretrain.checkpoint import consolidated
+from janus_pretrain.checkpoint.files import META
 from janus_pretrain.config import (DataConfig, LossWeights, ModelConfig, ObjectiveConfig, RunConfig,
                                    from_dict, to_dict)
 from janus_pretrain.errors import JanusError
@@ -46,7 +47,7 @@ def _transformers():
 
 def is_hf_dir(path: Path) -> bool:
     """A directory written by `save_pretrained` (config.json, no janus.json of ours)."""
-    return path.is_dir() and (path / "config.json").is_file() and not (path / "janus.json").is_file()
+    return path.is_dir() and (path / "config.json").is_file() and not (path / META).is_file()
 
 
 def model_config(hf) -> ModelConfig:

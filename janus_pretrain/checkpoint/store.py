@@ -1,13 +1,17 @@
 """Training checkpoints: save, find and resume around DeepSpeed's own save/load (files.py).
 
-Every rank writes into a staging directory (atomic.py); when all have finished, each hashes and
-fsyncs its share of the files and rank 0 publishes the directory with its marker, then replaces
-`latest` and prunes old checkpoints. Resuming takes the newest directory that has its marker
-(not `latest`, which a crash between rename and update could leave one behind), warns about
-those without one, and verifies the checksums before DeepSpeed reads a byte.
+Every rank copies its state to host memory and writes it into a staging directory (atomic.py),
+hashing and fsyncing its own files, in a background thread or before `save` returns
+(background.py); when every rank has reported its files, rank 0 publishes the directory with its
+marker, then replaces `latest` and prunes old checkpoints. Resuming takes the newest directory
+that has its marker (not `latest`, which a crash between rename and update could leave one
+behind), warns about those without one, and verifies the checksums before DeepSpeed reads a byte.
 
-Test hook: with JANUS_TEST_KILL_IN_SAVE=<step>, rank 0 SIGKILLs itself while saving that step,
-after DeepSpeed's files and before janus.json and the marker (tests/test_fault_tolerance.py).
+Test hooks: with JANUS_TEST_KILL_IN_SAVE=<step>, rank 0 SIGKILLs itself while saving that step,
+after DeepSpeed's files and before janus.json and the marker (tests/test_fault_tolerance.py);
+with JANUS_TEST_KILL_AFTER_SAVE=<step>, the last rank SIGKILLs itself after saving that step
+(complete, with train.async_save=false), in a run that did not resume (tests/test_slurm.py: a
+rank lost mid-run).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import random
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from janus_pretrain import disk_space
-from janus_pretrain.checkpoint import atomic, finite, unpickle
+from janus_pretrain.checkpoint import atomic, background, finite, unpickle
 from janus_pretrain.checkpoint.files import (CHECKPOINTS, CORRUPT_SUFFIX, LATEST, MARKER, META,
                                               STEP, TMP_PREFIX, rng_file, step_name)
 from janus_pretrain.config import resume_difference
@@ -33,6 +38,7 @@ from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import Tokenizer, load_tokenizer
 
 KILL_IN_SAVE = "JANUS_TEST_KILL_IN_SAVE"
+KILL_AFTER_SAVE = "JANUS_TEST_KILL_AFTER_SAVE"
 
 
 def _share(items: list, rank: int, world: int) -> list:
@@ -73,34 +79,59 @@ def _warn(message: str) -> None:
 
 
 def save(engine, root: Path, step: int, client_state: dict, tokenizer: Tokenizer,
-         keep: int) -> Path:
-    """Collective: every rank calls it. Keeps the newest `keep` checkpoints; returns the new one."""
+         keep: int, writer: Optional[background.Writer] = None, inline: bool = True) -> Path:
+    """Collective: every rank calls it. Keeps the newest `keep` checkpoints; returns the new one.
+
+    Training waits only while the state is copied to host memory; `writer` writes, hashes and
+    publishes it: in its thread unless `inline` (then the checkpoint is complete once rank 0's
+    writer is done), else before this returns (background.py)."""
     from janus_pretrain.checkpoint import relayout  # DeepSpeed: training only, not decoding
 
+    writer = writer or background.Writer(background=False)
+    writer.wait()  # at most one save in flight
     rank, world = dist.get_rank(), dist.get_world_size()
     final = root / step_name(step)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     if rank == 0:
         atomic.staging(final)
     dist.barrier()
-    torch.save(rng_state(), tmp / rng_file(rank))
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    rng = rng_state()
+    with background.host_snapshot(engine, writer.buffers) as states:
+        engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    zipfile = getattr(engine.checkpoint_engine, "zipfile_serialization", False)
     healthy = finite.weights_finite(engine.module)  # collective; never `best` when False
+    texts = {}
     if rank == 0:
-        if os.environ.get(KILL_IN_SAVE) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        (tmp / META).write_text(json.dumps({"step": step, **client_state, finite.RECORD: healthy,
-                                            "layout": relayout.of_engine(engine).as_dict()}, indent=2))
-        (tmp / tokenizer.filename).write_bytes(tokenizer.model_bytes())
-    dist.barrier()
-    # Each rank hashes (and fsyncs) its share of the files; rank 0 publishes the manifest.
-    names = atomic.files(tmp)
-    sums = dict(_gather([(f, atomic.sha256(tmp / f, sync=True)) for f in _share(names, rank, world)]))
-    if rank == 0:
-        atomic.publish(tmp, final, sums, step=step)
-        atomic.write_text(root / LATEST, final.name)
-        _prune(root, keep)
-    dist.barrier()
+        meta = {"step": step, **client_state, finite.RECORD: healthy,
+                "layout": relayout.of_engine(engine).as_dict()}
+        texts = {META: json.dumps(meta, indent=2).encode(),
+                 tokenizer.filename: tokenizer.model_bytes()}
+
+    def write() -> None:
+        try:
+            torch.save(rng, tmp / rng_file(rank))
+            background.save_states(states, zipfile)
+            if rank == 0 and os.environ.get(KILL_IN_SAVE) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            for name, data in texts.items():
+                (tmp / name).write_bytes(data)
+            mine = [rng_file(rank), *texts, *(str(Path(p).relative_to(tmp)) for p in states)]
+            sums = {name: atomic.sha256(tmp / name, sync=True) for name in mine}
+        except BaseException as e:
+            background.report_failed(tmp, rank, e)
+            raise
+        background.report_written(tmp, rank, sums)
+        if rank == 0:
+            sums = background.gather_written(tmp, world)
+            # What no rank wrote itself (DeepSpeed's recovery script) is hashed here.
+            sums.update({f: atomic.sha256(tmp / f, sync=True) for f in atomic.files(tmp)
+                         if f not in sums})
+            atomic.publish(tmp, final, sums, step=step)
+            atomic.write_text(root / LATEST, final.name)
+            _prune(root, keep)
+
+    if writer.run(write, inline):
+        dist.barrier()
     return final
 
 
@@ -278,14 +309,25 @@ def read_rng_file(path: Path) -> dict:
 
 class Checkpointer:
     """Owns one run's checkpoints: refuses to overwrite a finished run, resumes, and decides
-    when to save (every `save_interval` steps and at the last step of an invocation)."""
+    when to save: every `save_interval` steps, about every `interval_minutes`, and at the last
+    step of an invocation. With `async_save`, a save stalls the step only for its host copy
+    (background.py); the last step's save and those of validated steps (`sync_every`, which
+    copies them to best) are complete when `after_step` returns."""
+
+    ESTIMATE_STEPS = 10  # steps timed before the first time-based save is planned
 
     def __init__(self, engine, output_dir: Path, tokenizer: Tokenizer, save_interval: int,
-                 keep: int):
+                 keep: int, interval_minutes: Optional[float] = None, async_save: bool = False,
+                 sync_every: Optional[int] = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.root = output_dir / CHECKPOINTS
         self.save_interval, self.keep = save_interval, keep
+        self.interval_minutes, self.sync_every = interval_minutes, sync_every
+        self.writer = background.Writer(background=async_save)
         self.last: Optional[Path] = None
+        self.resumed = False
+        self._clock: Optional[tuple[int, float]] = None  # (step, time) the step time is timed from
+        self._estimate_at = self._due_step = None
 
     def start(self, resume: bool, fallback: bool, config: Optional[dict] = None
               ) -> Optional[dict]:
@@ -305,23 +347,45 @@ class Checkpointer:
         meta = load(self.engine, found, self.tokenizer)
         if config is not None:
             warn_changed_data(found, saved, config)
-        self.last = found  # the run's checkpoint until this invocation saves one
+        self.last, self.resumed = found, True  # the run's checkpoint until this one saves one
         return meta
 
     def after_step(self, step: int, done: bool, client_state) -> None:
         """Collective; `client_state()` builds what janus.json holds besides the step."""
-        if step % self.save_interval == 0 or done:
-            # A full disk (ENOSPC, or torch's errno-less "iostream error" with less free than a
-            # checkpoint takes): the partial save is removed, so it holds no space, and the
+        due = step % self.save_interval == 0 or done or step == self._due_step
+        if due:
+            inline = done or bool(self.sync_every and step % self.sync_every == 0)
+            # A full disk (ENOSPC, or torch's errno-less "iostream error" with less free than
+            # a checkpoint takes): the partial save is removed, so it holds no space, and the
             # error is one line. The previous checkpoints are intact.
             partial = self.root / f"{TMP_PREFIX}{step_name(step)}"
             with disk_space.one_line("checkpoint", self.root / step_name(step),
                                      lambda: self._space_needed(partial),
                                      lambda: shutil.rmtree(partial, ignore_errors=True)):
                 self.last = save(self.engine, self.root, step, client_state(), self.tokenizer,
-                                 self.keep)
+                                 self.keep, self.writer, inline)
+            if (os.environ.get(KILL_AFTER_SAVE) == str(step) and not self.resumed
+                    and dist.get_rank() == dist.get_world_size() - 1):
+                os.kill(os.getpid(), signal.SIGKILL)
+        if self.interval_minutes is not None:
+            if self._clock is None:
+                self._clock = (step, time.monotonic())
+                self._estimate_at = step + self.ESTIMATE_STEPS
+            elif due or step == self._estimate_at:
+                self._due_step = self._next_timed_save(step)
 
     def _space_needed(self, partial: Path) -> tuple[int, bool]:
         """What a checkpoint takes: the newest one's size, or more than the partial one's."""
         previous = complete(self.root)
         return disk_space.bytes_under(previous[0] if previous else partial), not previous
+
+    def _next_timed_save(self, step: int) -> int:
+        """Collective (at a step every rank knows): the step of the next time-based save, from
+        rank 0's mean step time since the last estimate, so that every rank agrees on it."""
+        first, then = self._clock
+        now = time.monotonic()
+        seconds = (now - then) / (step - first)
+        due = [step + max(1, round(self.interval_minutes * 60 / seconds))]
+        dist.broadcast_object_list(due, src=0)
+        self._clock = (step, now)
+        return due[0]

@@ -84,32 +84,56 @@ def build_buckets(data) -> Buckets | None:
                    tuple(sorted(data.slot_shares)))
 
 
+def _index_of_lengths(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (the distinct lengths, ascending; each entry's index among them), by table lookup."""
+    distinct = np.flatnonzero(np.bincount(lengths))
+    table = np.zeros(int(distinct[-1]) + 1, dtype=np.uint16)
+    table[distinct] = np.arange(len(distinct))
+    return distinct, table[lengths]
+
+
 def fill_bucketed(order: np.ndarray, src: np.ndarray, tgt: np.ndarray, max_tokens: int
-                  ) -> list[np.ndarray]:
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Cut `order` (example indices, shuffled) into batches of one (source, target) bucket
     each: src, tgt [N] are bucketed row lengths, a bucket's batches hold
     max_tokens // max(s, t) rows. What does not fill a bucket's last batch moves on to the
     next bucket that holds it (both lengths at least as large), so each bucket has one shape;
-    what is left at the end forms the last batches, at the largest lengths it needs."""
-    keys = sorted(set(zip(src[order].tolist(), tgt[order].tolist())),
-                  key=lambda k: (max(k), k[1], k[0]))
-    members = {k: [] for k in keys}
-    for i, key in zip(order.tolist(), zip(src[order].tolist(), tgt[order].tolist())):
-        members[key].append(i)
-    batches: list[np.ndarray] = []
-    pending: list[tuple[tuple[int, int], list[int]]] = []  # (bucket, examples) to carry on
-    for key in keys:
-        held = [p for p in pending if p[0][0] <= key[0] and p[0][1] <= key[1]]
-        pending = [p for p in pending if not (p[0][0] <= key[0] and p[0][1] <= key[1])]
-        examples = members[key] + [i for _, carried in held for i in carried]
-        rows = max(1, max_tokens // max(key))
+    what is left at the end forms the last batches, at the largest lengths it needs.
+    -> (example order, batch offsets) of an EpochPlan (data/plan.py). Vectorised but for a loop
+    over the buckets present (a few dozen at most)."""
+    s, t = src[order], tgt[order]
+    s_lengths, s_index = _index_of_lengths(s)
+    t_lengths, t_index = _index_of_lengths(t)
+    pair = (s_index * len(t_lengths) + t_index).astype(np.uint16)
+    present = np.flatnonzero(np.bincount(pair))
+    buckets = sorted(((int(s_lengths[k // len(t_lengths)]), int(t_lengths[k % len(t_lengths)]),
+                       int(k)) for k in present), key=lambda b: (max(b[:2]), b[1], b[0]))
+    rank = np.zeros(int(present.max()) + 1, dtype=np.uint16)
+    rank[[k for *_, k in buckets]] = np.arange(len(buckets))
+    ranks = rank[pair]
+    grouped = order[np.argsort(ranks, kind="stable")]  # by bucket, shuffled within
+    ends = np.cumsum(np.bincount(ranks, minlength=len(buckets)))
+    parts, offsets, done = [], [], 0
+    pending: list[tuple[int, int, np.ndarray]] = []  # (lengths, examples) to carry on
+
+    def cut(examples: np.ndarray, rows: int) -> None:
+        nonlocal done
+        parts.append(examples)
+        offsets.append(done + np.arange(0, len(examples), rows))
+        done += len(examples)
+
+    for g, (sl, tl, _) in enumerate(buckets):
+        held = [p for p in pending if p[0] <= sl and p[1] <= tl]
+        pending = [p for p in pending if not (p[0] <= sl and p[1] <= tl)]
+        start = ends[g - 1] if g else 0
+        examples = np.concatenate([grouped[start:ends[g]], *(p[2] for p in held)])
+        rows = max(1, max_tokens // max(sl, tl))
         full = len(examples) // rows * rows
-        batches += [np.array(examples[j:j + rows]) for j in range(0, full, rows)]
+        cut(examples[:full], rows)
         if full < len(examples):
-            pending.append((key, examples[full:]))
+            pending.append((sl, tl, examples[full:]))
     if pending:  # left over: batches at the lengths they need together
-        rest = [i for _, carried in pending for i in carried]
-        key = (max(k[0] for k, _ in pending), max(k[1] for k, _ in pending))
-        rows = max(1, max_tokens // max(key))
-        batches += [np.array(rest[j:j + rows]) for j in range(0, len(rest), rows)]
-    return batches
+        rows = max(1, max_tokens // max(max(p[0] for p in pending), max(p[1] for p in pending)))
+        cut(np.concatenate([p[2] for p in pending]), rows)
+    return (np.concatenate(parts).astype(np.int64),
+            np.concatenate([*offsets, [done]]).astype(np.int64))

@@ -3,10 +3,12 @@ source shards of fine-tuning, and the validation loader."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 from janus_pretrain.config import RunConfig
+from janus_pretrain.data.blend import BlendedCorpus, open_blend
 from janus_pretrain.data.loader import BatchLoader, build_loader
 from janus_pretrain.data.shards import ShardedCorpus
 from janus_pretrain.errors import JanusError
@@ -28,11 +30,23 @@ def open_corpus(path: str, tokenizer: Tokenizer) -> ShardedCorpus:
     return corpus
 
 
+def open_train(value, tokenizer: Tokenizer):
+    """data.train: one corpus, or several blended by weight (data/blend.py), each checked
+    against the run's tokenizer."""
+    corpus = open_blend(value, lambda path: open_corpus(path, tokenizer))
+    if isinstance(corpus, BlendedCorpus) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"data: blend of {len(corpus.members)} corpora: {corpus.describe()}")
+    return corpus
+
+
 def open_sources(source: Optional[str], tokenizer: Tokenizer, targets: ShardedCorpus,
                  names: tuple[str, str] = ("data.source", "data.train")) -> Optional[ShardedCorpus]:
     """Fine-tuning: the source shards aligned with the target shards; None when pretraining."""
     if source is None:
         return None
+    if isinstance(targets, BlendedCorpus):
+        raise JanusError(f"data.train: a blend of corpora is for pretraining; {names[0]} "
+                         f"(fine-tuning pairs) needs one target directory")
     sources = open_corpus(source, tokenizer)
     if len(sources) != len(targets):
         raise JanusError(f"data: {names[0]} ({source}) holds {len(sources)} documents, "

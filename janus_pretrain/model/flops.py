@@ -41,6 +41,14 @@ def decoder_passes(ar: bool, nar: bool, tgt_len: int, masked: int) -> list[tuple
     return passes
 
 
+def bang_passes(main: bool, streams: int, tgt_len: int) -> list[tuple[int, int]]:
+    """BANG's one decoder pass at padded target length `tgt_len`: T = tgt_len - 1 rows per
+    stream, the main stream (kind=bang; bang_nar has none) plus `streams` predicting streams, all
+    of whose rows are projected."""
+    rows = tgt_len - 1
+    return [((int(main) + streams) * rows, streams * rows)]
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] | None = None,
                 seconds: float = 0.5) -> float:
     """The machine's matmul peak, the denominator of MFU: the best FLOP/s of square matmuls of

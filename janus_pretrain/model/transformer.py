@@ -25,6 +25,7 @@ from janus_pretrain.config import ModelConfig
 from janus_pretrain.model.recompute import run_layer
 from janus_pretrain.model.flex import FlexMask, causal_mask
 from janus_pretrain.model.layers import Layers, init_normal, linear, to_tensor_parallel
+from janus_pretrain.parallel.rng import tp_region
 from janus_pretrain.parallel.vocab import PAD_LOGIT
 
 # BART's learned position tables start with two rows its position ids never reach.
@@ -80,10 +81,10 @@ class Attention(nn.Module):
         if isinstance(mask, FlexMask):
             out = mask.attend(q, k, v)
         else:
-            with sdpa_backend(q):
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                    is_causal=causal)
+            p = self.dropout if self.training else 0.0
+            with sdpa_backend(q), tp_region(p > 0):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                     is_causal=causal)
         return linear(self.out, out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
@@ -105,7 +106,10 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(cfg.activation_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.down, self.drop(F.gelu(linear(self.up, x))))
+        hidden = F.gelu(linear(self.up, x))
+        with tp_region(self.drop.p > 0 and self.training):
+            hidden = self.drop(hidden)
+        return linear(self.down, hidden)
 
 
 class Residual(nn.Module):

@@ -29,7 +29,7 @@ import torch
 
 from janus_pretrain.config import ModelConfig, ObjectiveConfig
 from janus_pretrain.data.padding import pad_batch, with_bos_eos
-from janus_pretrain.model.flops import step_flops
+from janus_pretrain.model.flops import bang_passes, step_flops
 from janus_pretrain.objectives import losses, noise
 from janus_pretrain.tokenizer import MASK, PAD
 
@@ -122,9 +122,8 @@ class BangObjective:
         """Analytic training FLOPs: one decoder pass of (1 + N) T rows (bang_nar: T), N T of
         them projected to the vocabulary."""
         b, s = host["src"].shape
-        rows = host["tgt"].shape[1] - 1
-        main = rows if self.cfg.kind == "bang" else 0
-        return step_flops(model, vocab, b, s, [(main + self.streams * rows, self.streams * rows)])
+        return step_flops(model, vocab, b, s,
+                          bang_passes(self.cfg.kind == "bang", self.streams, host["tgt"].shape[1]))
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> Prepared:
         tgt = batch["tgt"]

@@ -130,7 +130,7 @@ class _VocabTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, names: tuple, targets: Targets, ar, nar, aux):
         ar_stream = _Stream(ar) if "ce_ar" in names else None
-        slots = [n for n in SLOTS if any(n in _slots_of(name) for name in names)]
+        slots = slot_streams(names)
         logits = {"nar": nar, "aux": aux}
         if "ar_m" in slots:
             logits["ar_m"] = _take_rows(ar, targets.ar_rows)
@@ -212,6 +212,11 @@ class _VocabTerms(torch.autograd.Function):
                                                   grads["ar_m"].reshape(-1, v))
             return None, None, grad_ar, grads.get("nar"), grads.get("aux")
         return None, None, grad_ar, None, None
+
+
+def slot_streams(names: tuple[str, ...]) -> list[str]:
+    """The slot streams (SLOTS) the terms `names` read, stacked in this order."""
+    return [n for n in SLOTS if any(n in _slots_of(name) for name in names)]
 
 
 def _slots_of(name: str) -> tuple[str, ...]:

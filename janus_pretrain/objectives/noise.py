@@ -2,13 +2,16 @@
 
 Numpy on the host, run in the data collator; each function takes the generator it draws from,
 so a batch's noise is a pure function of the loader position (see data/loader.py).
-Sequences here are bare token ids, without BOS/EOS.
+Sequences here are bare token ids, without BOS/EOS (but for the [EOS] that separates the
+documents of a packed pretraining block: `pretraining_noise`).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from janus_pretrain.tokenizer import EOS
 
 
 def span_mask(rng: np.random.Generator, allowed: np.ndarray, count: int, lam: float) -> np.ndarray:
@@ -120,11 +123,30 @@ def target_uniform_mask(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 
-def pretraining_noise(rng: np.random.Generator, tokens: np.ndarray, cfg, mask_id: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def pretraining_noise(rng: np.random.Generator, tokens: np.ndarray, cfg, mask_id: int,
+                      separator: int = EOS) -> tuple[np.ndarray, np.ndarray]:
     """`denoise` (pretraining) by `cfg.mask_sampler` (an ObjectiveConfig): tokens [n] ->
     (source [m], decoder mask [n] bool). JANUS and BANG both call it, so that with the same
-    generator they see the same sources."""
+    generator they see the same sources. A packed block's documents (split by `separator`,
+    data/packing.py) are noised one by one, so no span crosses from one into the next; the
+    separators stay in the source and out of the mask."""
+    cuts = np.flatnonzero(tokens == separator)
+    if len(cuts):
+        sources, masks = [], []
+        for start, end in zip(np.concatenate([[0], cuts + 1]), np.append(cuts, len(tokens))):
+            if end > start:
+                source, mask = _document_noise(rng, tokens[start:end], cfg, mask_id)
+                sources.append(source)
+                masks.append(mask)
+            if end < len(tokens):
+                sources.append(tokens[end:end + 1])
+                masks.append(np.zeros(1, dtype=bool))
+        return np.concatenate(sources), np.concatenate(masks)
+    return _document_noise(rng, tokens, cfg, mask_id)
+
+
+def _document_noise(rng: np.random.Generator, tokens: np.ndarray, cfg, mask_id: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
     if cfg.mask_sampler == "authors":
         return authors_denoising(rng, tokens, cfg.source_mask_ratio, cfg.source_span_lambda,
                                  1.0 - cfg.extra_mask_share, mask_id)

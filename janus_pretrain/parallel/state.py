@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,9 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize(tensor_parallel: int = 1) -> Topology:
+def initialize(tensor_parallel: int = 1, timeout_minutes: Optional[float] = None) -> Topology:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's TP/DP groups.
-    Idempotent at the same TP size; another TP size is refused, not silently ignored."""
+    Idempotent at the same TP size; another TP size is refused, not silently ignored.
+    `timeout_minutes`: how long a collective may wait (torch's default: 10 NCCL, 30 gloo)."""
     # A bare process is rank 0 of 1; DeepSpeed insists on finding these variables.
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                          ("MASTER_ADDR", "127.0.0.1")):
@@ -60,7 +63,8 @@ def initialize(tensor_parallel: int = 1) -> Topology:
         reuse_freed_memory()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)

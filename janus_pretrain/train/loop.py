@@ -24,7 +24,7 @@ import torch.distributed as dist
 from janus_pretrain.checkpoint import finite, store
 from janus_pretrain.checkpoint.init import init_weights
 from janus_pretrain.config import RunConfig, to_dict
-from janus_pretrain.data.corpora import open_corpus, open_sources, validation_loader
+from janus_pretrain.data.corpora import open_sources, open_train, validation_loader
 from janus_pretrain.data.loader import BatchLoader, build_loader
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
@@ -32,7 +32,7 @@ from janus_pretrain.model.flops import matmul_peak
 from janus_pretrain.objectives.build import Objective, build_objective
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD, load_tokenizer
-from janus_pretrain.train import run_lock
+from janus_pretrain.train import batch_size, run_lock
 from janus_pretrain.train.engine import build_engine, read_deepspeed_json
 from janus_pretrain.train.metrics import RunLogger, StepStats
 from janus_pretrain.train.nonfinite import NonFiniteGuard
@@ -111,10 +111,11 @@ def train(cfg: RunConfig, resume: bool = False, task_eval: Optional[TaskEval] = 
         raise JanusError("config: train.eval_interval: needs data.valid (validation shards) "
                          "or a fine-tuning task (janus-finetune train)")
     read_deepspeed_json(cfg)
-    topo = state.initialize(cfg.parallel.tensor_parallel)
+    topo = state.initialize(cfg.parallel.tensor_parallel, cfg.parallel.timeout_minutes)
+    cfg = batch_size.resolved(cfg, state.data_parallel_size())
     # bad data fails before the output directory is created (for its lock)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    corpus = open_corpus(cfg.data.train, tokenizer)
+    corpus = open_train(cfg.data.train, tokenizer)
     with run_lock.hold(Path(cfg.train.output_dir), topo.is_main):
         return _train(cfg, resume, task_eval, topo, tokenizer, corpus)
 
@@ -131,11 +132,13 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     if cfg.train.compile:
         model.compile()
     engine = build_engine(model, cfg)
-    loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
-                          state.data_parallel_size(), open_sources(cfg.data.source, tokenizer, corpus))
     output = Path(cfg.train.output_dir)
+    loader = build_loader(cfg.data, corpus, objective.collate, state.data_parallel_rank(),
+                          state.data_parallel_size(), open_sources(cfg.data.source, tokenizer, corpus),
+                          plan_dir=output / "data_plans", accumulation=cfg.train.grad_accum)
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
-                                      cfg.train.keep_checkpoints)
+                                      cfg.train.keep_checkpoints, cfg.train.save_interval_minutes,
+                                      cfg.train.async_save, cfg.train.eval_interval)
     meta = checkpointer.start(resume, cfg.train.resume_fallback, to_dict(cfg)) or {
         "step": 0, "bad_steps_in_a_row": 0, "loader": loader.state_dict()}
     loader.load_state_dict(meta["loader"])
@@ -164,6 +167,9 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
             diverged = bad_in_a_row >= cfg.train.max_bad_steps
             done = step == last_step or stopping or diverged
             logger.after_step(step, done, stats, engine)
+            if topo.is_main and hasattr(loader.corpus, "mixture") and (
+                    done or not step % cfg.train.log_interval):  # a blend's realised shares
+                logger.write_eval(step, loader.corpus.mixture(loader.epoch, loader.consumed()))
             checkpointer.after_step(step, done, lambda: saved_state(guard, loader, cfg))
             validator.after_step(step, checkpointer.last, logger)
     loader.close()

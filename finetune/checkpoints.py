@@ -15,9 +15,8 @@ from typing import Optional
 
 from janus_pretrain.checkpoint import store, weights
 from janus_pretrain.checkpoint.files import AVERAGED, BEST, CHECKPOINTS, MARKER
-from janus_pretrain.errors import JanusError
+from janus_pretrain.errors import JanusError, NonFiniteOutput
 from janus_pretrain.generate.api import Generator
-from janus_pretrain.train.validation import weights_finite
 from finetune.live_eval import first_metric
 from finetune.tasks import TaskSpec, read_split
 
@@ -36,14 +35,13 @@ def validation_score(task: TaskSpec, path: Path, valid_size: int,
                      root: Optional[str] = None) -> float:
     sources, refs = read_split(task, "valid", root)
     sources, refs = sources[:valid_size], refs[:valid_size]
+    # A corrupt file or non-finite weights (weights.load_into) are refused by loading, a model
+    # whose weights are finite but whose log-probabilities are not (diverged) by decoding: the
+    # other checkpoints may still serve.
     try:
         gen = Generator.from_checkpoint(path)
-    except JanusError as e:  # a corrupt file: the other checkpoints may still serve
-        print(f"select: warning: skipping {path.name}: {e}", file=sys.stderr, flush=True)
-        return float("-inf")
-    if not weights_finite(gen.model):
-        print(f"select: {path.name} has non-finite weights: never the best", flush=True)
-        return float("-inf")
+    except JanusError as e:
+        return _skipped(path, e)
     modes = gen.cfg.objective.decoding_modes()
     if "ar" in modes:
         options = dict(mode="ar", beam=1)
@@ -51,7 +49,15 @@ def validation_score(task: TaskSpec, path: Path, valid_size: int,
         options = dict(mode="nar", iterations=10)
     else:
         options = dict(mode="bang_nar")
-    return first_metric(task, gen, sources, refs, options)
+    try:
+        return first_metric(task, gen, sources, refs, options)
+    except NonFiniteOutput as e:
+        return _skipped(path, e)
+
+
+def _skipped(path: Path, why: JanusError) -> float:
+    print(f"select: warning: skipping {path.name}: {why}", file=sys.stderr, flush=True)
+    return float("-inf")
 
 
 def select_best(task: TaskSpec, run: Path, valid_size: int = 200,

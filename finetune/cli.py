@@ -19,9 +19,12 @@ User errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
+from janus_pretrain.cli import parse_with_overrides
 from janus_pretrain.errors import JanusError, run_cli
 from janus_pretrain.quiet import silence_third_party
 
@@ -76,6 +79,26 @@ def _select(task, run: Path, args) -> None:
     print(f"select: validation {task.metrics[0]}: {shown}; best -> {best}")
 
 
+@contextlib.contextmanager
+def _requeue_on_stop_signal():
+    """A stop signal during the select that follows training (the run is checkpointed, nothing
+    is left to save) ends it at once with REQUEUE_EXIT_CODE and says so: the requeued --resume
+    finds the finished run and selects again. Without this, SIGTERM ended it as 143, silently."""
+    from janus_pretrain.train.signals import REQUEUE_EXIT_CODE, STOP_SIGNALS
+
+    def stop(signum, frame):
+        print(f"select: stopped by {signal.Signals(signum).name}; exit status "
+              f"{REQUEUE_EXIT_CODE} asks for a requeue (then --resume selects again)", flush=True)
+        raise SystemExit(REQUEUE_EXIT_CODE)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _train(args) -> None:
     from janus_pretrain.config import load_config
     from janus_pretrain.parallel import state
@@ -101,7 +124,8 @@ def _train(args) -> None:
             print(f"train: stopped by {result.stopped_by} after step {result.step}; exit status "
                   f"{REQUEUE_EXIT_CODE} asks for a requeue (then --resume)")
         elif not cfg.train.eval_interval:
-            _select(task, Path(cfg.train.output_dir), args)
+            with _requeue_on_stop_signal():
+                _select(task, Path(cfg.train.output_dir), args)
     finally:
         state.shutdown()
     if result.stopped_by:
@@ -257,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     silence_third_party()
-    args = parser().parse_args(argv)
+    args = parse_with_overrides(parser(), argv)
     run_cli(args.handler, args)
 
 

@@ -35,11 +35,17 @@ def _tokenizer_train(args) -> None:
 
 
 def _data_prepare(args) -> None:
-    from janus_pretrain.data.prepare import parse_partition, prepare
+    from janus_pretrain import disk_space
+    from janus_pretrain.data.prepare import files_in, parse_partition, prepare, written_since
 
     partition = parse_partition(args.partition)
-    meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field, args.max_docs,
-                   partition, args.shard_mb * 2**20)
+    before = files_in(args.output)
+    with disk_space.one_line(
+            "data", args.output,
+            lambda: (sum(p.stat().st_size for p in written_since(args.output, before)), True),
+            lambda: [p.unlink() for p in written_since(args.output, before)]):
+        meta = prepare(args.input, args.tokenizer, args.output, args.workers, args.field,
+                       args.max_docs, partition, args.shard_mb * 2**20)
     if meta is None:
         print(f"data: partition {args.partition} of {args.output} done; the others still run "
               f"(the last to finish writes meta.json, or `janus-pretrain data merge {args.output}`)")
@@ -197,9 +203,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_overrides(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """argparse gives a positional nargs="*" (the key=value overrides) only its first run of
+    values, so overrides on both sides of an option (`a=1 --init-from X b=2`) came back as
+    "unrecognized arguments": they are taken here, in their order."""
+    args, extra = p.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        p.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     silence_third_party()
-    args = parser().parse_args(argv)
+    args = parse_with_overrides(parser(), argv)
     run_cli(args.run, args)
 
 

@@ -7,6 +7,7 @@ OmegaConf structured configs give us type checking and unknown-key detection; th
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -392,6 +393,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path, what: str = "config") -> dict:
     """A YAML mapping from a file, or one `<what>:` error line with the problem, line and column."""
+    if path.is_dir():
+        raise JanusError(f"{what}: {path} is a directory, not a YAML file")
     if not path.is_file():
         raise JanusError(f"{what}: file not found: {path}")
     try:
@@ -416,6 +419,24 @@ def _model_preset(name: str) -> dict:
     return read_yaml(path)
 
 
+def _check_sections(data: dict, schema: type, prefix: str = "") -> None:
+    """A section (`train:`, `objective.weights:`) given a plain value is one line naming it;
+    OmegaConf would say "Merge error: int is not a subclass of TrainConfig" and no key. An empty
+    section (`train:` alone) means no settings."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        kind, value = hints[f.name], data.get(f.name)
+        if f.name not in data or not dataclasses.is_dataclass(kind):
+            continue
+        if value is None:
+            del data[f.name]
+        elif isinstance(value, dict):
+            _check_sections(value, kind, f"{prefix}{f.name}.")
+        else:
+            raise JanusError(f"config: {prefix}{f.name}: must be a mapping of settings "
+                             f"({prefix}{f.name}.<key>: value), not {value!r}")
+
+
 def _parse_override(item: str):
     """One `key=value` override; its value is YAML, and a value YAML rejects names its key."""
     try:
@@ -433,6 +454,8 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     next to it or as `model.x=...` overrides take precedence.
     """
     raw = read_yaml(Path(path)) if path else {}
+    if path and not raw:  # it would train the default base model without a word
+        raise JanusError(f"config: {path} holds no settings (it is empty or only comments)")
     dotlist = []
     for item in overrides:
         if "=" not in item:
@@ -448,9 +471,12 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     elif isinstance(model, dict) and "preset" in model:
         model = dict(model)
         raw["model"] = {**_model_preset(model.pop("preset")), **model}
+    overrides = [_parse_override(item) for item in dotlist]
+    for section in [raw, *(OmegaConf.to_container(o) for o in overrides)]:
+        _check_sections(section, RunConfig)
     try:
         schema = OmegaConf.structured(RunConfig)
-        merged = OmegaConf.merge(schema, OmegaConf.create(raw), *map(_parse_override, dotlist))
+        merged = OmegaConf.merge(schema, OmegaConf.create(raw), *overrides)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise JanusError(f"config: {missing[0]}: required value is missing")
@@ -459,6 +485,36 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0].strip()
         raise JanusError(f"config: {key}: {msg}") from None
+
+
+# What a resume may change of the model (regularisation and how the step is computed); every
+# other model key shapes the weights, and the objective is what the run trains.
+RESUMABLE_MODEL_KEYS = {"dropout", "attention_dropout", "activation_dropout",
+                        "activation_checkpointing", "attention"}
+
+
+def _leaves(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_difference(saved: dict, run: dict) -> Optional[tuple[str, object, object]]:
+    """The first model or objective key (dotted) whose value a resumed run changes, with the
+    saved and the new value; keys the saved config does not know (added since) are skipped."""
+    old, new = _leaves({k: saved.get(k, {}) for k in ("model", "objective")}), \
+        _leaves({k: run[k] for k in ("model", "objective")})
+    for key, value in new.items():
+        section, _, name = key.partition(".")
+        if section == "model" and name in RESUMABLE_MODEL_KEYS:
+            continue
+        if key in old and old[key] != value:
+            return key, old[key], value
+    return None
 
 
 def to_dict(cfg: RunConfig) -> dict:

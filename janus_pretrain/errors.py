@@ -11,6 +11,11 @@ class JanusError(Exception):
     """A user-facing error: the message alone must say what is wrong and where."""
 
 
+class NonFiniteOutput(JanusError):
+    """A model whose log-probabilities are NaN or inf (its weights diverged): validation counts
+    it as no candidate for `best` instead of stopping the run."""
+
+
 def run_cli(handler: Callable, args) -> None:
     """Run a command-line handler; a JanusError becomes one `error:` line and exit status 2."""
     try:

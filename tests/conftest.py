@@ -124,9 +124,11 @@ def trained_run(launch_training, tmp_path_factory):
 
 
 def child_env() -> dict:
-    """The environment for a child job: one thread, W&B offline, and not this process's
-    rendezvous (`single_process` exports RANK, MASTER_PORT, ...)."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    """The environment for a child job: one thread, W&B offline, and neither this process's
+    rendezvous (`single_process` exports RANK, MASTER_PORT, ...) nor its W&B service."""
+    # WANDB_SERVICE: an in-process W&B test leaves this process's wandb-core in the environment;
+    # a child sharing it finds a SIGKILLed sibling's run ID still "in use" there on resume.
+    env = {k: v for k, v in os.environ.items() if k not in (*DIST_VARS, "WANDB_SERVICE")}
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
     return env
 
@@ -162,3 +164,44 @@ def read_metrics(output: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_checkpoint(target, source_dir, model, poison: bool = False):
+    """`model`'s weights as a model-only checkpoint at `target` (NaN in one weight if `poison`)."""
+    from janus_pretrain.checkpoint import weights
+
+    tensors = {k: v.clone() for k, v in weights.model_tensors(model).items()}
+    if poison:
+        next(v for v in tensors.values() if v.is_floating_point())[0] = float("nan")
+    return weights.write_model_checkpoint(source_dir, [tensors], target)
+
+
+@pytest.fixture
+def tiny_model_source(tmp_path, tokenizer_path, single_process):
+    """(a directory holding a tiny config's janus.json and the tokenizer, a random tiny model)."""
+    import json
+
+    import torch
+
+    from janus_pretrain.config import load_config, to_dict
+    from janus_pretrain.model import JanusModel
+    from janus_pretrain.tokenizer import PAD, load_tokenizer
+
+    cfg = load_config(REPO / "configs" / "pretrain" / "demo.yaml",
+                      ["model=tiny", "data.max_source_len=32", "data.max_target_len=32"])
+    tok = load_tokenizer(tokenizer_path)
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "janus.json").write_text(json.dumps({"config": to_dict(cfg)}))
+    (source / tok.filename).write_bytes(tok.model_bytes())
+    torch.manual_seed(0)
+    return source, JanusModel(cfg.model, tok.vocab_size, PAD)
+
+
+def damage(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    else:  # one flipped byte: torch would load it, with one wrong weight
+        path.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) +
+                         data[len(data) // 2 + 1:])

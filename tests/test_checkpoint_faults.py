@@ -5,48 +5,7 @@ from __future__ import annotations
 import pytest
 
 from janus_pretrain.errors import JanusError
-
-
-def write_checkpoint(target, source_dir, model, poison: bool = False):
-    """`model`'s weights as a model-only checkpoint at `target` (NaN in one weight if `poison`)."""
-    from janus_pretrain.checkpoint import weights
-
-    tensors = {k: v.clone() for k, v in weights.model_tensors(model).items()}
-    if poison:
-        next(v for v in tensors.values() if v.is_floating_point())[0] = float("nan")
-    return weights.write_model_checkpoint(source_dir, [tensors], target)
-
-
-@pytest.fixture
-def tiny_model_source(tmp_path, tokenizer_path, single_process):
-    """(a directory holding a tiny config's janus.json and the tokenizer, a random tiny model)."""
-    import json
-
-    import torch
-
-    from conftest import REPO
-    from janus_pretrain.config import load_config, to_dict
-    from janus_pretrain.model import JanusModel
-    from janus_pretrain.tokenizer import PAD, load_tokenizer
-
-    cfg = load_config(REPO / "configs" / "pretrain" / "demo.yaml",
-                      ["model=tiny", "data.max_source_len=32", "data.max_target_len=32"])
-    tok = load_tokenizer(tokenizer_path)
-    source = tmp_path / "source"
-    source.mkdir()
-    (source / "janus.json").write_text(json.dumps({"config": to_dict(cfg)}))
-    (source / tok.filename).write_bytes(tok.model_bytes())
-    torch.manual_seed(0)
-    return source, JanusModel(cfg.model, tok.vocab_size, PAD)
-
-
-def damage(path, how: str) -> None:
-    data = path.read_bytes()
-    if how == "truncated":
-        path.write_bytes(data[:len(data) // 2])
-    else:  # one flipped byte: torch would load it, with one wrong weight
-        path.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) +
-                         data[len(data) // 2 + 1:])
+from conftest import damage, write_checkpoint
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
@@ -142,3 +101,125 @@ def test_a_finished_run_resumed_names_its_checkpoint(tiny_model_source, tmp_path
     checkpointer = store.Checkpointer(None, tmp_path / "run", None, 2, 3)
     assert checkpointer.start(resume=True, fallback=False) == {"step": 4}
     assert checkpointer.last == ckpt  # what `train` reports when no step is left to run
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_never_chosen_again(tiny_model_source, tmp_path,
+                                                                   capsys):
+    """After a fallback resume, a plain --resume (a requeue), generate and retention no longer
+    meet the corrupt checkpoint; its files are kept under a name no step directory has."""
+    from janus_pretrain.checkpoint import store, weights
+
+    source, model = tiny_model_source
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3):
+        write_checkpoint(root / f"step_{step:08d}", source, model)
+    damage(root / "step_00000003" / "mp_rank_00_model_states.pt", "flipped")
+    assert store.find_resumable(root, fallback=True) == root / "step_00000002"
+    assert "set aside as step_00000003.corrupt" in capsys.readouterr().err
+    assert (root / "step_00000003.corrupt" / "mp_rank_00_model_states.pt").is_file()
+    assert store.find_resumable(root, fallback=False) == root / "step_00000002"
+    assert weights.resolve(tmp_path / "run") == root / "step_00000002"
+    store._prune(root, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003.corrupt"]
+
+
+def test_a_manifest_that_does_not_parse_is_a_corrupt_checkpoint(tiny_model_source, tmp_path,
+                                                                 capsys):
+    from janus_pretrain.checkpoint import store, weights
+    from janus_pretrain.generate.api import Generator
+
+    source, model = tiny_model_source
+    root = tmp_path / "run" / "checkpoints"
+    ckpt = write_checkpoint(root / "step_00000001", source, model)
+    (ckpt / "COMPLETE").write_text('{"sha256": {"janus.json": ')
+    states = ckpt / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # weights torch would load unchecked
+    states.write_bytes(bytes(data))
+    with pytest.raises(JanusError, match=f"^checkpoint: {ckpt / 'COMPLETE'} is corrupt .*"
+                                         f"cannot be verified"):
+        Generator.from_checkpoint(tmp_path / "run")
+    with pytest.raises(JanusError, match=f"^checkpoint: {ckpt / 'COMPLETE'} is corrupt"):
+        store.find_resumable(root, fallback=False)
+
+    # A newer step directory without its marker is named, not skipped without a word.
+    write_checkpoint(root / "step_00000000", source, model)
+    (root / "step_00000001" / "COMPLETE").unlink()
+    capsys.readouterr()
+    assert weights.resolve(tmp_path / "run") == root / "step_00000000"
+    assert capsys.readouterr().err == (f"warning: checkpoint: ignoring {root / 'step_00000001'}: "
+                                       f"no COMPLETE marker (its save was interrupted)\n")
+    with pytest.raises(JanusError, match="step_00000001 has no COMPLETE marker: its save was "
+                                         "interrupted"):
+        weights.resolve(root / "step_00000001")
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "iostream"])
+def test_a_full_disk_while_saving_is_one_line_and_frees_the_partial_save(tiny_model_source,
+                                                                          tmp_path, monkeypatch,
+                                                                          error):
+    """torch's writer reports a full disk without an errno ("basic_ios::clear: iostream
+    error"): then the free space decides."""
+    import errno
+
+    from janus_pretrain import disk_space
+    from janus_pretrain.checkpoint import store
+
+    source, model = tiny_model_source
+    root = tmp_path / "run" / "checkpoints"
+    previous = write_checkpoint(root / "step_00000002", source, model)
+
+    def fills_the_disk(engine, root_, step, *args, **kwargs):  # a save cut short by the disk
+        partial = root / f".tmp-step_{step:08d}"
+        partial.mkdir()
+        (partial / "mp_rank_00_model_states.pt").write_bytes(bytes(1000))
+        if error == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(disk_space, "free_bytes", lambda path: 500)
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(store, "save", fills_the_disk)
+    checkpointer = store.Checkpointer(None, tmp_path / "run", None, 2, 3)
+    with pytest.raises(JanusError) as e:
+        checkpointer.after_step(4, False, dict)
+    needed = disk_space.size(disk_space.bytes_under(previous))
+    assert str(e.value).startswith(f"checkpoint: no space left on the device to write "
+                                   f"{root / 'step_00000004'}: it needs about {needed}, ")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden_size=64", "model.hidden_size=128, this run has model.hidden_size=64"),
+    ("model.decoder_layers=3", "model.decoder_layers=2, this run has model.decoder_layers=3"),
+    ("objective.kind=bang", "objective.kind=janus, this run has objective.kind=bang"),
+    ("model.dropout=0.3", None),  # regularisation may change on resume
+    ("data.train=/other/shards", "warning"),
+])
+def test_a_resume_names_the_first_model_or_objective_key_it_changes(
+        tiny_model_source, tmp_path, monkeypatch, capsys, override, message):
+    import json
+
+    from conftest import REPO
+    from janus_pretrain.checkpoint import store
+    from janus_pretrain.config import load_config, to_dict
+
+    source, model = tiny_model_source
+    ckpt = write_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004", source, model)
+    saved = json.loads((ckpt / "janus.json").read_text())["config"]
+    assert (saved["model"]["hidden_size"], saved["model"]["decoder_layers"]) == (128, 2)
+    run = to_dict(load_config(REPO / "configs" / "pretrain" / "demo.yaml", [
+        "model=tiny", "data.max_source_len=32", "data.max_target_len=32", override]))
+    monkeypatch.setattr(store, "load", lambda engine, path, tokenizer: {"step": 4})
+    checkpointer = store.Checkpointer(None, tmp_path / "run", None, 2, 3)
+    if message in (None, "warning"):
+        assert checkpointer.start(resume=True, fallback=False, config=run) == {"step": 4}
+        err = capsys.readouterr().err
+        assert err == ("" if message is None else
+                       f"warning: checkpoint: {ckpt} was trained on data.train={saved['data']['train']}, "
+                       f"this run reads /other/shards: the loader continues at its saved epoch "
+                       f"and batch index in the new data\n")
+        return
+    with pytest.raises(JanusError, match=f"^checkpoint: {ckpt} was trained with {message}: resume "
+                                         f"with the saved value, or start a new train.output_dir"):
+        checkpointer.start(resume=True, fallback=False, config=run)

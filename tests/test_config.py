@@ -118,6 +118,31 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("content, overrides, message", [
+    ("", [], "{path} holds no settings (it is empty or only comments)"),
+    ("# a comment\n\n# only\n", [], "{path} holds no settings (it is empty or only comments)"),
+    ("train: 5\n", [], "train: must be a mapping of settings (train.<key>: value), not 5"),
+    ("objective:\n  weights: 3\n", [],
+     "objective.weights: must be a mapping of settings (objective.weights.<key>: value), not 3"),
+    ("model: tiny\n", ["train=5"], "train: must be a mapping of settings (train.<key>: value), not 5"),
+    ("model: base\ntrain:\n", ["data.train=x"], None),  # an empty section: no settings
+])
+def test_config_file_problems_name_the_file_or_key(tmp_path, content, overrides, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(content)
+    if message is None:
+        assert load_config(path, overrides).train.steps == 1000
+        return
+    with pytest.raises(JanusError) as e:
+        load_config(path, overrides)
+    assert str(e.value) == "config: " + message.format(path=path)
+
+
+def test_a_directory_for_a_config_says_so(tmp_path):
+    with pytest.raises(JanusError, match=f"^config: {tmp_path} is a directory, not a YAML file$"):
+        load_config(tmp_path)
+
+
 def _train_cli(*overrides):
     return subprocess.run(
         [sys.executable, "-m", "janus_pretrain", "train", "--config", "configs/pretrain/demo.yaml",

@@ -4,6 +4,7 @@ becomes `best`, malformed YAML is one line, a run directory takes one training a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,10 +102,9 @@ def test_infinite_learning_rate_is_refused_in_one_line():
 
 
 def test_a_nonfinite_checkpoint_never_becomes_best(pairs, tmp_path):
-    """A run whose weights went NaN (a huge learning rate, fewer steps than the bad-step limit):
-    in-loop validation never publishes it, and `select` refuses it in one line."""
-    import json
-
+    """A run whose weights went NaN (a huge learning rate): `select` refuses it in one line
+    (fewer steps than the bad-step limit); in-loop validation never publishes it, and the
+    bad-step limit's error names no checkpoint as the weights to go back to."""
     import torch
 
     run = tmp_path / "run"
@@ -118,14 +118,19 @@ def test_a_nonfinite_checkpoint_never_becomes_best(pairs, tmp_path):
     assert not all(torch.isfinite(v).all() for v in states.values())  # it did diverge
     assert not (run / "checkpoints" / "best").exists()
 
+    # Diverged (steps 2, 3, ... skipped): the error names no NaN checkpoint as the weights to go
+    # back to.
     live = tmp_path / "live"
     out = subprocess.run(finetune_cmd(pairs, live, "train.steps=4", "optim.lr=1e39",
-                                      "optim.clip_grad=0", "train.eval_interval=2"),
+                                      "optim.clip_grad=0", "train.eval_interval=2",
+                                      "train.max_bad_steps=2"),
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "has non-finite weights: never a candidate for best" in out.stdout
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "validation: step 2 has non-finite weights: never a candidate for best" in out.stdout
+    assert re.fullmatch(r"error: train: \d steps in a row \(up to step \d\) had a non-finite .*; "
+                        r"no checkpoint holds finite weights\. Lower optim\.lr .*",
+                        out.stderr.splitlines()[-1]), out.stderr[-2000:]
     assert not (live / "checkpoints" / "best").exists()
-    assert json.loads((live / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
 
 
 def test_yaml_key_twice_and_syntax_errors_are_one_line_with_the_line(tmp_path):
@@ -158,6 +163,7 @@ def test_generate_writes_each_chunk_before_decoding_the_next(tmp_path, monkeypat
     """Interrupted after its first chunk of WRITE_EVERY batches, generate has written that
     chunk's lines (and decoded the chunk in one call, so it is sorted by length as a whole)."""
     from janus_pretrain.generate import api, cli
+    from janus_pretrain.parallel import state
 
     class Stops:
         calls = 0
@@ -169,6 +175,7 @@ def test_generate_writes_each_chunk_before_decoding_the_next(tmp_path, monkeypat
             return [s.upper() for s in sources]
 
     monkeypatch.setattr(api.Generator, "from_checkpoint", staticmethod(lambda path: Stops()))
+    monkeypatch.setattr(state, "shutdown", lambda: None)  # the session's process group stays
     chunk = 2 * cli.WRITE_EVERY  # --batch-size 2
     (tmp_path / "in.txt").write_text("".join(f"line {i}\n" for i in range(chunk + 3)))
     parser = __import__("argparse").ArgumentParser()
@@ -269,6 +276,22 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     invocation(0, range(1, 2))  # a fresh run (no checkpoint to resume) is a new W&B run
     assert (tmp_path / "wandb_run_id").read_text().strip() != run_id
 
+    # Killed after logging step 4, none of its steps having left the process (its .wandb file
+    # held only its header: W&B disabled stands for that), resumed from its checkpoint at step 2:
+    # the resumed run sends steps 1 and 2 again from metrics.jsonl, then every step it runs.
+    killed = tmp_path / "killed"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    dead = RunLogger(True, killed, 10, 0, 1, 1.0, "test", None, {})
+    for step in range(1, 5):
+        dead.write_eval(step, {"eval/loss": float(step)})
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no `close`: what a SIGKILL leaves
+    resumed = RunLogger(True, killed, 10, 2, 1, 1.0, "test", None, {})
+    for step in range(3, 7):
+        resumed.write_eval(step, {"eval/loss": float(step)})
+    resumed.close()
+    assert offline_history(next((killed / "wandb").glob("offline-run-*"))) == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in read_metrics(killed)] == [1, 2, 3, 4, 5, 6]
+
 
 # --- 7. messages that pointed the wrong way ------------------------------------------------------
 
@@ -307,3 +330,60 @@ def test_prepare_max_pairs_zero_is_refused_before_writing(tmp_path):
     with pytest.raises(JanusError, match="--max-pairs must be at least 1, not 0"):
         prepare_pairs(get_task("multi30k_ende"), tmp_path / "out", max_pairs=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_in_data_prepare_is_one_line_and_removes_what_it_wrote(
+        tmp_path, tokenizer_path, monkeypatch, capsys):
+    """ENOSPC writing a shard: one line naming the output; the files the prepare wrote are
+    gone, the user's own are not."""
+    import errno
+
+    from janus_pretrain import cli
+    from janus_pretrain.data import shards
+
+    def fills_the_disk(self, kind, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards.ShardWriter, "_write", fills_the_disk)
+    (tmp_path / "in.txt").write_text("a first document\na second one\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["data", "prepare", "--input", str(tmp_path / "in.txt"), "--tokenizer",
+                  str(tokenizer_path), "--output", str(out), "--workers", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: data: no space left on the device to write {out}: " + err.split(f"{out}: ")[-1]
+        .splitlines()[0]]
+    assert [p.name for p in out.iterdir() if p.is_file()] == ["notes.txt"]
+
+
+def test_a_stop_signal_during_select_asks_for_a_requeue(tmp_path, monkeypatch, capsys):
+    """SIGTERM while `select` runs after fine-tuning: exit 75 with its line (it was a silent
+    143). The test's own handler stands for the default action, which would end pytest."""
+    import janus_pretrain.train.loop as loop
+    from janus_pretrain.parallel import state
+    from janus_pretrain.train.loop import TrainResult
+    from finetune import cli
+
+    unhandled = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: unhandled.append(1))
+    monkeypatch.setattr(state, "shutdown", lambda: None)
+    monkeypatch.setattr(loop, "train", lambda cfg, resume, task_eval: TrainResult(0, 0, 7, "ckpt"))
+    monkeypatch.setattr(cli, "_select", lambda *a: os.kill(os.getpid(), signal.SIGTERM) or
+                        time.sleep(5))
+    for side in ("source", "target"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "meta.json").write_text("{}")
+    try:
+        with pytest.raises(SystemExit) as stopped:  # overrides on both sides of an option
+            cli.main(["train", "--task", "multi30k_ende", "--data", str(tmp_path),
+                      "train.steps=7", "--config", "configs/finetune/janus.yaml",
+                      f"train.output_dir={tmp_path / 'run'}"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 75 and unhandled == []
+    assert "select: stopped by SIGTERM; exit status 75 asks for a requeue" in capsys.readouterr().out

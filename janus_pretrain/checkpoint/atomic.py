@@ -50,10 +50,18 @@ def sha256(path: Path, sync: bool = False) -> str:
 def check_files(directory: Path, paths: list[Path]) -> None:
     """Before reading `paths` of a published `directory`: each file the marker lists must still
     have its sha256 (a copy cut short or a damaged disk), else one error naming the file."""
-    try:
-        manifest = json.loads((directory / MARKER).read_text())["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+    marker = directory / MARKER
+    if not marker.is_file():
         return  # no manifest to check against (not a published directory)
+    try:
+        manifest = json.loads(marker.read_text())["sha256"]
+        if not isinstance(manifest, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        # Never "nothing to check": its files cannot be trusted either.
+        raise JanusError(f"checkpoint: {marker} is corrupt (not the manifest of sha256 sums "
+                         f"written with the checkpoint), so {directory} cannot be verified: use "
+                         f"another checkpoint") from None
     for path in paths:
         expected = manifest.get(str(path.relative_to(directory)))
         if expected is not None and sha256(path) != expected:

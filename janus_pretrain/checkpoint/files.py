@@ -11,6 +11,8 @@
             COMPLETE                             written last: the sha256 of every other file
         best/, averaged/   model-only checkpoints (weights per TP rank, janus.json, tokenizer, COMPLETE)
         latest             the name of the newest complete step directory (for people and tools)
+        step_00000100.corrupt   a checkpoint that failed its checksums, set aside (store.set_aside):
+                                its files kept, never resumed, decoded or pruned
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ BEST = "best"          # model-only: the best checkpoint by validation
 AVERAGED = "averaged"  # model-only: the mean of the newest k
 STEP = re.compile(r"step_(\d{8})")
 TMP_PREFIX = ".tmp-"
+CORRUPT_SUFFIX = ".corrupt"
 # ZeRO-3 prefixes its per-DP-rank model states with zero_pp_rank_D_.
 _MODEL_STATES = re.compile(r"(?:.*_)?mp_rank_(\d{2})_model_states\.pt")
 

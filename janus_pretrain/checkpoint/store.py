@@ -29,9 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import atomic, background, unpickle
-from janus_pretrain.checkpoint.files import (CHECKPOINTS, LATEST, MARKER, META, STEP, TMP_PREFIX,
-                                              rng_file, step_name)
+from janus_pretrain import disk_space
+from janus_pretrain.checkpoint import atomic, background, finite, unpickle
+from janus_pretrain.checkpoint.files import (CHECKPOINTS, CORRUPT_SUFFIX, LATEST, MARKER, META,
+                                              STEP, TMP_PREFIX, rng_file, step_name)
+from janus_pretrain.config import resume_difference
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import Tokenizer, load_tokenizer
 
@@ -72,7 +74,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _warn(message: str) -> None:
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -97,9 +99,11 @@ def save(engine, root: Path, step: int, client_state: dict, tokenizer: Tokenizer
     with background.host_snapshot(engine, writer.buffers) as states:
         engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     zipfile = getattr(engine.checkpoint_engine, "zipfile_serialization", False)
+    healthy = finite.weights_finite(engine.module)  # collective; never `best` when False
     texts = {}
     if rank == 0:
-        meta = {"step": step, **client_state, "layout": relayout.of_engine(engine).as_dict()}
+        meta = {"step": step, **client_state, finite.RECORD: healthy,
+                "layout": relayout.of_engine(engine).as_dict()}
         texts = {META: json.dumps(meta, indent=2).encode(),
                  tokenizer.filename: tokenizer.model_bytes()}
 
@@ -145,6 +149,20 @@ def complete(root: Path) -> list[Path]:
     return [p for p in _checkpoint_dirs(root) if not p.name.startswith(".") and (p / MARKER).is_file()]
 
 
+def newer_than(root: Path, checkpoint: Path) -> list[Path]:
+    """Step directories under `root` (complete or not) of a later step than `checkpoint`."""
+    dirs = _checkpoint_dirs(root)
+    return dirs[:dirs.index(checkpoint)] if checkpoint in dirs else dirs
+
+
+def warn_incomplete(paths: list[Path]) -> None:
+    """One line for each of `paths` without its marker: a save that was interrupted, never
+    skipped without a word."""
+    for path in paths:
+        if not (path / MARKER).is_file():
+            _warn(f"checkpoint: ignoring {path}: no {MARKER} marker (its save was interrupted)")
+
+
 def _prune(root: Path, keep: int) -> None:
     """Delete complete checkpoints beyond the newest `keep`, and interrupted saves. The marker
     goes first, so a crash half way through leaves an ignored directory, never a bad "complete" one."""
@@ -159,32 +177,52 @@ def verify(path: Path) -> list[str]:
     """Collective: the files of checkpoint `path` that are missing or fail their sha256."""
     try:
         manifest = json.loads((path / MARKER).read_text())["sha256"]
-        names = sorted(manifest)
+        names = sorted(manifest) if isinstance(manifest, dict) else None
     except (ValueError, KeyError, TypeError, AttributeError):
+        names = None
+    if names is None:  # a marker that does not parse: a corrupt checkpoint, never unchecked
         return [MARKER]
     mine = [n for n in _share(names, dist.get_rank(), dist.get_world_size())
             if not (path / n).is_file() or atomic.sha256(path / n) != manifest[n]]
     return sorted(_gather(mine))
 
 
+def set_aside(path: Path) -> Path:
+    """Collective: rename a checkpoint that failed verification to `<name>.corrupt` (rank 0),
+    a name no step directory matches, so resuming, decoding and pruning never choose it again
+    and the user still has its files."""
+    aside = path.with_name(f"{path.name}{CORRUPT_SUFFIX}")
+    n = 1
+    while aside.exists():  # the same step corrupt twice (saved again after a fallback)
+        aside, n = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{n}"), n + 1
+    if dist.get_rank() == 0:
+        os.replace(path, aside)
+        atomic.fsync_dir(path.parent)
+    dist.barrier()
+    return aside
+
+
 def find_resumable(root: Path, fallback: bool) -> Optional[Path]:
     """Collective: the newest complete checkpoint whose files pass their checksums, or None when
-    there is no checkpoint. A corrupt one is an error unless `fallback` allows the previous one."""
+    there is no checkpoint. A corrupt one is an error unless `fallback` allows the previous one;
+    then it is set aside (`set_aside`), so the next resume does not meet it again."""
     if not root.is_dir():
         return None
-    for path in _checkpoint_dirs(root):
-        if not (path / MARKER).is_file():
-            _warn(f"checkpoint: ignoring {path}: no {MARKER} marker (its save was interrupted)")
+    warn_incomplete(_checkpoint_dirs(root))
     candidates = complete(root)
     for path in candidates:
         bad = verify(path)
         if not bad:
             return path
-        problem = f"checkpoint: {path / bad[0]} is missing or corrupt (sha256 differs from {MARKER})"
+        problem = (f"checkpoint: {path / MARKER} is corrupt (not a manifest of sha256 sums)"
+                   if bad == [MARKER] else
+                   f"checkpoint: {path / bad[0]} is missing or corrupt (sha256 differs from {MARKER})")
         if not fallback:
             raise JanusError(f"{problem}; set train.resume_fallback=true to resume from the "
                              f"previous complete checkpoint instead")
-        _warn(f"{problem}; falling back to the previous complete checkpoint")
+        aside = set_aside(path)
+        _warn(f"{problem}; set aside as {aside.name}, falling back to the previous complete "
+              f"checkpoint")
     if candidates:
         raise JanusError(f"checkpoint: no intact checkpoint left under {root}")
     return None
@@ -244,6 +282,26 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
     return meta
 
 
+def check_resumed_config(checkpoint: Path, saved: dict, run: dict) -> None:
+    """A resume continues one run: a changed model shape or objective is one line naming the
+    first key that differs (not DeepSpeed's size-mismatch traceback, or a silently different
+    run)."""
+    changed = resume_difference(saved, run)
+    if changed is not None:
+        key, old, new = changed
+        raise JanusError(f"checkpoint: {checkpoint} was trained with {key}={old}, this run has "
+                         f"{key}={new}: resume with the saved value, or start a new "
+                         f"train.output_dir from its weights (train.init_from={checkpoint})")
+
+
+def warn_changed_data(checkpoint: Path, saved: dict, run: dict) -> None:
+    """Other training data (with the same tokenizer) is allowed on resume, said in one line."""
+    before, now = saved.get("data", {}).get("train"), run["data"]["train"]
+    if before is not None and before != now:
+        _warn(f"checkpoint: {checkpoint} was trained on data.train={before}, this run reads "
+              f"{now}: the loader continues at its saved epoch and batch index in the new data")
+
+
 def read_rng_file(path: Path) -> dict:
     """An RNG file: tensors, plain values and the arrays of numpy's state."""
     return unpickle.load(path, "an RNG state", _NUMPY_STATE)
@@ -271,8 +329,10 @@ class Checkpointer:
         self._clock: Optional[tuple[int, float]] = None  # (step, time) the step time is timed from
         self._estimate_at = self._due_step = None
 
-    def start(self, resume: bool, fallback: bool) -> Optional[dict]:
-        """Collective: janus.json of the checkpoint resumed from, or None for a fresh run."""
+    def start(self, resume: bool, fallback: bool, config: Optional[dict] = None
+              ) -> Optional[dict]:
+        """Collective: janus.json of the checkpoint resumed from, or None for a fresh run.
+        `config` (config.to_dict) is the run's, checked against the checkpoint's first."""
         if not resume:
             if complete(self.root):
                 raise JanusError(f"train: {self.root.parent} already holds checkpoints: pass "
@@ -281,7 +341,12 @@ class Checkpointer:
         found = find_resumable(self.root, fallback)
         if found is None:
             return None
+        saved = read_meta(found).get("config", {})
+        if config is not None:
+            check_resumed_config(found, saved, config)
         meta = load(self.engine, found, self.tokenizer)
+        if config is not None:
+            warn_changed_data(found, saved, config)
         self.last, self.resumed = found, True  # the run's checkpoint until this one saves one
         return meta
 
@@ -290,8 +355,15 @@ class Checkpointer:
         due = step % self.save_interval == 0 or done or step == self._due_step
         if due:
             inline = done or bool(self.sync_every and step % self.sync_every == 0)
-            self.last = save(self.engine, self.root, step, client_state(), self.tokenizer,
-                             self.keep, self.writer, inline)
+            # A full disk (ENOSPC, or torch's errno-less "iostream error" with less free than
+            # a checkpoint takes): the partial save is removed, so it holds no space, and the
+            # error is one line. The previous checkpoints are intact.
+            partial = self.root / f"{TMP_PREFIX}{step_name(step)}"
+            with disk_space.one_line("checkpoint", self.root / step_name(step),
+                                     lambda: self._space_needed(partial),
+                                     lambda: shutil.rmtree(partial, ignore_errors=True)):
+                self.last = save(self.engine, self.root, step, client_state(), self.tokenizer,
+                                 self.keep, self.writer, inline)
             if (os.environ.get(KILL_AFTER_SAVE) == str(step) and not self.resumed
                     and dist.get_rank() == dist.get_world_size() - 1):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -301,6 +373,11 @@ class Checkpointer:
                 self._estimate_at = step + self.ESTIMATE_STEPS
             elif due or step == self._estimate_at:
                 self._due_step = self._next_timed_save(step)
+
+    def _space_needed(self, partial: Path) -> tuple[int, bool]:
+        """What a checkpoint takes: the newest one's size, or more than the partial one's."""
+        previous = complete(self.root)
+        return disk_space.bytes_under(previous[0] if previous else partial), not previous
 
     def _next_timed_save(self, step: int) -> int:
         """Collective (at a step every rank knows): the step of the next time-based save, from

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from janus_pretrain.checkpoint import atomic, consolidated, unpickle
-from janus_pretrain.checkpoint.files import (CHECKPOINTS, MARKER, META, has_zero_shards,
-                                              model_states_file, tp_rank_files, tp_size)
-from janus_pretrain.checkpoint.store import complete, read_meta
+from janus_pretrain.checkpoint import atomic, consolidated, finite, unpickle
+from janus_pretrain.checkpoint.files import (CHECKPOINTS, MARKER, META, STEP, TMP_PREFIX,
+                                              has_zero_shards, model_states_file, tp_rank_files,
+                                              tp_size)
+from janus_pretrain.checkpoint.store import complete, newer_than, read_meta, warn_incomplete
 from janus_pretrain.config import from_dict
 from janus_pretrain.errors import JanusError
 from janus_pretrain.model import JanusModel
@@ -35,14 +36,19 @@ Weights = dict[str, torch.Tensor]
 
 def resolve(path: str | Path) -> Path:
     """A step (or model-only) directory, a checkpoints/ directory or a run directory -> the
-    newest complete checkpoint directory."""
+    newest complete checkpoint directory; newer step directories without a marker are named in
+    a warning."""
     path = Path(path)
     if (path / MARKER).is_file():
         return path
     for root in (path / CHECKPOINTS, path):
         found = complete(root)
         if found:
+            warn_incomplete(newer_than(root, found[0]))
             return found[0]
+    if path.is_dir() and STEP.fullmatch(path.name.removeprefix(TMP_PREFIX)):
+        raise JanusError(f"checkpoint: {path} has no {MARKER} marker: its save was interrupted "
+                         f"(use an earlier checkpoint)")
     raise JanusError(f"checkpoint: no complete checkpoint at {path}")
 
 
@@ -86,11 +92,16 @@ def weights_for_this_rank(checkpoint: Path, model: nn.Module) -> Weights:
 
 def load_into(model: nn.Module, weights: Weights, origin: Path | str) -> None:
     """Load weights into `model`; every parameter must be there and fit. zero_to_fp32 returns
-    parameters only: the rest of the state dict (megatron's empty `_extra_state`) is stateless."""
+    parameters only: the rest of the state dict (megatron's empty `_extra_state`) is stateless.
+    Weights holding NaN or inf are refused (finite.py)."""
     params = {name for name, _ in model.named_parameters()}
     missing = sorted(params - set(weights))
     if missing:
         raise JanusError(f"checkpoint: {origin} lacks weights for {missing[0]}")
+    bad = finite.first_nonfinite(weights)
+    if bad is not None:  # a diverged run's weights decode to NaN: empty lines or a crash
+        raise JanusError(f"checkpoint: {origin} holds non-finite weights (NaN or inf in {bad}): "
+                         f"the run that wrote it diverged; use an earlier checkpoint")
     try:
         model.load_state_dict({**model.state_dict(), **weights})
     except RuntimeError as e:
@@ -105,7 +116,9 @@ def write_model_checkpoint(source: Path, shards: list[Weights], target: Path, **
     tmp = atomic.staging(target)
     for rank, shard in enumerate(shards):
         torch.save({"module": shard}, tmp / model_states_file(rank))
-    (tmp / META).write_text(json.dumps({**read_meta(source), **meta}, indent=2))
+    healthy = all(finite.first_nonfinite(shard) is None for shard in shards)
+    (tmp / META).write_text(json.dumps({**read_meta(source), finite.RECORD: healthy, **meta},
+                                       indent=2))
     tokenizer = load_tokenizer(source)
     (tmp / tokenizer.filename).write_bytes(tokenizer.model_bytes())
     return atomic.publish_local(tmp, target, source=str(source), **meta)

@@ -389,3 +389,15 @@ def merge(output: str | Path, parts: Sequence[str | Path] = ()) -> dict:
             "inputs": [f[0] for f in plan["fingerprint"]["inputs"]]}
     _write_atomic(output / "meta.json", meta)
     return meta
+
+
+def files_in(output: str | Path) -> dict[str, int]:
+    """{name: mtime in ns} of the files in `output` (nothing if it does not exist yet)."""
+    return {p.name: p.stat().st_mtime_ns for p in Path(output).glob("*") if p.is_file()}
+
+
+def written_since(output: str | Path, before: dict[str, int]) -> list[Path]:
+    """The files of `output` that are new or changed since `before` = files_in(output): what a
+    failed prepare (a full disk) removes, so nothing half-written is taken for data."""
+    return [Path(output) / name for name, mtime in files_in(output).items()
+            if before.get(name) != mtime]

@@ -20,6 +20,7 @@ megatron-core nor DeepSpeed is imported (model/layers.py, parallel/tp.py).
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from janus_pretrain.checkpoint import consolidated, store, weights
 from janus_pretrain.config import DECODING_TERMS, RunConfig, from_dict
 from janus_pretrain.data.padding import pad_batch, with_bos_eos
-from janus_pretrain.errors import JanusError
+from janus_pretrain.errors import JanusError, NonFiniteOutput
 from janus_pretrain.generate.ar import beam_search, greedy
 from janus_pretrain.generate.bang import one_pass
 from janus_pretrain.generate.hypothesis import Hypothesis
@@ -76,15 +77,22 @@ class DecodeOptions:
     def __post_init__(self):
         if self.mode not in MODES:
             raise JanusError(f"generate: mode '{self.mode}' is not one of {', '.join(MODES)}")
-        for name in ("beam", "max_len", "iterations", "length_beam", "batch_size", "spec_block",
-                     "spec_top"):
-            if getattr(self, name) < 1:
-                raise JanusError(f"generate: {name} must be at least 1")
+        # The name is the option's and, with dashes, the command line's flag.
+        for name, least in (("beam", 1), ("max_len", 1), ("iterations", 1), ("length_beam", 1),
+                            ("batch_size", 1), ("spec_block", 1), ("spec_top", 1),
+                            ("no_repeat_ngram", 0)):
+            if getattr(self, name) < least:
+                raise JanusError(f"generate: {name} (--{name.replace('_', '-')}) must be at "
+                                 f"least {least}, not {getattr(self, name)}")
+        for name in ("length_penalty", "spec_margin"):
+            if not math.isfinite(getattr(self, name)):
+                raise JanusError(f"generate: {name} (--{name.replace('_', '-')}) must be a "
+                                 f"finite number, not {getattr(self, name)}")
         if self.spec_accept not in ACCEPT:
             raise JanusError(f"generate: spec_accept '{self.spec_accept}' is not one of "
                              f"{', '.join(ACCEPT)}")
         if self.spec_margin < 0:
-            raise JanusError("generate: spec_margin must be at least 0")
+            raise JanusError("generate: spec_margin (--spec-margin) must be at least 0")
 
 
 @dataclass
@@ -185,7 +193,8 @@ class Generator:
         return [with_bos_eos(np.asarray(x[:keep], dtype=np.int64)) for x in ids]
 
     def decode_ids(self, src: list[np.ndarray], opts: DecodeOptions) -> list[Hypothesis]:
-        """Source id arrays (with BOS/EOS) -> the best hypothesis each, in input order."""
+        """Source id arrays (with BOS/EOS) -> the best hypothesis each, in input order; a
+        non-finite log-probability is NonFiniteOutput."""
         order = sorted(range(len(src)), key=lambda i: len(src[i]))
         self.stats = DecodeStats()
         out: list[Optional[Hypothesis]] = [None] * len(src)
@@ -195,6 +204,11 @@ class Generator:
             forced = None if opts.force_lengths is None else [opts.force_lengths[i] for i in idx]
             for i, hyp in zip(idx, self._search(batch, opts, forced)):
                 out[i] = hyp
+        bad = sum(not math.isfinite(h.log_prob) for h in out)
+        if bad:  # NaN log-probs decode to empty or repeated tokens: never a result
+            raise NonFiniteOutput(f"generate: the model's log-probabilities are NaN or inf for "
+                                  f"{bad} of {len(out)} sources: its weights diverged (a run "
+                                  f"whose loss went NaN); decode an earlier checkpoint")
         return out
 
     @torch.no_grad()
@@ -237,7 +251,8 @@ class Generator:
         beams = beam_search(self.model, memory, memory_mask, opts.beam, opts.max_len,
                             opts.length_penalty, opts.no_repeat_ngram, force_len,
                             predict_stream=stream)
-        return [b[0] for b in beams]
+        # A source with no finished hypothesis: every score was NaN (decode_ids refuses it).
+        return [b[0] if b else Hypothesis([], math.nan, math.nan) for b in beams]
 
     def generate(self, sources: Sequence[str], force: bool = False, **options) -> list[str]:
         """Source strings -> hypothesis strings, one each (see DecodeOptions for the options).

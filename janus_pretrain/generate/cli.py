@@ -10,6 +10,7 @@ and counted on stderr; an empty line gives an empty output line, so outputs stay
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -61,53 +62,56 @@ def read_sources(stream: BinaryIO) -> tuple[list[str], list[int]]:
     return texts, bad
 
 
+def decode_options(args) -> dict:
+    """The DecodeOptions of the command line, checked (one line each) before anything loads."""
+    from janus_pretrain.generate.api import DecodeOptions
+
+    options = dict(mode=args.mode, beam=args.beam, max_len=args.max_len,
+                   length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                   iterations=args.iterations, length_beam=args.length_beam, dedup=args.dedup,
+                   rerank=args.rerank, batch_size=args.batch_size, spec_block=args.spec_block,
+                   spec_accept=args.spec_accept, spec_top=args.spec_top,
+                   spec_margin=args.spec_margin)
+    DecodeOptions(**options)
+    return options
+
+
 def run(args) -> None:
     from janus_pretrain.errors import JanusError
     from janus_pretrain.generate.api import Generator
+    from janus_pretrain.generate.output import Output
     from janus_pretrain.parallel import state
 
+    options = decode_options(args)
     if args.input != "-" and not Path(args.input).is_file():
-        raise JanusError(f"generate: input file not found: {args.input}")
+        what = "a directory" if Path(args.input).is_dir() else "not found"
+        raise JanusError(f"generate: --input {args.input} is {what} (name a file of sources)")
     src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     with src:
         sources, bad = read_sources(src)
     if bad:
         print(f"generate: warning: {len(bad)} input line(s) were not valid UTF-8 (first: line "
               f"{bad[0]}); their bad bytes were decoded as U+FFFD", file=sys.stderr, flush=True)
-    out = _open_output(args.output)
     consolidated = Path(args.checkpoint).is_file()
-    try:
-        gen = (Generator.from_consolidated if consolidated else Generator.from_checkpoint)(
-            args.checkpoint)
-        # WRITE_EVERY batches of sources at a time, in input order, each chunk written and
-        # flushed before the next is decoded: an interrupted run keeps every finished chunk, and
-        # `generate` still sorts each chunk by length (a chunk of one batch would not).
-        chunk = args.batch_size * WRITE_EVERY
-        for start in range(0, len(sources), chunk):
-            hyps = gen.generate(sources[start:start + chunk], force=args.force_mode,
-                                mode=args.mode, beam=args.beam, max_len=args.max_len,
-                                length_penalty=args.length_penalty,
-                                no_repeat_ngram=args.no_repeat_ngram, iterations=args.iterations,
-                                length_beam=args.length_beam, dedup=args.dedup,
-                                rerank=args.rerank, batch_size=args.batch_size,
-                                spec_block=args.spec_block, spec_accept=args.spec_accept,
-                                spec_top=args.spec_top, spec_margin=args.spec_margin)
-            out.writelines(h + "\n" for h in hyps)
-            out.flush()
-    finally:
-        state.shutdown()
-        if out is not sys.stdout:
-            out.close()
+    # The output is a temporary file until the run ends (output.py): a refusal below leaves an
+    # existing --output as it was. SIGTERM (a job's time limit) ends the run as Ctrl-C does, so
+    # the finished chunks still reach --output.
+    previous = signal.signal(signal.SIGTERM, _stop)
+    with Output(args.output) as out:
+        try:
+            gen = (Generator.from_consolidated if consolidated else Generator.from_checkpoint)(
+                args.checkpoint)
+            # WRITE_EVERY batches of sources at a time, in input order, each chunk written and
+            # flushed before the next is decoded: an interrupted run keeps every finished chunk,
+            # and `generate` still sorts each chunk by length (a chunk of one batch would not).
+            chunk = args.batch_size * WRITE_EVERY
+            for start in range(0, len(sources), chunk):
+                hyps = gen.generate(sources[start:start + chunk], force=args.force_mode, **options)
+                out.write(h + "\n" for h in hyps)
+        finally:
+            state.shutdown()
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _open_output(path: str):
-    """The hypothesis file, opened before any decoding: a path that cannot be written is one
-    line, not a traceback after the work."""
-    from janus_pretrain.errors import JanusError
-
-    if path == "-":
-        return sys.stdout
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as e:
-        raise JanusError(f"generate: cannot write --output {path}: {e.strerror}") from None
+def _stop(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # the status the signal itself would have given

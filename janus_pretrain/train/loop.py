@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import store
+from janus_pretrain.checkpoint import finite, store
 from janus_pretrain.checkpoint.init import init_weights
 from janus_pretrain.config import RunConfig, to_dict
 from janus_pretrain.data.corpora import open_sources, open_train, validation_loader
@@ -139,7 +139,7 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     checkpointer = store.Checkpointer(engine, output, tokenizer, cfg.train.save_interval,
                                       cfg.train.keep_checkpoints, cfg.train.save_interval_minutes,
                                       cfg.train.async_save, cfg.train.eval_interval)
-    meta = checkpointer.start(resume, cfg.train.resume_fallback) or {
+    meta = checkpointer.start(resume, cfg.train.resume_fallback, to_dict(cfg)) or {
         "step": 0, "bad_steps_in_a_row": 0, "loader": loader.state_dict()}
     loader.load_state_dict(meta["loader"])
     start_step, bad_in_a_row = meta["step"], meta["bad_steps_in_a_row"]
@@ -179,8 +179,11 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     if stopping and step < last_step:  # a signal during the last step changes nothing
         result.stopped_by = stop_request.received.name if stop_request.requested else "another rank"
     if diverged:
+        good = finite.newest(store.complete(checkpointer.root))
         raise JanusError(f"train: {bad_in_a_row} steps in a row (up to step {step}) had a non-finite "
                          f"loss or gradient and were skipped (train.max_bad_steps="
-                         f"{cfg.train.max_bad_steps}); {result.checkpoint} holds the last good "
-                         f"weights. Lower optim.lr or check the data before resuming")
+                         f"{cfg.train.max_bad_steps}); " +
+                         (f"{good} is the newest checkpoint with finite weights" if good else
+                          "no checkpoint holds finite weights") +
+                         ". Lower optim.lr or check the data before resuming")
     return result

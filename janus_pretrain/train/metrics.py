@@ -6,7 +6,8 @@ W&B runs offline unless WANDB_MODE says otherwise or WANDB_API_KEY is set; the o
 directory is printed at the end so it can be `wandb sync`-ed. A resumed run continues the same
 W&B run (its id is kept in `<output_dir>/wandb_run_id`), so a requeued job is one run; each
 invocation writes its own offline directory `wandb/offline-run-<time>-<id>`, and syncing them
-all, in order, fills the one run. WANDB_MODE=disabled writes metrics.jsonl alone and never
+all, in order, fills the one run; a resumed invocation first sends again, from metrics.jsonl, the
+steps a killed one may never have handed to W&B. WANDB_MODE=disabled writes metrics.jsonl alone and never
 imports wandb (the one-GPU run carries no wandb: docs/gpu.md).
 """
 from __future__ import annotations
@@ -29,6 +30,8 @@ from janus_pretrain.train.curves import plot_curves
 
 
 WANDB_ID_FILE = "wandb_run_id"
+# The last step an invocation handed to W&B and saw W&B finish with (written by `close`).
+WANDB_SYNCED_FILE = "wandb_synced_step"
 
 
 def wandb_mode() -> str:
@@ -112,14 +115,6 @@ def drop_metrics_after(path: Path, step: int) -> None:
     path.write_text("".join(kept))
 
 
-def last_logged_step(path: Path) -> int:
-    """The last step metrics.jsonl records (0 when there is none)."""
-    if not path.is_file():
-        return 0
-    steps = [_logged_step(line) for line in path.read_text().splitlines(keepends=True)]
-    return max((s for s in steps if s is not None), default=0)
-
-
 def wandb_run_id(output_dir: Path, start_step: int) -> str:
     """The run's W&B id, kept in `<output_dir>/wandb_run_id`: a resumed (requeued) invocation
     continues the same W&B run; a fresh one (step 0) starts a new run."""
@@ -147,9 +142,15 @@ class RunLogger:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        # W&B cannot take back logged steps: a resumed run logs only past the last step the
-        # interrupted one logged (it keeps those values; resuming is exact, so they are the same).
-        self.wandb_from = last_logged_step(self.file) if start_step else 0
+        # W&B cannot take back logged steps, and a killed invocation's steps may never have left
+        # its process (W&B writes its .wandb file every 15 s). So a resumed run sends again,
+        # from metrics.jsonl, every step after the last one a finished invocation handed over
+        # (WANDB_SYNCED_FILE), then logs past it; W&B keeps a step's first value, and resuming
+        # is exact, so a step it already has keeps the same value.
+        synced = output_dir / WANDB_SYNCED_FILE
+        self.wandb_from = int(synced.read_text()) if start_step and synced.is_file() else 0
+        synced.unlink(missing_ok=True)  # until this invocation finishes
+        self.wandb_last = self.wandb_from
         if self.file.is_file():
             drop_metrics_after(self.file, start_step)
         if wandb_mode() != "disabled":
@@ -158,6 +159,11 @@ class RunLogger:
             self.run = wandb.init(project=project, name=name, dir=str(output_dir), config=config,
                                   mode=wandb_mode(), id=wandb_run_id(output_dir, start_step),
                                   resume="allow")
+            # Online, a resumed W&B run knows the steps its server holds.
+            self.wandb_from = max(self.wandb_from, self.run.starting_step - 1)
+            for line in self.file.read_text().splitlines() if self.file.is_file() else ():
+                logged = json.loads(line)
+                self._log_wandb(logged.pop("step"), logged)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         mininterval=1.0)
 
@@ -200,6 +206,7 @@ class RunLogger:
     def _log_wandb(self, step: int, metrics: dict[str, float]) -> None:
         if self.run is not None and step > self.wandb_from:
             self.run.log(metrics, step=step)
+            self.wandb_last = step
 
     def close(self) -> Optional[str]:
         """Finish: plot the run's curves beside metrics.jsonl (curves.py); returns the W&B run
@@ -213,4 +220,5 @@ class RunLogger:
             return None
         run_dir = self.run.dir
         self.run.finish()
+        (self.file.parent / WANDB_SYNCED_FILE).write_text(f"{self.wandb_last}\n")
         return str(Path(run_dir).parent)

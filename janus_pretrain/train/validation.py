@@ -8,6 +8,8 @@ measures on the live model (fine-tuning: a task's metric decoded AR and NAR, bui
 which no module of train/ imports) -> `eval/<task>/<metric>/<mode>`.
 
 The score is the first value `task_eval` returns (higher is better) or, without one, -eval/loss.
+A step is a candidate only if its weights are finite (recorded when its checkpoint was saved,
+checkpoint/finite.py), every validation value is finite and its decoding is (NonFiniteOutput).
 When it beats the best so far, rank 0 copies the step's checkpoint (saved just before; eval_interval
 is a multiple of save_interval) to `checkpoints/best`, atomically (checkpoint/atomic.py), with
 {"metric", "score", "step"} under "best" in its janus.json, so a resumed run compares against it.
@@ -15,29 +17,22 @@ is a multiple of save_interval) to `checkpoints/best`, atomically (checkpoint/at
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from janus_pretrain.checkpoint import weights
+from janus_pretrain.checkpoint import finite, weights
 from janus_pretrain.checkpoint.files import BEST, MARKER, META, step_name
 from janus_pretrain.data.loader import BatchLoader
+from janus_pretrain.errors import NonFiniteOutput
 from janus_pretrain.objectives.build import Objective
 from janus_pretrain.train.metrics import StepStats
 
 # The live module -> {"eval/<task>/<metric>/<mode>": value}, the score first; every rank calls it.
 TaskEval = Callable[[torch.nn.Module], dict[str, float]]
-
-
-def weights_finite(model: torch.nn.Module) -> bool:
-    """Collective over the model-parallel shards: whether every weight of the model is finite (a
-    checkpoint that is not must never become `best`)."""
-    bad = torch.stack([~torch.isfinite(p).all() for p in model.parameters()]).any().float()
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bool(bad)
 
 
 def read_best(path: Path) -> Optional[dict]:
@@ -68,25 +63,35 @@ class Validator:
         """Collective. `checkpoint` is the newest saved step directory (this step's)."""
         if self.interval is None or step % self.interval:
             return
-        if not weights_finite(self.engine.module):
-            print(f"validation: step {step} has non-finite weights: never a candidate for best",
-                  flush=True)
-            return
+        assert checkpoint is not None and checkpoint.name == step_name(step), (checkpoint, step)
+        if finite.recorded(checkpoint) is False:  # checked once, when it was saved
+            return self._no_candidate(step, "has non-finite weights")
         self.engine.eval()
         with torch.no_grad():
-            task = self.task_eval(self.engine.module) if self.task_eval is not None else {}
-            metrics = {**(self.losses() if self.loader is not None else {}), **task}
+            try:
+                task = self.task_eval(self.engine.module) if self.task_eval is not None else {}
+            except NonFiniteOutput:
+                task = None
+            metrics = {**(self.losses() if self.loader is not None else {}), **(task or {})}
         self.engine.train()
         logger.write_eval(step, metrics)
+        if task is None:
+            return self._no_candidate(step, "decodes NaN log-probabilities")
+        bad = next((k for k, v in metrics.items() if not math.isfinite(v)), None)
+        if bad is not None:
+            return self._no_candidate(step, f"has {bad} = {metrics[bad]}")
         metric = next(iter(task)) if task else "eval/loss"
         score = metrics[metric] if task else -metrics[metric]
         if self.best is not None and score <= self.best["score"]:
             return
-        assert checkpoint is not None and checkpoint.name == step_name(step), (checkpoint, step)
         self.best = {"metric": metric, "score": score, "step": step}
         if dist.get_rank() == 0:
             publish_best(checkpoint, self.best_dir, self.best)
         dist.barrier()
+
+    @staticmethod
+    def _no_candidate(step: int, why: str) -> None:
+        print(f"validation: step {step} {why}: never a candidate for best", flush=True)
 
     def losses(self) -> dict[str, float]:
         """Every loss term, averaged over the validation micro-batches and data-parallel ranks.

@@ -38,7 +38,8 @@ def _rank(rank: int, port: int, directory: str, results) -> None:
 
 
 def test_a_file_system_without_flock_is_one_line_on_every_rank(tmp_path):
-    ctx = multiprocessing.get_context("fork")
+    # spawn: a fork of the test session would inherit its process group and gloo threads
+    ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path / "run"), results))
@@ -46,7 +47,7 @@ def test_a_file_system_without_flock_is_one_line_on_every_rank(tmp_path):
     for p in procs:
         p.start()
     try:
-        got = dict(results.get(timeout=60) for _ in range(RANKS))
+        got = dict(results.get(timeout=120) for _ in range(RANKS))
     finally:
         for p in procs:
             p.join(timeout=10)

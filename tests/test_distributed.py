@@ -53,6 +53,12 @@ def test_resume_equals_uninterrupted_run(runs, launch_training, tmp_path_factory
                                 "parallel.deepspeed_config=configs/deepspeed/zero2.json"))
     out = tmp_path_factory.mktemp("resumed")
     common = (f"train.steps={STEPS}", "parallel.deepspeed_config=configs/deepspeed/zero2.json")
+    assert_split_run_equals(full, launch_training, out, common)
+    runs["resumed"] = out
+
+
+def assert_split_run_equals(full: list, launch_training, out, common: tuple) -> None:
+    """Train to step 2 and stop, then resume to STEPS: the metrics are `full`'s bit for bit."""
     first = launch_training(out, nproc=2, extra=(*common, "train.exit_after=2"))
     assert first.returncode == 0, first.stderr[-4000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
@@ -63,7 +69,6 @@ def test_resume_equals_uninterrupted_run(runs, launch_training, tmp_path_factory
     for a, b in zip(full, resumed):
         for key in EXACT:
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
-    runs["resumed"] = out
 
 
 def test_bf16_without_zero_resumes_exactly(runs, launch_training, tmp_path_factory):
@@ -73,16 +78,7 @@ def test_bf16_without_zero_resumes_exactly(runs, launch_training, tmp_path_facto
     common = (f"train.steps={STEPS}", "parallel.deepspeed_config=configs/deepspeed/zero0.json",
               "parallel.precision=bf16")
     full = read_metrics(trained(runs, launch_training, tmp_path_factory, "bf16_zero0", *common))
-    out = tmp_path_factory.mktemp("bf16_resumed")
-    first = launch_training(out, nproc=2, extra=(*common, "train.exit_after=2"))
-    assert first.returncode == 0, first.stderr[-4000:]
-    second = launch_training(out, nproc=2, extra=common, resume=True)
-    assert second.returncode == 0, second.stderr[-4000:]
-    resumed = read_metrics(out)
-    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
-    for a, b in zip(full, resumed):
-        for key in EXACT:
-            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    assert_split_run_equals(full, launch_training, tmp_path_factory.mktemp("bf16_resumed"), common)
     assert full[-1]["train/loss"] < full[0]["train/loss"]
 
 

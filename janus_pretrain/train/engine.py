@@ -16,7 +16,7 @@ from janus_pretrain.config import CONFIG_ROOT, RunConfig
 from janus_pretrain.errors import JanusError
 from janus_pretrain.optim import WarmupDecay, adamw, build_optimizer, param_groups
 from janus_pretrain.parallel.state import DeepSpeedMPU, data_parallel_size
-from janus_pretrain.train.master_weights import MasterWeights
+from janus_pretrain.train.master_weights import MasterWeights, clip_by_global_norm
 
 # Keys the run config owns; a DeepSpeed JSON that sets them too would be a second source of truth.
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -164,17 +164,9 @@ def _clip_without_sync(zero_optimizer) -> None:
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, mpu) -> torch.Tensor:
-    """Scale the gradients in place so that their global 2-norm is at most `max_norm`, with no
-    host sync -> the norm before clipping (device). Parameters replicated over the TP group
-    count once (on TP rank 0), shards everywhere, as Megatron counts them."""
-    grads = [p.grad for p in params if p.grad is not None]
+    """The module's gradients clipped by their global norm on the device -> the norm."""
     first = mpu.get_model_parallel_rank() == 0
     counted = [p.grad for p in params
                if p.grad is not None and (first or is_model_parallel_parameter(p))]
-    squares = (torch.stack(torch._foreach_norm(counted)).float().square().sum() if counted
-               else grads[0].new_zeros((), dtype=torch.float32))
-    if mpu.get_model_parallel_world_size() > 1:
-        dist.all_reduce(squares, group=mpu.get_model_parallel_group())
-    norm = squares.sqrt()
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
-    return norm
+    return clip_by_global_norm(counted, [p.grad for p in params if p.grad is not None],
+                               max_norm, mpu)

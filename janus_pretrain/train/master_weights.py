@@ -19,6 +19,21 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import is_model_parallel_parameter
 
 
+def clip_by_global_norm(counted: list[torch.Tensor], scaled: list[torch.Tensor], max_norm: float,
+                        mpu) -> torch.Tensor:
+    """Scale `scaled` in place so that the global 2-norm of `counted` (the gradients this rank
+    counts: TP shards everywhere, replicated ones on TP rank 0, as Megatron counts them) is at
+    most `max_norm` (0: no clipping), with no host sync -> the norm before clipping (device)."""
+    squares = (torch.stack(torch._foreach_norm(counted)).float().square().sum() if counted
+               else scaled[0].new_zeros((), dtype=torch.float32))
+    if mpu.get_model_parallel_world_size() > 1:
+        dist.all_reduce(squares, group=mpu.get_model_parallel_group())
+    norm = squares.sqrt()
+    if max_norm > 0:
+        torch._foreach_mul_(scaled, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(scaled[0].dtype))
+    return norm
+
+
 class MasterWeights(torch.optim.Optimizer):
     """Over bf16 parameters (its param_groups, whose `lr` the LR scheduler sets); `inner` is a
     fused AdamW over their fp32 copies. `found_inf`, when set (a device scalar), is raised to 1
@@ -64,7 +79,8 @@ class MasterWeights(torch.optim.Optimizer):
                  zip(live, flat.split([masters[i].numel() for i in live]))]
         for i, g in zip(live, grads):
             masters[i].grad = g
-        norm = self._clip([g for i, g in zip(live, grads) if self.counted[i]], flat)
+        norm = clip_by_global_norm([g for i, g in zip(live, grads) if self.counted[i]], [flat],
+                                   self.max_norm, self.mpu)
         self._global_grad_norm = norm
         bad = (~torch.isfinite(norm)).float()
         if self.found_inf is not None:
@@ -79,18 +95,6 @@ class MasterWeights(torch.optim.Optimizer):
                              [v.view(params[i].shape) for i, v in
                               zip(live, low.split([params[i].numel() for i in live]))])
         return None
-
-    def _clip(self, counted: list[torch.Tensor], flat: torch.Tensor) -> torch.Tensor:
-        """Scale the gradients (`flat`, which the masters' gradients view) to a global 2-norm of
-        at most max_norm -> the norm before clipping (device)."""
-        squares = (torch.stack(torch._foreach_norm(counted)).square().sum() if counted
-                   else flat.new_zeros(()))
-        if self.mpu.get_model_parallel_world_size() > 1:
-            dist.all_reduce(squares, group=self.mpu.get_model_parallel_group())
-        norm = squares.sqrt()
-        if self.max_norm > 0:
-            flat.mul_((self.max_norm / (norm + 1e-6)).clamp(max=1.0))
-        return norm
 
     def state_dict(self) -> dict:
         return {"inner": self.inner.state_dict(), "masters": self.masters,

@@ -3,10 +3,12 @@ on it, and shards prepared from it, built once per test session."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,19 @@ def damage(path, how: str) -> None:
     else:  # one flipped byte: torch would load it, with one wrong weight
         path.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) +
                          data[len(data) // 2 + 1:])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test that leaves a process or a non-daemon thread behind fails the session, and the
+    processes are killed: at exit, Python joins both and would wait forever on one that does not
+    end (a collating worker ignores SIGTERM), so CI would time out instead of failing."""
+    children = multiprocessing.active_children()
+    threads = [t for t in threading.enumerate()
+               if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    for child in children:
+        child.kill()
+        child.join()
+    if children or threads:
+        sys.stderr.write(f"\ntests left behind: processes {[c.name for c in children]}, "
+                         f"threads {[t.name for t in threads]}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -441,6 +441,27 @@ def test_prefetch_raises_collate_errors_in_order():
         ahead.close()
 
 
+_LEFT_OPEN = """
+import sys
+import numpy as np
+from janus_pretrain.data.loader import BatchLoader
+
+loader = BatchLoader([np.arange(1, 6)] * 40, lambda ex, rng: {"n": len(ex)}, 4, seed=0,
+                     prefetch=2, workers=2)
+next(loader)
+sys.held = loader  # never closed, as by a traceback that holds the training frame
+print("exiting", flush=True)
+"""
+
+
+def test_a_loader_left_open_does_not_hold_the_exit():
+    """Its workers ignore SIGTERM (the trainer checkpoints first): multiprocessing's exit hook,
+    which terminates and then joins them, waited forever and a test session never ended."""
+    out = subprocess.run([sys.executable, "-c", _LEFT_OPEN], capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout == "exiting\n", out.stderr
+
+
 # --- corrupt input ----------------------------------------------------------------------------
 
 def test_index_disagrees_with_data(tmp_path):

@@ -21,8 +21,10 @@ of those prefetched.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import signal
+import weakref
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -192,6 +194,7 @@ class BatchLoader:
         self.epoch, self.position = self._normalised(self.epoch, self.position)
         if self.workers:
             if self._ahead is None:
+                _WORKING.add(self)
                 self._ahead = iter(DataLoader(
                     _Ahead(self, self.epoch, self.position), batch_size=None, collate_fn=_as_is,
                     num_workers=self.workers, prefetch_factor=self.prefetch,
@@ -211,10 +214,18 @@ class BatchLoader:
         return batch
 
     def close(self) -> None:
-        """Stop the collating workers (if any) and drop what they had prepared."""
+        """Stop the collating workers (if any) and drop what they had prepared. A worker that
+        did not stop when asked is killed: it ignores SIGTERM, so DataLoader's fallback (and
+        multiprocessing's at exit) would wait on it forever."""
         if self._ahead is not None:
+            workers = list(self._ahead._workers)
             self._ahead._shutdown_workers()
+            for worker in workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
             self._ahead = None
+        _WORKING.discard(self)
 
     def state_dict(self) -> dict:
         """The position (the same on every rank) and what gives its units their meaning."""
@@ -243,6 +254,17 @@ class BatchLoader:
         if self.budget is not None and state["group"] != self.group:
             self.group = int(state["group"])
             self._plans.clear()
+
+
+_WORKING: "weakref.WeakSet[BatchLoader]" = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's exit hook, so it runs before it
+def _close_open_loaders() -> None:
+    """Stop the workers of loaders still open at exit (a run that ended by an exception, a
+    loader held by a traceback): multiprocessing would otherwise join them forever."""
+    for loader in list(_WORKING):
+        loader.close()
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:

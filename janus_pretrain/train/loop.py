@@ -156,23 +156,25 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
     last_step = min(cfg.train.steps, cfg.train.exit_after or cfg.train.steps)
     step, stopping, diverged = start_step, False, False
     engine.train()
-    with StopRequest() as stop_request:
-        while step < last_step and not (stopping or diverged):
-            step += 1
-            optimizer_step(engine, objective, loader, cfg, guard, stats, stop_request.requested,
-                           topo.device, step)
-            if must_read_flags(cfg.train, step, last_step):
-                guard.settle()
-            bad_in_a_row, stopping = guard.bad_in_a_row, guard.stop
-            diverged = bad_in_a_row >= cfg.train.max_bad_steps
-            done = step == last_step or stopping or diverged
-            logger.after_step(step, done, stats, engine)
-            if topo.is_main and hasattr(loader.corpus, "mixture") and (
-                    done or not step % cfg.train.log_interval):  # a blend's realised shares
-                logger.write_eval(step, loader.corpus.mixture(loader.epoch, loader.consumed()))
-            checkpointer.after_step(step, done, lambda: saved_state(guard, loader, cfg))
-            validator.after_step(step, checkpointer.last, logger)
-    loader.close()
+    try:
+        with StopRequest() as stop_request:
+            while step < last_step and not (stopping or diverged):
+                step += 1
+                optimizer_step(engine, objective, loader, cfg, guard, stats, stop_request.requested,
+                               topo.device, step)
+                if must_read_flags(cfg.train, step, last_step):
+                    guard.settle()
+                bad_in_a_row, stopping = guard.bad_in_a_row, guard.stop
+                diverged = bad_in_a_row >= cfg.train.max_bad_steps
+                done = step == last_step or stopping or diverged
+                logger.after_step(step, done, stats, engine)
+                if topo.is_main and hasattr(loader.corpus, "mixture") and (
+                        done or not step % cfg.train.log_interval):  # a blend's realised shares
+                    logger.write_eval(step, loader.corpus.mixture(loader.epoch, loader.consumed()))
+                checkpointer.after_step(step, done, lambda: saved_state(guard, loader, cfg))
+                validator.after_step(step, checkpointer.last, logger)
+    finally:  # its workers, also when the run ends by an exception
+        loader.close()
     result = TrainResult(topo.rank, start_step, step, checkpointer.last and str(checkpointer.last),
                          logger.close(),
                          logger.first, logger.last)

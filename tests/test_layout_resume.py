@@ -15,9 +15,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import read_metrics
 
 from janus_pretrain.checkpoint.relayout import Layout, read
+from janus_pretrain.checkpoint.slices import KEYS, SavedState
 from janus_pretrain.config import from_dict
 from janus_pretrain.data.batching import TokenBudget
 from janus_pretrain.data.loader import BatchLoader
@@ -53,12 +55,16 @@ def original(launch_training, tmp_path_factory):
     return out
 
 
+def whole_model(checkpoint):
+    """The model a checkpoint was written for, at this process's TP size (1)."""
+    model_cfg = from_dict(json.loads((checkpoint / "janus.json").read_text())["config"]).model
+    return JanusModel(model_cfg, load_tokenizer(checkpoint / "tokenizer.model").vocab_size, PAD)
+
+
 def final_state(checkpoint, layout: Layout):
     meta = json.loads((checkpoint / "janus.json").read_text())
     assert meta["layout"] == layout.as_dict()
-    model_cfg = from_dict(meta["config"]).model
-    skeleton = JanusModel(model_cfg, load_tokenizer(checkpoint / "tokenizer.model").vocab_size, PAD)
-    return read(checkpoint, layout, skeleton), meta
+    return read(checkpoint, layout, whole_model(checkpoint)), meta
 
 
 @pytest.mark.parametrize("target", [Layout(1, 2, 1), Layout(1, 1, 0), Layout(2, 1, 3)], ids=str)
@@ -95,6 +101,30 @@ def test_resume_at_another_layout_continues_the_same_run(original, launch_traini
     assert consumed[0] == consumed[1] == (0, STEPS * MICRO_BATCHES * 2)
     # train.global_batch: accumulation derived per layout.
     assert have_meta["config"]["train"]["grad_accum"] == MICRO_BATCHES // target.data_parallel
+
+
+def test_slices_of_any_tp_layout_equal_the_whole_state(original, single_process):
+    """What a resuming rank reads (checkpoint/slices.py): for every parameter and tensor, a range
+    of the TP-local tensor of rank r of 1, 2 or 4, starting and ending inside rows, equals that
+    range of the whole state's chunk."""
+    checkpoint = original / "checkpoints" / f"step_{SAVED:08d}"
+    whole, _ = final_state(checkpoint, SOURCE)
+    saved = SavedState(checkpoint, SOURCE.zero_stage, whole_model(checkpoint))
+    rng = np.random.default_rng(0)
+    checked = 0
+    for key in KEYS:
+        for name, full in getattr(whole, key).items():
+            dim = saved.dims.get(name)
+            for world in (1, 2, 4):
+                if dim is not None and full.shape[dim] % world:
+                    continue
+                for rank in range(world):
+                    flat = (full if dim is None else full.chunk(world, dim)[rank]).reshape(-1)
+                    for lo, hi in ((0, flat.numel()), sorted(rng.integers(0, flat.numel() + 1, 2))):
+                        got = saved.region(name, key, rank, world, int(lo), int(hi))
+                        assert torch.equal(got, flat[lo:hi]), (key, name, world, rank, lo, hi)
+                        checked += 1
+    assert checked > 200 and any(d == 1 for d in saved.dims.values())  # row-parallel ones too
 
 
 def _corpus(n=64):

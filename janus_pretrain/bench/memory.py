@@ -16,6 +16,10 @@ model.activation_checkpointing none and full: the peak memory over forward + bac
 the process held before it (RSS high-water mark on CPU, max allocated on CUDA), with the gradient
 buffers already allocated by a warm-up step, so what remains is activations and their transients.
 Each variant runs in a fresh process, so one's freed-but-kept heap cannot hide the other's peak.
+
+    python -m janus_pretrain.bench memory --relayout --model tiny
+
+reports the host memory of a resume at another layout (bench/relayout_memory.py).
 """
 from __future__ import annotations
 
@@ -165,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--dp-analytic", type=int, default=64, help="N for the analytic DP = N column")
+    p.add_argument("--relayout", action="store_true",
+                   help="host memory of a resume at another layout instead (bench/relayout_memory.py)")
     p.add_argument("--activations", action="store_true",
                    help="activation peak with and without activation checkpointing instead")
     p.add_argument("--batch", type=int, default=8, help="--activations only")
@@ -175,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
+    if "--relayout" in argv:
+        from janus_pretrain.bench import relayout_memory
+        return relayout_memory.main(argv)
     args = _parser().parse_args(argv)
     if args.activations:
         return activations(argv)

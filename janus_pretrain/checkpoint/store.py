@@ -255,7 +255,7 @@ def read_meta(checkpoint: Path) -> dict:
 def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
     """Collective: restore engine state and this rank's RNG; returns janus.json's contents.
     A checkpoint written at another (TP, DP, ZeRO) layout goes through relayout.py."""
-    from janus_pretrain.checkpoint import relayout  # DeepSpeed: training only, not decoding
+    from janus_pretrain.checkpoint import relayout, slices  # DeepSpeed: training only
 
     check_tokenizer(path, tokenizer)
     meta = read_meta(path)
@@ -271,7 +271,7 @@ def load(engine, path: Path, tokenizer: Tokenizer) -> dict:
             _warn(f"checkpoint: the global batch (data.micro_batch_size x train.grad_accum x DP) "
                   f"changes from {batch} to {engine.train_batch_size()}")
         return meta
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    loaded = slices.load_own_files(engine, path)
     if loaded is None:
         raise JanusError(f"checkpoint: DeepSpeed could not load {path}")
     if dist.get_rank() == 0:

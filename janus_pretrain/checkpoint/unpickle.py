@@ -3,6 +3,7 @@ states, RNG files, DeepSpeed's ZeRO shards), so a file from someone else is refu
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -11,13 +12,16 @@ import torch
 from janus_pretrain.errors import JanusError
 
 
-def load(path: Path, holds: str, allowed: Sequence = ()) -> dict:
+def load(path: Path, holds: str, allowed: Sequence = (), mmap: bool = False) -> dict:
     """`path` loaded with weights_only=True: tensors, plain values and the `allowed` classes.
     Anything else (a crafted pickle) is one error naming the class torch refused; `holds` says
-    what the file should hold. A file torch cannot read (truncated) is one error naming it."""
+    what the file should hold. A file torch cannot read (truncated) is one error naming it.
+    With `mmap`, the tensors of a file in torch's zip format map the file instead of being read:
+    only the pages a caller touches are read (a file in the legacy format is read whole)."""
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         lines = str(e).splitlines()
         why = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])

@@ -16,7 +16,8 @@ Rows (one process, TP = 1, the real depth of --model, hidden size --width):
 Host ms per step are measured too (median, no counter), so that at a negligible width the loop's
 host time can be set beside the bare step's. `--data` takes pairs prepared by `janus-finetune
 prepare`; without it, random pairs of varied lengths. `--shapes` (with --data) also counts the
-distinct (rows, source, target, K) shapes over two epochs of the real plan, ar and janus.
+distinct (rows, source, target, K) shapes over two epochs of the real plan, ar and janus;
+`--shapes-only --pretrain CONFIG [--set key=value ...]` those of a pretraining run's plan.
 """
 from __future__ import annotations
 
@@ -200,14 +201,10 @@ def loop_row(name: str, stage: int, args, device: torch.device) -> tuple[dict, f
         loader.close()
 
 
-def distinct_shapes(name: str, args, bucketed: bool, epochs: int = 2) -> dict:
-    """Distinct collated shapes over `epochs` epochs of the real plan, ar (rows, S, L) and janus
-    (rows, S, L, K), how many first appear after the first epoch, and the padded share of the
-    cells (source + target rows, and JANUS's 2K slot rows against the masked positions)."""
-    cfg, objective = run_config(name, args)
-    if not bucketed:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, length_buckets=[]))
-    loader = loader_for(cfg, objective, args, prefetch=0)
+def distinct_shapes(cfg, objective, loader, epochs: int = 2) -> dict:
+    """Distinct collated shapes over `epochs` epochs of the loader's real plan, ar (rows, S, L)
+    and janus (rows, S, L, K), how many first appear after the first epoch, and the padded share
+    of the cells (source + target rows, and JANUS's 2K slot rows against the masked positions)."""
     seen: dict[tuple, int] = {}
     batches, real, cells, slots, used = 0, 0, 0, 0, 0
     for epoch in range(epochs):
@@ -226,6 +223,34 @@ def distinct_shapes(name: str, args, bucketed: bool, epochs: int = 2) -> dict:
             "new_after_epoch_1": sum(1 for e in seen.values() if e > 0),
             "pad_fraction": 1 - real / cells,
             "slot_pad_fraction": 1 - used / slots if slots else None}
+
+
+def _unbucketed(cfg):
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, length_buckets=[]))
+
+
+def task_shapes(name: str, args, bucketed: bool) -> dict:
+    """`distinct_shapes` of the fine-tuning objective `name` on --data."""
+    cfg, objective = run_config(name, args)
+    cfg = cfg if bucketed else _unbucketed(cfg)
+    return distinct_shapes(cfg, objective, loader_for(cfg, objective, args, prefetch=0))
+
+
+def pretrain_shapes(args, bucketed: bool) -> dict:
+    """`distinct_shapes` of the pretraining run that --pretrain (and --set) configure: its
+    objective, its corpus or blend, its loader, as train() builds them."""
+    from janus_pretrain.config import load_config
+    from janus_pretrain.data.corpora import open_train
+    from janus_pretrain.objectives.build import build_objective
+    from janus_pretrain.tokenizer import load_tokenizer
+
+    cfg = load_config(args.pretrain, args.set)
+    cfg = cfg if bucketed else _unbucketed(cfg)
+    objective = build_objective(cfg)
+    corpus = open_train(cfg.data.train, load_tokenizer(cfg.data.tokenizer))
+    loader = build_loader(dataclasses.replace(cfg.data, prefetch=0), corpus, objective.collate,
+                          0, 1)
+    return distinct_shapes(cfg, objective, loader)
 
 
 def collation_ms(name: str, args, batches: int = 40, step_s: float = 0.02) -> dict:
@@ -262,11 +287,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--objectives", default=",".join(OBJECTIVES))
     p.add_argument("--no-bart", action="store_true")
     p.add_argument("--shapes", action="store_true", help="count distinct shapes (needs --data)")
-    p.add_argument("--shapes-only", action="store_true", help="only the shapes (with --data)")
+    p.add_argument("--shapes-only", action="store_true",
+                   help="only the shapes (with --data or --pretrain)")
+    p.add_argument("--pretrain", type=Path,
+                   help="with --shapes-only: also the shapes of this pretraining run config")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides of the --pretrain config (e.g. data.train=DIR)")
     p.add_argument("--json", type=Path)
     args = bench_train.checked_shape(p, p.parse_args(argv))
-    if args.shapes and args.data is None:
+    if args.shapes and args.data is None and not (args.shapes_only and args.pretrain):
         p.error("--shapes needs --data")
+    if args.pretrain is not None and not args.shapes_only:
+        p.error("--pretrain goes with --shapes-only")
     if args.shapes_only:
         args.shapes = True
     args.compile = False
@@ -318,9 +350,14 @@ def main(argv: list[str]) -> dict:
     table = {"rows": {r: {**t, "host_ms": ms} for r, (t, ms) in rows.items()}, "ratios": ratios,
              "settings": {k: v for k, v in vars(args).items() if k != "overrides"}}
     if args.shapes:
-        table["shapes"] = {f"{name} {kind}": distinct_shapes(name, args, kind == "bucketed")
-                           for name in objectives for kind in ("unbucketed", "bucketed")}
-        table["collation_ms"] = {name: collation_ms(name, args) for name in objectives}
+        kinds = ("unbucketed", "bucketed")
+        table["shapes"] = {f"{name} {kind}": task_shapes(name, args, kind == "bucketed")
+                           for name in objectives for kind in kinds} if args.data else {}
+        if args.pretrain is not None:
+            table["shapes"].update({f"pretrain {kind}": pretrain_shapes(args, kind == "bucketed")
+                                    for kind in kinds})
+        table["collation_ms"] = ({name: collation_ms(name, args) for name in objectives}
+                                 if args.data else {})
         for name, ms in table["collation_ms"].items():
             print(f"collation {name}: ms per batch on the training thread: " +
                   ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))

@@ -47,3 +47,18 @@ def test_training_loop_steps_without_host_syncs(single_process, tmp_path):
     for name in ("ar", "janus"):
         loop, bare = rows[f"loop {name} zero0 fp32"], rows[f"bare {name} fp32"]
         assert loop["ops_total"] - bare["ops_total"] <= 50, (loop["ops"], bare["ops"])
+
+
+def test_pretraining_plan_shapes(shards_dir, tokenizer_path):
+    """`bench overhead --shapes-only --pretrain`: the pretraining run's own loader (packed blocks,
+    denoising); bucketing leaves fewer distinct shapes than the run's unbucketed plan has, and
+    never one that first appears in the second epoch."""
+    from janus_pretrain.bench import overhead
+
+    args = overhead.parse_args(["--shapes-only", "--pretrain", "configs/pretrain/demo.yaml",
+                                "--set", f"data.train={shards_dir}",
+                                f"data.tokenizer={tokenizer_path}"])
+    plain, bucketed = (overhead.pretrain_shapes(args, b) for b in (False, True))
+    assert plain["batches"] == bucketed["batches"] > 20
+    assert 1 <= bucketed["distinct"] < plain["distinct"] and bucketed["new_after_epoch_1"] == 0
+    assert bucketed["pad_fraction"] >= plain["pad_fraction"]

@@ -133,8 +133,8 @@ def _without_zero(checkpoint: Path, tp_rank: int, order: list[str]) -> SavedRank
 
     def tensor(file: dict, name: str, key: str) -> torch.Tensor:
         if key == "fp32":
-            return file["module"][name].float().view(-1)
-        return file["optimizer"]["state"][index[name]][key].view(-1)
+            return file["module"][name].float().reshape(-1)
+        return file["optimizer"]["state"][index[name]][key].reshape(-1)
 
     return SavedRank([path], shapes, {n: [Fragment(0, n, 0, 0, s.numel())] for n, s in shapes.items()},
                      tensor, {float(optim["state"][i]["step"]) for i in ids})

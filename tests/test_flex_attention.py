@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from janus_pretrain.config import ModelConfig, ObjectiveConfig
 from janus_pretrain.errors import JanusError
-from janus_pretrain.model.flex import FlexMask, causal_mask
+from janus_pretrain.model.flex import FlexMask
 from janus_pretrain.objectives.janus import JanusObjective
 
 
@@ -22,15 +22,28 @@ def two_stream_mask() -> torch.Tensor:
 
 
 def test_compiled_flex_forward_equals_sdpa():
-    masks = {"two_stream": two_stream_mask(), "causal": causal_mask(2, 13, torch.device("cpu"))}
-    for name, mask in masks.items():
-        b, t, _ = mask.shape
+    """Each way a FlexMask is built (from the dense two-stream mask, from a key vector, the
+    cached causal one) attends as SDPA does with the same mask as a dense boolean."""
+    cpu = torch.device("cpu")
+    two_stream = two_stream_mask()
+    b, t, _ = two_stream.shape
+    real = torch.ones(b, t + 3, dtype=torch.bool)
+    real[0, t - 2:] = False  # a padded source of another length than the target
+    cases = {
+        "two_stream": (FlexMask(two_stream, t, t, block=16), two_stream, t),
+        "causal": (FlexMask.causal(t, cpu, block=16),
+                   torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t), t),
+        "keys": (FlexMask.keys(real, t, block=16), real[:, None, :].expand(b, t, t + 3), t + 3),
+    }
+    for name, (flex_mask, dense, s) in cases.items():
         gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(b, 2, t, 8, generator=gen) for _ in range(3))
-        assert t % 16  # padded up to the block: the padding is exercised
-        flex = FlexMask(mask, t, t, block=16).attend(q, k, v)
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        q = torch.randn(b, 2, t, 8, generator=gen)
+        k, v = (torch.randn(b, 2, s, 8, generator=gen) for _ in range(2))
+        assert t % 16 and s % 16  # padded up to the block: the padding is exercised
+        flex = flex_mask.attend(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
         torch.testing.assert_close(flex, ref, rtol=1e-5, atol=1e-5, msg=name)
+    assert FlexMask.causal(t, cpu, block=16) is cases["causal"][0]  # built once per length
 
 
 def test_flex_with_attention_dropout_is_a_config_error():

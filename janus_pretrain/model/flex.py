@@ -2,7 +2,8 @@
 
 SDPA with an arbitrary boolean mask (the two-stream mask) falls back to unfused attention on CUDA;
 FlexAttention runs it fused and skips the blocks the mask empties. A `FlexMask` is built once per
-batch for each mask kind (encoder key mask, decoder self mask, cross mask) and shared by all layers.
+batch for each mask kind (encoder key mask, decoder self mask, cross mask) and shared by all layers;
+key masks are read from their [B, S] vector and the causal mask is built once per length.
 Query and key lengths are padded up to a multiple of the block size (padded keys masked out, padded
 query rows dropped), so the compiled kernel sees a few repeating shapes instead of one per batch.
 flex has no attention dropout (config check) and no CPU backward in torch 2.13, so the model uses
@@ -29,12 +30,15 @@ def _round_up(n: int, block: int) -> int:
 
 
 class FlexMask:
-    """A boolean mask (True = may attend), broadcastable to [B, 1, T, S], as a padded BlockMask."""
+    """A boolean mask (True = may attend), broadcastable to [B, 1, T, S], as a padded BlockMask.
+
+    Built from the dense mask (the two-stream and BANG masks), or, where the mask is a function
+    of a few indices, without one: `keys` (a key-padding mask, from a [B, S] vector) and `causal`
+    (a pure function of the shape, built once per length and cached)."""
 
     def __init__(self, mask: torch.Tensor, q_len: int, kv_len: int, block: int = BLOCK):
         b = mask.shape[0]
-        self.q_len, self.kv_len = q_len, kv_len
-        self.padded_len = qp, kp = _round_up(q_len, block), _round_up(kv_len, block)
+        qp, kp = _round_up(q_len, block), _round_up(kv_len, block)
         padded = torch.zeros(b, qp, kp, dtype=torch.bool, device=mask.device)
         rows = mask.reshape(b, mask.shape[-2], kv_len)  # [B, T or 1, S]
         padded[:, :q_len, :kv_len] = rows.expand(b, q_len, kv_len)
@@ -42,8 +46,33 @@ class FlexMask:
         def mask_mod(bi, h, q, k):
             return padded[bi, q, k]
 
-        self.block_mask = create_block_mask(mask_mod, b, None, qp, kp, device=mask.device,
-                                            BLOCK_SIZE=block)
+        self._set(create_block_mask(mask_mod, b, None, qp, kp, device=mask.device,
+                                    BLOCK_SIZE=block), q_len, kv_len, block)
+
+    def _set(self, block_mask, q_len: int, kv_len: int, block: int) -> None:
+        self.block_mask, self.q_len, self.kv_len = block_mask, q_len, kv_len
+        self.padded_len = _round_up(q_len, block), _round_up(kv_len, block)
+
+    @classmethod
+    def keys(cls, real: torch.Tensor, q_len: int, block: int = BLOCK) -> "FlexMask":
+        """Every query row sees the keys that `real` [B, S] marks, and only those: the encoder's
+        self-attention and every cross-attention, with no [B, T, S] mask built."""
+        b, s = real.shape
+        qp, kp = _round_up(q_len, block), _round_up(s, block)
+        padded = F.pad(real, (0, kp - s))  # padded keys: False
+
+        def mask_mod(bi, h, q, k):
+            return padded[bi, k]
+
+        mask = cls.__new__(cls)
+        mask._set(create_block_mask(mask_mod, b, None, qp, kp, device=real.device,
+                                    BLOCK_SIZE=block), q_len, s, block)
+        return mask
+
+    @staticmethod
+    def causal(t: int, device: torch.device, block: int = BLOCK) -> "FlexMask":
+        """Row i sees keys 0..i, for any batch (the AR decoder): one per length, cached."""
+        return _causal(t, torch.device(device), block)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, heads, T, D], k/v [B, heads, S, D] -> [B, heads, T, D]."""
@@ -56,6 +85,14 @@ class FlexMask:
         return out if qp == self.q_len else out[:, :, :self.q_len]
 
 
-def causal_mask(b: int, t: int, device: torch.device) -> torch.Tensor:
-    """[B, T, T] lower-triangular boolean mask."""
-    return torch.ones(t, t, dtype=torch.bool, device=device).tril().expand(b, t, t)
+@functools.lru_cache(maxsize=64)
+def _causal(t: int, device: torch.device, block: int) -> FlexMask:
+    qp = _round_up(t, block)
+
+    def mask_mod(bi, h, q, k):
+        return (q >= k) & (k < t)
+
+    mask = FlexMask.__new__(FlexMask)
+    mask._set(create_block_mask(mask_mod, None, None, qp, qp, device=device, BLOCK_SIZE=block),
+              t, t, block)
+    return mask

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from janus_pretrain.config import ModelConfig
 from janus_pretrain.model.recompute import run_layer
-from janus_pretrain.model.flex import FlexMask, causal_mask
+from janus_pretrain.model.flex import FlexMask
 from janus_pretrain.model.layers import Layers, init_normal, linear, to_tensor_parallel
 from janus_pretrain.parallel.rng import tp_region
 from janus_pretrain.parallel.vocab import PAD_LOGIT
@@ -248,7 +248,8 @@ class JanusModel(nn.Module):
         s = src_tokens.shape[1]
         pos = torch.arange(s, device=src_tokens.device)
         x = self.embed_tokens(src_tokens, pos, self.enc_pos, self.enc_emb_norm)
-        attn_mask = FlexMask(key_mask, s, s) if self.use_flex(src_tokens) else key_mask
+        attn_mask = (FlexMask.keys(key_mask.reshape(-1, s), s) if self.use_flex(src_tokens)
+                     else key_mask)
         for layer in self.encoder:
             x = run_layer(layer, self.checkpointing, x, attn_mask)
         return self.final_norm(x, self.enc_norm), key_mask
@@ -270,11 +271,12 @@ class JanusModel(nn.Module):
         if cache is None and self.use_flex(tokens):
             b, t = tokens.shape
             if causal:
-                self_mask = causal_mask(b, t, tokens.device)
+                mask = FlexMask.causal(t, tokens.device)
             elif self_mask is None:
-                self_mask = torch.ones(b, 1, t, dtype=torch.bool, device=tokens.device)
-            mask = FlexMask(self_mask, t, t)
-            memory_mask = FlexMask(memory_mask, t, memory.shape[1])
+                mask = FlexMask.keys(torch.ones(b, t, dtype=torch.bool, device=tokens.device), t)
+            else:
+                mask = FlexMask(self_mask, t, t)
+            memory_mask = FlexMask.keys(memory_mask.reshape(b, memory.shape[1]), t)
             causal = False
         if cache is not None:
             for i, layer in enumerate(self.decoder):

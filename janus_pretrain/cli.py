@@ -75,17 +75,18 @@ def _data_verify(args) -> None:
 
 def _train(args) -> None:
     from janus_pretrain.config import load_config
-    from janus_pretrain.parallel import state
-    from janus_pretrain.train.loop import train
-    from janus_pretrain.train.signals import REQUEUE_EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
-    if args.check:
+    if args.check:  # on a Slurm batch node: without DeepSpeed's and megatron-core's imports
         from janus_pretrain.train.preflight import check
 
         accum = check(cfg)
         print(f"config: ok ({os.environ.get('WORLD_SIZE', '1')} ranks, accumulation {accum})")
         return
+    from janus_pretrain.parallel import state
+    from janus_pretrain.train.loop import train
+    from janus_pretrain.train.signals import REQUEUE_EXIT_CODE
+
     try:
         result = train(cfg, resume=args.resume)
         if result.rank == 0:

@@ -131,7 +131,7 @@ def price(cfg: RunConfig, objective_name: str, cluster: Cluster, vocab: int, tp:
           micro: int, checkpointing: str, global_batch: int, tokens: float, host: dict,
           objective) -> Layout:
     """Memory, step time and speed of one layout."""
-    from janus_pretrain.train.engine import resolve_path
+    from janus_pretrain.train.deepspeed_json import resolve_path
 
     dp = cluster.gpus // tp
     accum = global_batch // (micro * dp)

@@ -344,7 +344,7 @@ JSON_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2, 5
 @settings(max_examples=100, deadline=None)
 @given(st.one_of(JSON_VALUES.map(lambda v: json.dumps(v).encode()), st.binary(max_size=30)))
 def test_deepspeed_json_is_checked(tmp_path_factory, content):
-    from janus_pretrain.train.engine import ZERO_STAGES, read_deepspeed_json
+    from janus_pretrain.train.deepspeed_json import ZERO_STAGES, read_deepspeed_json
 
     path = tmp_path_factory.mktemp("ds") / "ds.json"
     path.write_bytes(content)

@@ -1,5 +1,5 @@
 """The package layers, read from the source (no imports run): the library never imports its
-applications, and no package imports one above it."""
+applications, and no package imports one above it. And what one light command really imports."""
 import ast
 from pathlib import Path
 
@@ -52,3 +52,18 @@ def test_the_check_sees_a_violation(tmp_path):
         "checkpoint/bad.py imports janus_pretrain.train.engine, above checkpoint/",
         "checkpoint/bad.py imports janus_pretrain.train.engine.decay_groups, above checkpoint/",
         "checkpoint/bad.py imports the application finetune.tasks"]
+
+
+def test_train_check_imports_neither_deepspeed_nor_megatron(shards_dir, tokenizer_path):
+    """`janus-pretrain train --check` runs on a Slurm batch node before every job start
+    (slurm/launch.sh): DeepSpeed's and megatron-core's imports alone took 3 of its 4.6 s."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom janus_pretrain.cli import main\n"
+            f"main(['train', '--check', '--config', 'configs/pretrain/demo.yaml', "
+            f"'data.train={shards_dir}', 'data.tokenizer={tokenizer_path}'])\n"
+            "print(sorted(m for m in ('deepspeed', 'megatron.core') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["config: ok (1 ranks, accumulation 1)", "[]"], out.stdout

@@ -158,7 +158,7 @@ def deepspeed_json(stage: int, bucket: int | None, tmp: str) -> str:
     path = f"configs/deepspeed/zero{stage}.json"
     if bucket is None:
         return path
-    from janus_pretrain.train.engine import resolve_path
+    from janus_pretrain.train.deepspeed_json import resolve_path
 
     ds = json.loads(resolve_path(path).read_text())
     zero = ds["zero_optimization"]
@@ -187,7 +187,7 @@ def predicted(cfg, objective, host: dict, stage: int, tp: int, dp: int) -> dict:
     """The model's figures for one layout at the batch `host` actually collated."""
     from janus_pretrain.model import comm, memory
     from janus_pretrain.objectives.micro_batch import micro_batch
-    from janus_pretrain.train.engine import read_deepspeed_json
+    from janus_pretrain.train.deepspeed_json import read_deepspeed_json
 
     mb = micro_batch(objective, host)
     ds = read_deepspeed_json(cfg)
@@ -306,7 +306,7 @@ def h200_memory() -> None:
     from janus_pretrain.bench.train import data_overrides, host_batches, objective_config
     from janus_pretrain.model import memory
     from janus_pretrain.objectives.micro_batch import micro_batch
-    from janus_pretrain.train.engine import resolve_path
+    from janus_pretrain.train.deepspeed_json import resolve_path
 
     args = argparse.Namespace(model="base", batch=16, src_len=256, tgt_len=256, vocab=32000,
                               data=None, max_tokens=None)

@@ -12,7 +12,6 @@ from janus_pretrain.data.blend import BlendedCorpus, open_blend
 from janus_pretrain.data.loader import BatchLoader, build_loader
 from janus_pretrain.data.shards import ShardedCorpus
 from janus_pretrain.errors import JanusError
-from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import Tokenizer
 
 
@@ -54,13 +53,14 @@ def open_sources(source: Optional[str], tokenizer: Tokenizer, targets: ShardedCo
     return sources
 
 
-def validation_loader(cfg: RunConfig, tokenizer: Tokenizer, collate) -> Optional[BatchLoader]:
-    """This rank's loader over data.valid (and data.valid_source); None without data.valid."""
+def validation_loader(cfg: RunConfig, tokenizer: Tokenizer, collate, dp_rank: int, dp_size: int
+                      ) -> Optional[BatchLoader]:
+    """Data-parallel rank `dp_rank`'s loader over data.valid (and data.valid_source); None
+    without data.valid."""
     if cfg.data.valid is None:
         return None
     targets = open_corpus(cfg.data.valid, tokenizer)
-    return build_loader(cfg.data, targets, collate, state.data_parallel_rank(),
-                        state.data_parallel_size(), open_sources(
+    return build_loader(cfg.data, targets, collate, dp_rank, dp_size, open_sources(
                             cfg.data.valid_source, tokenizer, targets,
                             ("data.valid_source", "data.valid")))
 

@@ -4,65 +4,17 @@ each), the optimizer and LR schedule of janus_pretrain/optim.py, and megatron-co
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
 from deepspeed.runtime.zero.utils import get_norm_dtype
 
-from janus_pretrain.config import CONFIG_ROOT, RunConfig
-from janus_pretrain.errors import JanusError
+from janus_pretrain.config import RunConfig
 from janus_pretrain.optim import WarmupDecay, adamw, build_optimizer, param_groups
 from janus_pretrain.parallel.state import DeepSpeedMPU, data_parallel_size
+from janus_pretrain.train.deepspeed_json import read_deepspeed_json
 from janus_pretrain.train.master_weights import MasterWeights, clip_by_global_norm
-
-# Keys the run config owns; a DeepSpeed JSON that sets them too would be a second source of truth.
-OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping", "optimizer", "scheduler")
-
-
-def resolve_path(path: str) -> Path:
-    """A config-relative path: as given if it exists, else under the repository's configs/."""
-    p = Path(path)
-    if p.exists():
-        return p
-    candidate = CONFIG_ROOT.parent / path
-    return candidate if candidate.exists() else p
-
-
-ZERO_STAGES = (0, 1, 2, 3)
-
-
-def read_deepspeed_json(cfg: RunConfig) -> dict:
-    """The DeepSpeed JSON named by parallel.deepspeed_config, checked against the run config.
-
-    Needs no process group: the CLI calls it before any is started, so a config that cannot work
-    fails in one line instead of after every rank has come up."""
-    path = resolve_path(cfg.parallel.deepspeed_config)
-    if not path.is_file():
-        raise JanusError(f"config: parallel.deepspeed_config: file not found: {path}")
-    try:
-        base = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise JanusError(f"config: parallel.deepspeed_config: {path} is not valid JSON: {e}") from None
-    if not isinstance(base, dict):
-        raise JanusError(f"config: parallel.deepspeed_config: {path} must hold a JSON object")
-    for key in OWNED_KEYS:
-        if key in base:
-            raise JanusError(f"config: parallel.deepspeed_config: {path} sets '{key}', which the run "
-                             f"config owns (data.micro_batch_size, train.grad_accum, optim.*)")
-    zero = base.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
-    if stage not in ZERO_STAGES or isinstance(stage, bool):
-        raise JanusError(f"config: parallel.deepspeed_config: zero_optimization.stage in {path} is "
-                         f"{stage!r}, not one of {', '.join(map(str, ZERO_STAGES))}")
-    if cfg.parallel.precision == "fp16" and not torch.cuda.is_available():
-        raise JanusError("config: parallel.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return base
-
 
 def uses_master_weights(cfg: RunConfig, base: dict) -> bool:
     """bf16 without ZeRO: our MasterWeights optimizer (train/master_weights.py), the engine in

@@ -33,7 +33,8 @@ from janus_pretrain.objectives.build import Objective, build_objective
 from janus_pretrain.parallel import state
 from janus_pretrain.tokenizer import PAD, load_tokenizer
 from janus_pretrain.train import batch_size, run_lock
-from janus_pretrain.train.engine import build_engine, read_deepspeed_json
+from janus_pretrain.train.deepspeed_json import read_deepspeed_json
+from janus_pretrain.train.engine import build_engine
 from janus_pretrain.train.metrics import RunLogger, StepStats
 from janus_pretrain.train.nonfinite import NonFiniteGuard
 from janus_pretrain.train.signals import StopRequest
@@ -148,9 +149,11 @@ def _train(cfg: RunConfig, resume: bool, task_eval: Optional[TaskEval], topo: st
                        matmul_peak(topo.device, dtype) * dist.get_world_size(),
                        cfg.train.wandb_project, cfg.train.wandb_name, to_dict(cfg))
     stats = StepStats(topo.device, objective.terms)
-    validator = Validator(engine, objective, validation_loader(cfg, tokenizer, objective.collate),
-                          cfg.train.eval_batches, cfg.train.eval_interval, checkpointer.root,
-                          objective.terms, topo.device, task_eval)
+    valid = validation_loader(cfg, tokenizer, objective.collate, state.data_parallel_rank(),
+                              state.data_parallel_size())
+    validator = Validator(engine, objective, valid, cfg.train.eval_batches,
+                          cfg.train.eval_interval, checkpointer.root, objective.terms, topo.device,
+                          task_eval)
     guard = NonFiniteGuard(engine)
     guard.bad_in_a_row = bad_in_a_row
     last_step = min(cfg.train.steps, cfg.train.exit_after or cfg.train.steps)

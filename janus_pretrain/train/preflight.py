@@ -12,7 +12,7 @@ from janus_pretrain.data.corpora import open_corpus
 from janus_pretrain.errors import JanusError
 from janus_pretrain.tokenizer import load_tokenizer
 from janus_pretrain.train import batch_size
-from janus_pretrain.train.engine import read_deepspeed_json
+from janus_pretrain.train.deepspeed_json import read_deepspeed_json
 
 
 def check(cfg: RunConfig) -> int:

@@ -415,7 +415,7 @@ def _model_preset(name: str) -> dict:
     path = CONFIG_ROOT / "model" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIG_ROOT / "model").glob("*.yaml"))
-        raise JanusError(f"config: model: unknown preset '{name}' (known: {', '.join(known)})")
+        raise JanusError(f"config: model: unknown preset {name!r} (known: {', '.join(known)})")
     return read_yaml(path)
 
 

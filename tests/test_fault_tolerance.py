@@ -313,6 +313,7 @@ VALUES = st.one_of(st.integers(-3, 5000).map(str), st.floats(allow_nan=True).map
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
 @example([("model.num_heads", "0")])  # found by hypothesis: a ZeroDivisionError
 @example([("model.hidden_size", "'")])  # found by hypothesis: YAML's traceback
+@example([("model", "\n")])  # found by hypothesis: the preset's name printed raw, on two lines
 def test_config_overrides_load_or_fail_in_one_line(pairs):
     try:
         cfg = load_config(DEMO, [f"{k}={v}" for k, v in pairs])

@@ -28,7 +28,6 @@ def test_flat_ranges_and_row_blocks_equal_indexing():
     rows, row = 9, 12
     whole = torch.arange(rows * row, dtype=torch.float32)
     rank = _saved(whole, [5, 30, 31, 70])  # boundaries inside rows, one fragment of one element
-    rank.release = lambda: None  # the files above are not on disk
     for _ in range(200):
         lo, hi = sorted(int(x) for x in rng.integers(0, whole.numel() + 1, 2))
         out = torch.empty(hi - lo)

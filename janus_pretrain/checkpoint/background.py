@@ -67,16 +67,23 @@ class _HostCopies:
 
 
 @contextmanager
+def checkpoint_engine(engine, wrapped):
+    """Within the block, DeepSpeed saves and loads through `wrapped` (which wraps the engine's
+    own checkpoint engine, its `inner`); the yield is `wrapped`."""
+    engine.checkpoint_engine = wrapped
+    try:
+        yield wrapped
+    finally:
+        engine.checkpoint_engine = wrapped.inner
+
+
+@contextmanager
 def host_snapshot(engine, buffers: dict) -> Iterator[dict[str, object]]:
     """Within the block, engine.save_checkpoint fills the yielded {path: state} with host copies
     (in `buffers`, see `copy_to_host`) of what it would have written, and writes nothing but
     directories (and its recovery script)."""
-    copies = _HostCopies(engine.checkpoint_engine, buffers)
-    engine.checkpoint_engine = copies
-    try:
+    with checkpoint_engine(engine, _HostCopies(engine.checkpoint_engine, buffers)) as copies:
         yield copies.copies
-    finally:
-        engine.checkpoint_engine = copies.inner
 
 
 def save_states(states: dict[str, object], zipfile: bool) -> None:

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -34,7 +33,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
-from janus_pretrain.checkpoint import unpickle
+from janus_pretrain.checkpoint import background, unpickle
 from janus_pretrain.checkpoint.files import model_states_file, tp_size
 from janus_pretrain.errors import JanusError
 from janus_pretrain.optim import decay_groups
@@ -292,24 +291,14 @@ def load_own_files(engine, checkpoint: Path) -> Optional[str]:
     TP rank's whole module from the model states; here the module is instead gathered from the
     fp32 partitions each rank loads from its own ZeRO file (equal to the saved module: a step
     leaves the module a copy of the partitions, as `update_lp_params` makes it)."""
-    partitioned = engine.zero_optimization_stage() in (1, 2)
-    with _without_module(engine, partitioned):
+    if engine.zero_optimization_stage() not in (1, 2):
+        return engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)[0]
+    with background.checkpoint_engine(engine, _ModelStatesWithoutModule(engine.checkpoint_engine)):
         loaded, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
-                                           load_module_strict=not partitioned)
-    if loaded is not None and partitioned:
+                                           load_module_strict=False)
+    if loaded is not None:
         engine.optimizer.update_lp_params()
     return loaded
-
-
-@contextmanager
-def _without_module(engine, active: bool) -> Iterator[None]:
-    inner = engine.checkpoint_engine
-    if active:
-        engine.checkpoint_engine = _ModelStatesWithoutModule(inner)
-    try:
-        yield
-    finally:
-        engine.checkpoint_engine = inner
 
 
 class _ModelStatesWithoutModule:

@@ -14,7 +14,8 @@ from janus_pretrain.config import RunConfig
 from janus_pretrain.optim import WarmupDecay, adamw, build_optimizer, param_groups
 from janus_pretrain.parallel.state import DeepSpeedMPU, data_parallel_size
 from janus_pretrain.train.deepspeed_json import read_deepspeed_json
-from janus_pretrain.train.master_weights import MasterWeights, clip_by_global_norm
+from janus_pretrain.train.master_weights import (MasterWeights, clip_by_global_norm,
+                                                 squared_norm)
 
 def uses_master_weights(cfg: RunConfig, base: dict) -> bool:
     """bf16 without ZeRO: our MasterWeights optimizer (train/master_weights.py), the engine in
@@ -125,15 +126,13 @@ def _norm_in_one_kernel(zero_optimizer) -> None:
     direct = o.get_grad_norm_direct
 
     def get_grad_norm_direct(gradients, params, norm_type=2):
-        if float(norm_type) != 2.0:
+        if norm_type != 2:  # a Python number (DeepSpeed passes its default), never a tensor
             return direct(gradients, params, norm_type)
         grads = (g for g in gradients if not getattr(g, "_zero_padding", False))
         counted = [g.data for g, p in zip(grads, params)
                    if not getattr(p, "ds_pipe_replicated", False)
                    and (is_model_parallel_parameter(p) or o.model_parallel_rank == 0)]
-        total = (torch.stack(torch._foreach_norm(counted, 2, dtype=get_norm_dtype()))
-                 .square().sum().float() if counted else
-                 torch.zeros((), dtype=torch.float32, device=o.device))
+        total = squared_norm(counted, o.device, get_norm_dtype())
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=o.dp_process_group)
         o._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
         total = total.sqrt()

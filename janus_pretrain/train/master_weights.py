@@ -19,13 +19,21 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import is_model_parallel_parameter
 
 
+def squared_norm(tensors: list[torch.Tensor], device: torch.device, dtype=None) -> torch.Tensor:
+    """The sum of the squared 2-norms of `tensors` (accumulated in `dtype`) as an fp32 scalar on
+    `device`: one multi-tensor norm, no kernel per tensor (zero for no tensors)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    return norms.to(dtype or torch.float32).square().sum().float()
+
+
 def clip_by_global_norm(counted: list[torch.Tensor], scaled: list[torch.Tensor], max_norm: float,
                         mpu) -> torch.Tensor:
     """Scale `scaled` in place so that the global 2-norm of `counted` (the gradients this rank
     counts: TP shards everywhere, replicated ones on TP rank 0, as Megatron counts them) is at
     most `max_norm` (0: no clipping), with no host sync -> the norm before clipping (device)."""
-    squares = (torch.stack(torch._foreach_norm(counted)).float().square().sum() if counted
-               else scaled[0].new_zeros((), dtype=torch.float32))
+    squares = squared_norm(counted, scaled[0].device)
     if mpu.get_model_parallel_world_size() > 1:
         dist.all_reduce(squares, group=mpu.get_model_parallel_group())
     norm = squares.sqrt()

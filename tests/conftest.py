@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -220,14 +222,48 @@ def damage(path, how: str) -> None:
 def pytest_sessionfinish(session, exitstatus):
     """A test that leaves a process or a non-daemon thread behind fails the session, and the
     processes are killed: at exit, Python joins both and would wait forever on one that does not
-    end (a collating worker ignores SIGTERM), so CI would time out instead of failing."""
-    children = multiprocessing.active_children()
-    threads = [t for t in threading.enumerate()
-               if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    end (a collating worker ignores SIGTERM), so CI would time out instead of failing. What is
+    still ending gets LEFTOVER_GRACE_S; the report is printed last (pytest_unconfigure), where
+    the tail of a CI log shows it."""
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    for child in multiprocessing.active_children():
+        child.join(max(0.0, deadline - time.monotonic()))
+    for thread in _non_daemon_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    children, threads = multiprocessing.active_children(), _non_daemon_threads()
+    if not (children or threads):
+        return
+    frames = sys._current_frames()
+    report = ["tests left behind (the session fails):"]
     for child in children:
+        report.append(f"  process {child.name} pid {child.pid}: {_cmdline(child.pid)}")
         child.kill()
         child.join()
-    if children or threads:
-        sys.stderr.write(f"\ntests left behind: processes {[c.name for c in children]}, "
-                         f"threads {[t.name for t in threads]}\n")
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    for thread in threads:
+        stack = "".join(traceback.format_stack(frames[thread.ident])) if thread.ident in frames else ""
+        report.append(f"  thread {thread.name!r} ({type(thread).__module__}."
+                      f"{type(thread).__qualname__}), at:\n{stack}")
+    session.config.stash[LEFTOVERS] = "\n".join(report)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config):
+    report = config.stash.get(LEFTOVERS, None)
+    if report:
+        sys.stderr.write(f"\n{report}\n")
+
+
+LEFTOVER_GRACE_S = 30
+LEFTOVERS = pytest.StashKey[str]()
+
+
+def _non_daemon_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"

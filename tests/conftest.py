@@ -2,6 +2,7 @@
 on it, and shards prepared from it, built once per test session."""
 from __future__ import annotations
 
+import concurrent.futures.thread
 import contextlib
 import multiprocessing
 import os
@@ -258,8 +259,13 @@ LEFTOVERS = pytest.StashKey[str]()
 
 
 def _non_daemon_threads() -> list[threading.Thread]:
+    """Threads that Python's exit would join forever. A ThreadPoolExecutor's workers are not
+    among them: concurrent.futures' own exit hook wakes and joins them first (torch.compile
+    leaves one such pool when its cache is cold, as on CI's fresh machine)."""
+    pool_workers = set(concurrent.futures.thread._threads_queues)
     return [t for t in threading.enumerate()
-            if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()
+            and t not in pool_workers]
 
 
 def _cmdline(pid: int) -> str:

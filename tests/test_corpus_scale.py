@@ -328,5 +328,6 @@ def test_processes_racing_for_a_plan_build_it_once(tmp_path):
         proc.join(timeout=60)
         if proc.is_alive():
             proc.kill()
+            proc.join()
     assert [proc.exitcode for proc in procs] == [0, 0, 0]
     assert len((tmp_path / "log").read_text().split()) == 1

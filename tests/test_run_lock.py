@@ -53,6 +53,7 @@ def test_a_file_system_without_flock_is_one_line_on_every_rank(tmp_path):
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+                p.join()
     for rank in range(RANKS):
         assert got[rank].startswith("train: cannot lock "), got
         assert "does not support flock" in got[rank] and "\n" not in got[rank]

@@ -13,24 +13,27 @@ from janus_pretrain.model.flex import FlexMask
 from janus_pretrain.objectives.janus import JanusObjective
 
 
-def two_stream_mask() -> torch.Tensor:
+def two_stream_mask(seed: int = 0):
+    """A two-stream RuleMask of a real collated batch (two samples of other lengths)."""
     objective = JanusObjective(ObjectiveConfig(masking="span"), 16, 12, 16)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     host = objective.collate([(rng.integers(5, 99, 9), rng.integers(5, 99, 7 + i))
                               for i in range(2)], rng)
     return objective.prepare(host).model_inputs["nar_mask"]
 
 
 def test_compiled_flex_forward_equals_sdpa():
-    """Each way a FlexMask is built (from the dense two-stream mask, from a key vector, the
-    cached causal one) attends as SDPA does with the same mask as a dense boolean."""
+    """Each way a FlexMask is built (from a dense mask, from the two-stream rule, from a key
+    vector, the cached causal one) attends as SDPA does with the same mask as a dense boolean."""
     cpu = torch.device("cpu")
-    two_stream = two_stream_mask()
+    rule = two_stream_mask()
+    two_stream = rule.dense()
     b, t, _ = two_stream.shape
     real = torch.ones(b, t + 3, dtype=torch.bool)
     real[0, t - 2:] = False  # a padded source of another length than the target
     cases = {
-        "two_stream": (FlexMask(two_stream, t, t, block=16), two_stream, t),
+        "dense": (FlexMask(two_stream, t, t, block=16), two_stream, t),
+        "two_stream": (FlexMask.rule(rule, block=16), two_stream, t),
         "causal": (FlexMask.causal(t, cpu, block=16),
                    torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t), t),
         "keys": (FlexMask.keys(real, t, block=16), real[:, None, :].expand(b, t, t + 3), t + 3),
@@ -44,6 +47,13 @@ def test_compiled_flex_forward_equals_sdpa():
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
         torch.testing.assert_close(flex, ref, rtol=1e-5, atol=1e-5, msg=name)
     assert FlexMask.causal(t, cpu, block=16) is cases["causal"][0]  # built once per length
+    # Another batch of the shape: its rule mask reuses the compiled mask builder.
+    other = two_stream_mask(seed=1)
+    assert other.length == t and not torch.equal(other.masked, rule.masked)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = FlexMask.rule(other, block=16)
+    torch.testing.assert_close(again.block_mask.to_dense(),
+                               FlexMask(other.dense(), t, t, block=16).block_mask.to_dense())
 
 
 def test_flex_with_attention_dropout_is_a_config_error():

@@ -164,3 +164,28 @@ def test_fused_pass_equals_per_row_reference(model, objective):
                                            rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(out["aux"][b, k], logits[row_of[("query", p)]],
                                            rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [0, 1, 4])
+def test_dense_two_stream_mask_is_its_rule(slots):
+    """SDPA reads TwoStreamMask.dense (built block by block), FlexAttention reads `allows`
+    (model/flex.py): on batches with padding, unused slots and K = 0, they are the same mask."""
+    from janus_pretrain.model.rule_mask import RuleMask
+    from janus_pretrain.objectives.streams import two_stream
+
+    rng = np.random.default_rng(slots)
+    for _ in range(20):
+        b, length = int(rng.integers(1, 5)), int(rng.integers(slots + 2, 20))
+        target = torch.full((b, length), PAD)
+        masked = torch.zeros(b, length, dtype=torch.bool)
+        masked_pos = torch.full((b, slots), -1)
+        for i in range(b):
+            n = int(rng.integers(slots + 2, length + 1))
+            target[i, :n] = torch.from_numpy(rng.integers(5, VOCAB, n))
+            chosen = np.sort(rng.choice(np.arange(1, n), int(rng.integers(0, slots + 1)),
+                                        replace=False))
+            masked[i, chosen] = True
+            masked_pos[i, :len(chosen)] = torch.from_numpy(chosen)
+        mask = two_stream(target, masked, masked_pos, PAD, MASK).mask
+        assert mask.dense().shape == (b, length + 2 * slots, length + 2 * slots)
+        torch.testing.assert_close(mask.dense(), RuleMask.dense(mask))

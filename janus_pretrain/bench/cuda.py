@@ -73,14 +73,15 @@ def check_flex_sdpa(device, args) -> dict:
     from janus_pretrain.model.flex import FlexMask
 
     cfg, objective = objective_config("janus", args, NO_DROPOUT)
-    mask = objective.prepare(device_batch(cfg, objective, args, device)).model_inputs["nar_mask"]
+    rule = objective.prepare(device_batch(cfg, objective, args, device)).model_inputs["nar_mask"]
+    mask = rule.dense()
     b, t, s = mask.shape
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(b, 4, t, 64, device=device, dtype=torch.bfloat16, generator=gen)
                .requires_grad_() for _ in range(3))
     outs, grads = {}, {}
     for kind in ("flex", "sdpa"):
-        out = (FlexMask(mask, t, s).attend(q, k, v) if kind == "flex" else
+        out = (FlexMask.rule(rule).attend(q, k, v) if kind == "flex" else
                F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]))
         outs[kind] = {"out": out.detach()}
         grads[kind] = dict(zip("qkv", torch.autograd.grad(out.float().square().sum(), (q, k, v))))

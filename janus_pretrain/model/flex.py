@@ -3,7 +3,9 @@
 SDPA with an arbitrary boolean mask (the two-stream mask) falls back to unfused attention on CUDA;
 FlexAttention runs it fused and skips the blocks the mask empties. A `FlexMask` is built once per
 batch for each mask kind (encoder key mask, decoder self mask, cross mask) and shared by all layers;
-key masks are read from their [B, S] vector and the causal mask is built once per length.
+key masks are read from their [B, S] vector, the two-stream mask from its rule over the batch's
+vectors (model/rule_mask.py), the causal mask is built once per length; only BANG's masks still
+come dense.
 Query and key lengths are padded up to a multiple of the block size (padded keys masked out, padded
 query rows dropped), so the compiled kernel sees a few repeating shapes instead of one per batch.
 flex has no attention dropout (config check) and no CPU backward in torch 2.13, so the model uses
@@ -17,12 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from janus_pretrain.model.rule_mask import RuleMask
+
 BLOCK = 128
 
 
 @functools.cache
 def _compiled():
     return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def _compiled_block_mask():
+    """create_block_mask compiled: a rule's ~50 elementwise ops over the [B, T, T] grid fuse
+    into one kernel, compiled once per shape (few, with length buckets) and reused by every
+    batch, whose vectors are the compiled function's inputs."""
+    return torch.compile(create_block_mask, dynamic=False)
 
 
 def _round_up(n: int, block: int) -> int:
@@ -32,9 +44,10 @@ def _round_up(n: int, block: int) -> int:
 class FlexMask:
     """A boolean mask (True = may attend), broadcastable to [B, 1, T, S], as a padded BlockMask.
 
-    Built from the dense mask (the two-stream and BANG masks), or, where the mask is a function
-    of a few indices, without one: `keys` (a key-padding mask, from a [B, S] vector) and `causal`
-    (a pure function of the shape, built once per length and cached)."""
+    Built from the dense mask (BANG's masks), or, where the mask is a function of a few
+    indices, without one: `keys` (a key-padding mask, from a [B, S] vector), `rule` (a RuleMask:
+    the two-stream mask) and `causal` (a pure function of the shape, built once per length and
+    cached)."""
 
     def __init__(self, mask: torch.Tensor, q_len: int, kv_len: int, block: int = BLOCK):
         b = mask.shape[0]
@@ -67,6 +80,21 @@ class FlexMask:
         mask = cls.__new__(cls)
         mask._set(create_block_mask(mask_mod, b, None, qp, kp, device=real.device,
                                     BLOCK_SIZE=block), q_len, s, block)
+        return mask
+
+    @classmethod
+    def rule(cls, rule: RuleMask, block: int = BLOCK) -> "FlexMask":
+        """A self-attention mask read from its rule per block (the two-stream mask): no
+        [B, T, T] tensor is built, and none is copied into a padded one."""
+        t = rule.length
+        tp = _round_up(t, block)
+
+        def mask_mod(bi, h, q, k):
+            return rule.allows(bi, q, k)
+
+        mask = cls.__new__(cls)
+        mask._set(_compiled_block_mask()(mask_mod, rule.batch, None, tp, tp, device=rule.device,
+                                         BLOCK_SIZE=block), t, t, block)
         return mask
 
     @staticmethod

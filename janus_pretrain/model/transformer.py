@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from janus_pretrain.config import ModelConfig
 from janus_pretrain.model.recompute import run_layer
 from janus_pretrain.model.flex import FlexMask
+from janus_pretrain.model.rule_mask import RuleMask, dense
 from janus_pretrain.model.layers import Layers, init_normal, linear, to_tensor_parallel
 from janus_pretrain.parallel.rng import tp_region
 from janus_pretrain.parallel.vocab import PAD_LOGIT
@@ -168,8 +169,8 @@ class JanusModel(nn.Module):
     pass, the two-stream pass and the length head another) and whichever decoder streams the
     batch asks for:
     - `ar_tokens` [B, T]: causal pass, logits for every row;
-    - `nar_tokens`/`nar_positions`/`nar_mask` [B, L'] / [B, L'] / [B, L', L']: the two-stream
-      pass, logits only for the rows in `nar_rows` and `aux_rows` ([B, K] each);
+    - `nar_tokens`/`nar_positions`/`nar_mask` [B, L'] / [B, L'] / [B, L', L'] (or its RuleMask):
+      the two-stream pass, logits only for the rows in `nar_rows` and `aux_rows` ([B, K] each);
     - `length`: logits of the target-length classifier;
     - `bang_tokens`/`bang_positions`/`bang_query`/`bang_mask` [B, T'] / [B, T'] / [T'] / [B, T', T']
       or None (causal): a BANG pass (objectives/bang.py); the `bang_query` rows take the learned
@@ -261,12 +262,12 @@ class JanusModel(nn.Module):
                ) -> torch.Tensor:
         """tokens [B, T]; positions [B, T] or None for 0..T-1; self_mask [B, T, T] (or [B, 1, T]
         key mask) -> [B, T, H]. With `cache` (from `new_cache`), tokens are the next step only and
-        positions default to the number of steps already cached. `query` [T] bool: rows whose
+        positions default to the number of steps already cached. `self_mask` may be a RuleMask
+        (the two-stream mask): flex reads its rule, SDPA its dense form. `query` [T] bool: rows whose
         input is the learned [MASK] vector instead of their token's embedding (BANG)."""
         if positions is None:
             start = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        mask = self_mask[:, None] if self_mask is not None else None
         x = self.embed_tokens(tokens, positions, self.dec_pos, self.dec_emb_norm, query)
         if cache is None and self.use_flex(tokens):
             b, t = tokens.shape
@@ -274,10 +275,15 @@ class JanusModel(nn.Module):
                 mask = FlexMask.causal(t, tokens.device)
             elif self_mask is None:
                 mask = FlexMask.keys(torch.ones(b, t, dtype=torch.bool, device=tokens.device), t)
+            elif isinstance(self_mask, RuleMask):
+                mask = FlexMask.rule(self_mask)
             else:
                 mask = FlexMask(self_mask, t, t)
             memory_mask = FlexMask.keys(memory_mask.reshape(b, memory.shape[1]), t)
             causal = False
+        else:
+            mask = dense(self_mask)
+            mask = mask[:, None] if mask is not None else None
         if cache is not None:
             for i, layer in enumerate(self.decoder):
                 x = layer(x, mask, causal, memory, memory_mask, cache[i])
@@ -350,7 +356,7 @@ class JanusModel(nn.Module):
     def forward(self, src_tokens: torch.Tensor, ar_tokens: Optional[torch.Tensor] = None,
                 nar_tokens: Optional[torch.Tensor] = None,
                 nar_positions: Optional[torch.Tensor] = None,
-                nar_mask: Optional[torch.Tensor] = None,
+                nar_mask: Optional[torch.Tensor | RuleMask] = None,
                 nar_rows: Optional[torch.Tensor] = None,
                 aux_rows: Optional[torch.Tensor] = None,
                 length: bool = False,

@@ -33,7 +33,9 @@ def run(tmp_path, *extra) -> dict:
 
 
 def test_training_loop_steps_without_host_syncs(single_process, tmp_path):
-    # ZeRO-1 and 2 share DeepSpeed's optimizer (stage_1_and_2.py): janus at ZeRO-2 stands for both
+    # ZeRO-1 and 2 share DeepSpeed's optimizer (stage_1_and_2.py): janus at ZeRO-2 stands for both.
+    # The loop rows run DeepSpeed's GPU branches: with overlap_comm, its end of backward
+    # synchronized the device there (train/engine.py `_order_streams_without_sync`).
     fp32 = run(tmp_path, "--precision", "fp32", "--stages", "0")
     bf16 = run(tmp_path, "--precision", "bf16", "--stages", "2", "--objectives", "janus")
     rows = {f"{name} fp32": row for name, row in fp32.items()}

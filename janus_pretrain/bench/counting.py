@@ -11,6 +11,9 @@ the caller marks the loader's batches as host tensors (`mark_host`), anything co
 host tensors is host too, and everything else is a device tensor. Copying a batch to the device
 must then produce new tensors (on CPU `.to("cpu")` returns the same one): `clone_to_device`.
 
+The loop's rows run DeepSpeed's GPU branches (`deepspeed_gpu_branches`), so that its syncs on a
+GPU are counted on a CPU too.
+
 Each sync is also counted by its call site (the innermost frame of this project or DeepSpeed), so
 a count points at the line that causes it.
 """
@@ -172,6 +175,58 @@ def _counted_synchronize(counter: StepCounter):
     finally:
         for obj, original in patched:
             obj.synchronize = original
+
+
+class _HostStream:
+    """A stand-in for a CUDA stream on the host: ordering calls do nothing (a CPU runs in
+    order), a synchronize is DeepSpeed's accelerator synchronize (which the counter counts)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize()
+
+
+@contextlib.contextmanager
+def deepspeed_gpu_branches(engine) -> Iterator[None]:
+    """Run DeepSpeed's ZeRO-1/2 code on a CPU as it runs on a GPU. DeepSpeed takes other
+    branches on a device that orders its own work (`resolves_data_dependency()`, True on a CPU):
+    on a GPU, with `overlap_comm`, it reduces on a stream of its own and synchronizes the device
+    where the CPU branch does nothing, so a CPU count alone would miss those syncs. Here the GPU
+    branches run, with host stand-ins for the streams."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    zero = engine.optimizer if engine.zero_optimization_stage() in (1, 2) else None
+    compute, reduction = _HostStream("compute"), _HostStream("reduction")
+    record_stream = torch.Tensor.record_stream
+    saved = {name: acc.__dict__.get(name) for name in ("resolves_data_dependency", "current_stream")}
+    acc.resolves_data_dependency = lambda: False
+    acc.current_stream = lambda *a, **k: compute
+    torch.Tensor.record_stream = lambda t, stream: (
+        None if isinstance(stream, _HostStream) else record_stream(t, stream))
+    if zero is not None and zero.overlap_comm:
+        zero.reduction_stream = reduction
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                delattr(acc, name)
+            else:
+                setattr(acc, name, value)
+        torch.Tensor.record_stream = record_stream
+        if zero is not None and zero.overlap_comm:
+            zero.reduction_stream = None
 
 
 def clone_to_device(batch: dict, device: torch.device) -> dict:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from janus_pretrain.bench import train as bench_train
-from janus_pretrain.bench.counting import StepCounter, clone_to_device
+from janus_pretrain.bench.counting import StepCounter, clone_to_device, deepspeed_gpu_branches
 from janus_pretrain.data.loader import build_loader
 from janus_pretrain.model import JanusModel
 from janus_pretrain.parallel import state
@@ -195,7 +195,8 @@ def loop_row(name: str, stage: int, args, device: torch.device) -> tuple[dict, f
         logger.after_step(i + 1, False, stats, engine)
 
     try:
-        return counted(step, args.steps)
+        with deepspeed_gpu_branches(engine):
+            return counted(step, args.steps)
     finally:
         train_loop.to_device = train_loop_to_device
         loader.close()

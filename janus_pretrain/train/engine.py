@@ -4,9 +4,12 @@ each), the optimizer and LR schedule of janus_pretrain/optim.py, and megatron-co
 """
 from __future__ import annotations
 
+import threading
+
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.utils import is_model_parallel_parameter, mask_nan_or_inf_with_val_inplace
 from deepspeed.runtime.zero.utils import get_norm_dtype
 
@@ -68,6 +71,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig):
     if engine.zero_optimization_stage() in (1, 2):
         _clip_without_sync(engine.optimizer)
         _norm_in_one_kernel(engine.optimizer)
+        _order_streams_without_sync(engine.optimizer)
     return engine
 
 
@@ -140,6 +144,49 @@ def _norm_in_one_kernel(zero_optimizer) -> None:
         return total
 
     o.get_grad_norm_direct = get_grad_norm_direct
+
+
+def _order_streams_without_sync(zero_optimizer) -> None:
+    """With `overlap_comm` on a GPU, ZeRO-1/2 reduce on a stream of their own and synchronize
+    the whole device before freeing gradients that stream has read: at the end of every backward
+    (`independent_gradient_partition_epilogue`) and, without contiguous gradients, before each
+    bucket. The host then waits for the GPU once a step or more (`bench overhead` counts it).
+    Here each such synchronize orders the two streams both ways instead: the reduction after
+    the compute queued so far, and everything queued after it (the optimizer step, any reuse of
+    the freed memory) after the reduction. That is the ordering the synchronize gave these two
+    streams, and the host never waits."""
+    o = zero_optimizer
+    acc = get_accelerator()
+    if not o.overlap_comm:
+        return
+
+    def without_sync(method):
+        def run(*args, **kwargs):
+            if acc.resolves_data_dependency():  # a CPU: no stream, no synchronize
+                return method(*args, **kwargs)
+            synchronize, caller = acc.__dict__.get("synchronize"), threading.get_ident()
+            real = acc.synchronize
+
+            def order_streams(*a, **k):
+                if threading.get_ident() != caller:  # another thread's synchronize stays one
+                    return real(*a, **k)
+                current = acc.current_stream()
+                o.reduction_stream.wait_stream(current)
+                current.wait_stream(o.reduction_stream)
+
+            acc.synchronize = order_streams
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if synchronize is None:
+                    del acc.synchronize
+                else:
+                    acc.synchronize = synchronize
+        return run
+
+    for name in ("independent_gradient_partition_epilogue", "allreduce_and_copy",
+                 "_allreduce_noncontiguous_bucket_preserving_fp32"):
+        setattr(o, name, without_sync(getattr(o, name)))
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, mpu) -> torch.Tensor:

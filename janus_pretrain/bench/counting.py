@@ -202,10 +202,13 @@ def deepspeed_gpu_branches(engine) -> Iterator[None]:
     branches on a device that orders its own work (`resolves_data_dependency()`, True on a CPU):
     on a GPU, with `overlap_comm`, it reduces on a stream of its own and synchronizes the device
     where the CPU branch does nothing, so a CPU count alone would miss those syncs. Here the GPU
-    branches run, with host stand-ins for the streams."""
+    branches run, with host stand-ins for the streams. On a GPU they run anyway: nothing changes."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
+    if not acc.resolves_data_dependency():
+        yield
+        return
     zero = engine.optimizer if engine.zero_optimization_stage() in (1, 2) else None
     compute, reduction = _HostStream("compute"), _HostStream("reduction")
     record_stream = torch.Tensor.record_stream

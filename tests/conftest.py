@@ -241,7 +241,8 @@ def pytest_sessionfinish(session, exitstatus):
         child.kill()
         child.join()
     for thread in threads:
-        stack = "".join(traceback.format_stack(frames[thread.ident])) if thread.ident in frames else ""
+        frame = frames.get(thread.ident)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
         report.append(f"  thread {thread.name!r} ({type(thread).__module__}."
                       f"{type(thread).__qualname__}), at:\n{stack}")
     session.config.stash[LEFTOVERS] = "\n".join(report)
@@ -270,6 +271,7 @@ def _non_daemon_threads() -> list[threading.Thread]:
 
 def _cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace")

@@ -212,7 +212,8 @@ def deepspeed_gpu_branches(engine) -> Iterator[None]:
     zero = engine.optimizer if engine.zero_optimization_stage() in (1, 2) else None
     compute, reduction = _HostStream("compute"), _HostStream("reduction")
     record_stream = torch.Tensor.record_stream
-    saved = {name: acc.__dict__.get(name) for name in ("resolves_data_dependency", "current_stream")}
+    saved = {name: acc.__dict__.get(name)
+             for name in ("resolves_data_dependency", "current_stream")}
     acc.resolves_data_dependency = lambda: False
     acc.current_stream = lambda *a, **k: compute
     torch.Tensor.record_stream = lambda t, stream: (

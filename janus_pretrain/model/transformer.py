@@ -263,8 +263,8 @@ class JanusModel(nn.Module):
         """tokens [B, T]; positions [B, T] or None for 0..T-1; self_mask [B, T, T] (or [B, 1, T]
         key mask) -> [B, T, H]. With `cache` (from `new_cache`), tokens are the next step only and
         positions default to the number of steps already cached. `self_mask` may be a RuleMask
-        (the two-stream mask): flex reads its rule, SDPA its dense form. `query` [T] bool: rows whose
-        input is the learned [MASK] vector instead of their token's embedding (BANG)."""
+        (the two-stream mask): flex reads its rule, SDPA its dense form. `query` [T] bool: rows
+        whose input is the learned [MASK] vector instead of their token's embedding (BANG)."""
         if positions is None:
             start = cache[0]["self"]["k"].shape[2] if cache and "k" in cache[0]["self"] else 0
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)

@@ -154,7 +154,8 @@ def _order_streams_without_sync(zero_optimizer) -> None:
     Here each such synchronize orders the two streams both ways instead: the reduction after
     the compute queued so far, and everything queued after it (the optimizer step, any reuse of
     the freed memory) after the reduction. That is the ordering the synchronize gave these two
-    streams, and the host never waits."""
+    streams, and the host never waits. DeepSpeed orders each bucket's reduction by the same
+    two-way wait (`average_tensor`, deepspeedai/DeepSpeed#5606)."""
     o = zero_optimizer
     acc = get_accelerator()
     if not o.overlap_comm:
@@ -184,9 +185,11 @@ def _order_streams_without_sync(zero_optimizer) -> None:
                     acc.synchronize = synchronize
         return run
 
+    # The methods of DeepSpeed 0.19 that synchronize; one another version lacks keeps its sync.
     for name in ("independent_gradient_partition_epilogue", "allreduce_and_copy",
                  "_allreduce_noncontiguous_bucket_preserving_fp32"):
-        setattr(o, name, without_sync(getattr(o, name)))
+        if hasattr(o, name):
+            setattr(o, name, without_sync(getattr(o, name)))
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, mpu) -> torch.Tensor:

@@ -185,7 +185,7 @@ def _order_streams_without_sync(zero_optimizer) -> None:
                     acc.synchronize = synchronize
         return run
 
-    # The methods of DeepSpeed 0.19 that synchronize; one another version lacks keeps its sync.
+    # DeepSpeed 0.19's synchronizing methods; where a version lacks one, that sync stays.
     for name in ("independent_gradient_partition_epilogue", "allreduce_and_copy",
                  "_allreduce_noncontiguous_bucket_preserving_fp32"):
         if hasattr(o, name):

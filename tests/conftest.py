@@ -220,6 +220,10 @@ def damage(path, how: str) -> None:
                          data[len(data) // 2 + 1:])
 
 
+LEFTOVER_GRACE_S = 30  # what a test left behind may take to end by itself
+LEFTOVERS = pytest.StashKey[str]()
+
+
 def pytest_sessionfinish(session, exitstatus):
     """A test that leaves a process or a non-daemon thread behind fails the session, and the
     processes are killed: at exit, Python joins both and would wait forever on one that does not
@@ -253,10 +257,6 @@ def pytest_unconfigure(config):
     report = config.stash.get(LEFTOVERS, None)
     if report:
         sys.stderr.write(f"\n{report}\n")
-
-
-LEFTOVER_GRACE_S = 30
-LEFTOVERS = pytest.StashKey[str]()
 
 
 def _non_daemon_threads() -> list[threading.Thread]:

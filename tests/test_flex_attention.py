@@ -32,7 +32,7 @@ def test_compiled_flex_forward_equals_sdpa():
     real = torch.ones(b, t + 3, dtype=torch.bool)
     real[0, t - 2:] = False  # a padded source of another length than the target
     cases = {
-        "dense": (FlexMask(two_stream, t, t, block=16), two_stream, t),
+        "dense": (FlexMask.dense(two_stream, t, t, block=16), two_stream, t),
         "two_stream": (FlexMask.rule(rule, block=16), two_stream, t),
         "causal": (FlexMask.causal(t, cpu, block=16),
                    torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t), t),
@@ -53,7 +53,7 @@ def test_compiled_flex_forward_equals_sdpa():
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = FlexMask.rule(other, block=16)
     torch.testing.assert_close(again.block_mask.to_dense(),
-                               FlexMask(other.dense(), t, t, block=16).block_mask.to_dense())
+                               FlexMask.dense(other.dense(), t, t, block=16).block_mask.to_dense())
 
 
 def test_flex_with_attention_dropout_is_a_config_error():

@@ -181,9 +181,6 @@ class _HostStream:
     """A stand-in for a CUDA stream on the host: ordering calls do nothing (a CPU runs in
     order), a synchronize is DeepSpeed's accelerator synchronize (which the counter counts)."""
 
-    def __init__(self, name: str):
-        self.name = name
-
     def wait_stream(self, other) -> None:
         pass
 
@@ -210,7 +207,7 @@ def deepspeed_gpu_branches(engine) -> Iterator[None]:
         yield
         return
     zero = engine.optimizer if engine.zero_optimization_stage() in (1, 2) else None
-    compute, reduction = _HostStream("compute"), _HostStream("reduction")
+    compute = _HostStream()
     record_stream = torch.Tensor.record_stream
     saved = {name: acc.__dict__.get(name)
              for name in ("resolves_data_dependency", "current_stream")}
@@ -218,8 +215,9 @@ def deepspeed_gpu_branches(engine) -> Iterator[None]:
     acc.current_stream = lambda *a, **k: compute
     torch.Tensor.record_stream = lambda t, stream: (
         None if isinstance(stream, _HostStream) else record_stream(t, stream))
+    reduction = zero.reduction_stream if zero is not None else None
     if zero is not None and zero.overlap_comm:
-        zero.reduction_stream = reduction
+        zero.reduction_stream = _HostStream()
     try:
         yield
     finally:
@@ -229,8 +227,8 @@ def deepspeed_gpu_branches(engine) -> Iterator[None]:
             else:
                 setattr(acc, name, value)
         torch.Tensor.record_stream = record_stream
-        if zero is not None and zero.overlap_comm:
-            zero.reduction_stream = None
+        if zero is not None:
+            zero.reduction_stream = reduction
 
 
 def clone_to_device(batch: dict, device: torch.device) -> dict:

@@ -71,7 +71,7 @@ def read(checkpoint: Path, written: Layout, model: nn.Module) -> FullState:
     """The whole state of `checkpoint` at TP = 1 (every saved TP rank's, merged): for tools and
     tests; a resume reads slices (`load`)."""
     saved = SavedState(checkpoint, written.zero_stage, model)
-    full = {key: {name: saved.region(name, key, 0, 1, 0, shape.numel()).view(shape).clone()
+    full = {key: {name: saved.region(name, key, 0, 1, 0, shape.numel()).view(shape)
                   for name, shape in saved.shapes.items()} for key in KEYS}
     saved.release()
     return FullState(**full, step=saved.step, engine=saved.engine)
@@ -150,10 +150,10 @@ def load(engine, checkpoint: Path, written: Layout) -> None:
     layout). RNG states are not restored: they belong to ranks that no longer exist."""
     saved = SavedState(checkpoint, written.zero_stage, engine.module)
     _write(engine, saved)
-    saved = saved.engine
-    engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    states = saved.engine
+    engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
     for group, lr in zip(engine.basic_optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr
-    engine.global_steps = saved["global_steps"]
-    engine.global_samples = saved["global_samples"]
-    engine.skipped_steps = saved["skipped_steps"]
+    engine.global_steps = states["global_steps"]
+    engine.global_samples = states["global_samples"]
+    engine.skipped_steps = states["skipped_steps"]

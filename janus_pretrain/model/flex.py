@@ -14,6 +14,7 @@ it on CUDA only; its forward does run on CPU, which is how the tests check it ag
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,58 +45,54 @@ def _round_up(n: int, block: int) -> int:
 class FlexMask:
     """A boolean mask (True = may attend), broadcastable to [B, 1, T, S], as a padded BlockMask.
 
-    Built from the dense mask (BANG's masks), or, where the mask is a function of a few
-    indices, without one: `keys` (a key-padding mask, from a [B, S] vector), `rule` (a RuleMask:
-    the two-stream mask) and `causal` (a pure function of the shape, built once per length and
-    cached)."""
+    Built from `mask_mod(b, h, q, k)` over the lengths padded up to the block (padded keys must
+    be False; padded query rows are dropped): from a dense mask (`dense`: BANG's masks), or,
+    where the mask is a function of a few indices, without one: `keys` (a key-padding mask, from
+    a [B, S] vector), `rule` (a RuleMask: the two-stream mask) and `causal` (a pure function of
+    the shape, built once per length and cached). `build` is create_block_mask or its compiled
+    form."""
 
-    def __init__(self, mask: torch.Tensor, q_len: int, kv_len: int, block: int = BLOCK):
+    def __init__(self, mask_mod, batch: Optional[int], q_len: int, kv_len: int,
+                 device: torch.device, block: int = BLOCK, build=create_block_mask):
+        self.q_len, self.kv_len = q_len, kv_len
+        self.padded_len = qp, kp = _round_up(q_len, block), _round_up(kv_len, block)
+        self.block_mask = build(mask_mod, batch, None, qp, kp, device=device, BLOCK_SIZE=block)
+
+    @classmethod
+    def dense(cls, mask: torch.Tensor, q_len: int, kv_len: int, block: int = BLOCK) -> "FlexMask":
+        """From a dense mask [B, T or 1, S] (or [B, 1, T or 1, S]), copied into a padded one."""
         b = mask.shape[0]
-        qp, kp = _round_up(q_len, block), _round_up(kv_len, block)
-        padded = torch.zeros(b, qp, kp, dtype=torch.bool, device=mask.device)
-        rows = mask.reshape(b, mask.shape[-2], kv_len)  # [B, T or 1, S]
-        padded[:, :q_len, :kv_len] = rows.expand(b, q_len, kv_len)
+        padded = torch.zeros(b, _round_up(q_len, block), _round_up(kv_len, block),
+                             dtype=torch.bool, device=mask.device)
+        padded[:, :q_len, :kv_len] = mask.reshape(b, mask.shape[-2], kv_len).expand(
+            b, q_len, kv_len)
 
         def mask_mod(bi, h, q, k):
             return padded[bi, q, k]
 
-        self._set(create_block_mask(mask_mod, b, None, qp, kp, device=mask.device,
-                                    BLOCK_SIZE=block), q_len, kv_len, block)
-
-    def _set(self, block_mask, q_len: int, kv_len: int, block: int) -> None:
-        self.block_mask, self.q_len, self.kv_len = block_mask, q_len, kv_len
-        self.padded_len = _round_up(q_len, block), _round_up(kv_len, block)
+        return cls(mask_mod, b, q_len, kv_len, mask.device, block)
 
     @classmethod
     def keys(cls, real: torch.Tensor, q_len: int, block: int = BLOCK) -> "FlexMask":
         """Every query row sees the keys that `real` [B, S] marks, and only those: the encoder's
         self-attention and every cross-attention, with no [B, T, S] mask built."""
         b, s = real.shape
-        qp, kp = _round_up(q_len, block), _round_up(s, block)
-        padded = F.pad(real, (0, kp - s))  # padded keys: False
+        padded = F.pad(real, (0, _round_up(s, block) - s))  # padded keys: False
 
         def mask_mod(bi, h, q, k):
             return padded[bi, k]
 
-        mask = cls.__new__(cls)
-        mask._set(create_block_mask(mask_mod, b, None, qp, kp, device=real.device,
-                                    BLOCK_SIZE=block), q_len, s, block)
-        return mask
+        return cls(mask_mod, b, q_len, s, real.device, block)
 
     @classmethod
     def rule(cls, rule: RuleMask, block: int = BLOCK) -> "FlexMask":
         """A self-attention mask read from its rule per block (the two-stream mask): no
         [B, T, T] tensor is built, and none is copied into a padded one."""
-        t = rule.length
-        tp = _round_up(t, block)
-
         def mask_mod(bi, h, q, k):
             return rule.allows(bi, q, k)
 
-        mask = cls.__new__(cls)
-        mask._set(_compiled_block_mask()(mask_mod, rule.batch, None, tp, tp, device=rule.device,
-                                         BLOCK_SIZE=block), t, t, block)
-        return mask
+        return cls(mask_mod, rule.batch, rule.length, rule.length, rule.device, block,
+                   _compiled_block_mask())
 
     @staticmethod
     def causal(t: int, device: torch.device, block: int = BLOCK) -> "FlexMask":
@@ -115,12 +112,7 @@ class FlexMask:
 
 @functools.lru_cache(maxsize=64)
 def _causal(t: int, device: torch.device, block: int) -> FlexMask:
-    qp = _round_up(t, block)
-
     def mask_mod(bi, h, q, k):
         return (q >= k) & (k < t)
 
-    mask = FlexMask.__new__(FlexMask)
-    mask._set(create_block_mask(mask_mod, None, None, qp, qp, device=device, BLOCK_SIZE=block),
-              t, t, block)
-    return mask
+    return FlexMask(mask_mod, None, t, t, device, block)

@@ -278,7 +278,7 @@ class JanusModel(nn.Module):
             elif isinstance(self_mask, RuleMask):
                 mask = FlexMask.rule(self_mask)
             else:
-                mask = FlexMask(self_mask, t, t)
+                mask = FlexMask.dense(self_mask, t, t)
             memory_mask = FlexMask.keys(memory_mask.reshape(b, memory.shape[1]), t)
             causal = False
         else:

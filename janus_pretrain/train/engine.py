@@ -20,6 +20,7 @@ from janus_pretrain.train.deepspeed_json import read_deepspeed_json
 from janus_pretrain.train.master_weights import (MasterWeights, clip_by_global_norm,
                                                  squared_norm)
 
+
 def uses_master_weights(cfg: RunConfig, base: dict) -> bool:
     """bf16 without ZeRO: our MasterWeights optimizer (train/master_weights.py), the engine in
     fp32, instead of DeepSpeed's unfused fp16 optimizer."""
